@@ -1,0 +1,176 @@
+"""Layer-by-layer calibration: stream batches through one block at a time, accumulating statistics.
+
+Only the current block's inputs are held; the statistics a pruner needs (Gram matrices, sketches
+or channel moments) are accumulated while the batches stream, never the activations themselves
+(except with the `qr` backend, which needs them by definition).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from stat_exp.factorize.base import Accumulator
+from stat_exp.models.base import ModelAdapter
+
+PROPAGATE_MODES = ("dense", "pruned")
+
+
+class ChannelMoments:
+    """Per-channel count, sum and sum of squares (float64): what norm/variance scores need."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.n_tokens = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.n_tokens += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += x.square().sum(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.n_tokens, 1)
+
+    @property
+    def norm(self) -> torch.Tensor:
+        """||X_j||_2 over calibration tokens."""
+        return self.sumsq.sqrt()
+
+    @property
+    def variance(self) -> torch.Tensor:
+        return (self.sumsq / max(self.n_tokens, 1) - self.mean.square()).clamp_min(0)
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one block's two prunable inputs: the head outputs (input of O) and the FFN
+    hidden activations (input of down), over non-padding calibration tokens."""
+
+    attn: ChannelMoments
+    ffn: ChannelMoments
+    attn_factor: Accumulator | None = None
+    ffn_factor: Accumulator | None = None
+    hidden_energy: float = 0.0  # sum of squared norms of the block's input hidden states
+    n_tokens: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class _BlockInput:
+    hidden: torch.Tensor
+    kwargs: dict
+    mask: torch.Tensor  # (batch, seq) bool: which tokens are real
+
+
+def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                         device: torch.device) -> list[_BlockInput]:
+    """Run the model up to its first block and keep exactly what that block is called with.
+
+    Every keyword argument is kept generically (position embeddings, masks, ...), so changes in
+    transformers' block signatures need no change here.
+    """
+    captured: list[_BlockInput] = []
+    first = adapter.layers()[0]
+    current_mask: list[torch.Tensor] = []
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(_BlockInput(hidden.detach(), dict(kwargs), current_mask[0]))
+        raise _StopForward
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                current_mask[:] = [batch["attention_mask"].bool()]
+                try:
+                    model(**batch, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _first_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class LayerStream:
+    """Iterates blocks with their statistics; between two blocks the caller may prune the block.
+
+    `propagate="dense"` feeds each block the original outputs of the previous one (the paper's
+    code); `"pruned"` feeds it the outputs of the already-pruned previous block.
+    """
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                 device: torch.device, propagate: str = "dense",
+                 make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True):
+        if propagate not in PROPAGATE_MODES:
+            raise ValueError(f"calib.propagate={propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
+        self.model, self.adapter, self.batches = model, adapter, batches
+        self.device, self.propagate = device, propagate
+        self.make_accumulator = make_accumulator
+        self.progress = progress
+        self.seconds = 0.0  # time spent running blocks and accumulating statistics
+
+    def __iter__(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
+        start = time.perf_counter()
+        inputs = capture_block_inputs(self.model, self.adapter, self.batches, self.device)
+        layers = self.adapter.layers()
+        for i, layer in enumerate(tqdm(layers, desc="calibrate+prune", disable=not self.progress)):
+            stats = self._new_stats(layer)
+            outputs = self._run(layer, inputs, stats)
+            self.seconds += time.perf_counter() - start
+            yield i, layer, stats
+            start = time.perf_counter()
+            if self.propagate == "pruned" and i + 1 < len(layers):
+                outputs = self._run(layer, inputs, None)
+            inputs = [_BlockInput(o, b.kwargs, b.mask) for o, b in zip(outputs, inputs)]
+
+    def _new_stats(self, layer: nn.Module) -> LayerStats:
+        attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
+        d_attn, d_ffn = attn.o.in_features, ffn.down.in_features
+        make = self.make_accumulator
+        return LayerStats(attn=ChannelMoments(d_attn, self.device), ffn=ChannelMoments(d_ffn, self.device),
+                          attn_factor=make(d_attn) if make else None, ffn_factor=make(d_ffn) if make else None)
+
+    @torch.inference_mode()
+    def _run(self, layer: nn.Module, inputs: list[_BlockInput], stats: LayerStats | None) -> list[torch.Tensor]:
+        """Run one block over all batches; with `stats`, accumulate them from its O and down inputs."""
+        handles, mask = [], [None]
+        if stats is not None:
+            def hook(moments: ChannelMoments, factor: Accumulator | None):
+                def fn(module, args):  # some blocks (OPT) flatten tokens before the FFN
+                    x = args[0].reshape(-1, args[0].shape[-1])[mask[0].reshape(-1)]
+                    moments.update(x)
+                    if factor is not None:
+                        factor.update(x)
+                return fn
+            handles = [self.adapter.attention(layer).o.register_forward_pre_hook(hook(stats.attn, stats.attn_factor)),
+                       self.adapter.ffn(layer).down.register_forward_pre_hook(hook(stats.ffn, stats.ffn_factor))]
+        try:
+            outputs = []
+            for b in inputs:
+                mask[0] = b.mask
+                if stats is not None:
+                    real = b.hidden[b.mask].double()
+                    stats.hidden_energy += float(real.square().sum())
+                    stats.n_tokens += real.shape[0]
+                outputs.append(_first_output(layer(b.hidden, **b.kwargs)))
+            return outputs
+        finally:
+            for h in handles:
+                h.remove()

@@ -1,0 +1,127 @@
+"""Text loading and calibration batches (tiny real tokenizer: the MiniLM WordPiece one)."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import json
+
+import pytest
+import torch
+
+from stat_exp.assets import corpus_path, model_path
+from stat_exp.data import DataError, calibration_batches, encode, load_text
+from stat_exp.data.text import parse_hub_source
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path("minilm_l6"))
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    """A .jsonl of 200 real sentences (~6k tokens), copied from the embedded pang_lee corpus."""
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    path.write_text(corpus_path("pang_lee").read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
+def test_jsonl_joins_text_fields(reviews):
+    rows = [json.loads(line) for line in reviews.read_text(encoding="utf-8").splitlines()]
+    assert load_text(str(reviews)) == "\n\n".join(r["text"] for r in rows)
+
+
+def test_txt_and_embedded_names(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("héllo\n\nworld\n", encoding="utf-8")
+    assert load_text(str(path)) == "héllo\n\nworld\n"
+    assert load_text("crime") == corpus_path("crime").read_text(encoding="utf-8")
+
+
+def test_batches_shapes_and_masks(tokenizer, reviews):
+    batches = calibration_batches(tokenizer, str(reviews), num_examples=10, seq_len=32, seed=0, batch_size=4)
+    assert [b["input_ids"].shape for b in batches] == [(4, 32), (4, 32), (2, 32)]
+    for b in batches:
+        assert set(b) == {"input_ids", "attention_mask"}
+        assert b["input_ids"].dtype == torch.long and b["attention_mask"].dtype == torch.long
+        assert torch.equal(b["attention_mask"], torch.ones_like(b["input_ids"]))
+
+
+def test_windows_are_contiguous_slices_of_the_stream(tokenizer, reviews):
+    ids = encode(tokenizer, load_text(str(reviews)))
+    assert tokenizer.cls_token_id not in ids.tolist()  # no special tokens
+    windows = torch.cat([b["input_ids"] for b in calibration_batches(tokenizer, str(reviews), 5, 16, 3, 5)])
+    for window in windows:
+        starts = (ids[: ids.numel() - 15] == window[0]).nonzero().flatten()
+        assert any(torch.equal(ids[s : s + 16], window) for s in starts.tolist())
+
+
+def test_determinism_and_seed(tokenizer, reviews):
+    def draw(seed):
+        return torch.cat([b["input_ids"] for b in calibration_batches(tokenizer, str(reviews), 6, 24, seed, 4)])
+
+    first, second, other = draw(7), draw(7), draw(8)
+    assert torch.equal(first, second)
+    assert not torch.equal(first, other)
+
+
+def test_batch_size_does_not_change_windows(tokenizer, reviews):
+    one = torch.cat([b["input_ids"] for b in calibration_batches(tokenizer, str(reviews), 6, 24, 1, 1)])
+    six = calibration_batches(tokenizer, str(reviews), 6, 24, 1, 6)
+    assert len(six) == 1 and torch.equal(one, six[0]["input_ids"])
+
+
+def test_missing_file(tokenizer, tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(DataError, match="data file not found: .*nope.txt"):
+        calibration_batches(tokenizer, str(missing), 4, 8, 0, 2)
+
+
+@pytest.mark.parametrize("name, content", [("empty.txt", ""), ("blank.txt", " \n\n "), ("empty.jsonl", "\n")])
+def test_empty_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=f"data file is empty: .*{name}"):
+        load_text(str(path))
+
+
+def test_bad_jsonl_row(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"label": 1}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: .*'text'"):
+        load_text(str(path))
+
+
+def test_too_short_text(tokenizer, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("just a few words here")
+    n = len(encode(tokenizer, path.read_text()))
+    with pytest.raises(DataError, match=f"only {n} tokens; seq_len=64 needs at least 65"):
+        calibration_batches(tokenizer, str(path), 4, 64, 0, 2)
+    with pytest.raises(DataError, match="num_examples must be a positive integer"):
+        calibration_batches(tokenizer, str(path), 0, 2, 0, 2)
+
+
+def test_hub_source_offline_is_one_line():
+    with pytest.raises(DataError) as err:
+        load_text("hf:wikitext/wikitext-2-raw-v1/test")
+    message = str(err.value)
+    assert "\n" not in message and "wikitext" in message and "offline" in message
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_parse_hub_source():
+    assert parse_hub_source("wikitext/wikitext-2-raw-v1/test") == ("wikitext", "wikitext-2-raw-v1", "test")
+    assert parse_hub_source("Salesforce/wikitext/wikitext-2-raw-v1/test") == (
+        "Salesforce/wikitext",
+        "wikitext-2-raw-v1",
+        "test",
+    )
+    assert parse_hub_source("owner/name//train") == ("owner/name", None, "train")
+    assert parse_hub_source("ptb_text_only/test") == ("ptb_text_only", None, "test")
+    with pytest.raises(DataError, match="bad hub source"):
+        parse_hub_source("wikitext")

@@ -1,0 +1,41 @@
+"""Tiny randomly initialised models and calibration batches, built in-process for fast tests."""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 97
+
+
+def tiny_llama(heads: int = 8, kv_heads: int = 2, layers: int = 2, hidden: int = 64, ffn: int = 128,
+               bias: bool = False) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                      attention_bias=bias, attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_opt(heads: int = 4, layers: int = 2, hidden: int = 32, ffn: int = 128) -> OPTForCausalLM:
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
+                    num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=128,
+                    attn_implementation="sdpa")
+    return OPTForCausalLM(cfg).eval()
+
+
+def batches(n: int = 4, batch: int = 4, seq: int = 32, pad_last: int = 0, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Random token batches; the last `pad_last` positions of every second row are padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if pad_last:
+            mask[::2, seq - pad_last:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def clone(model: torch.nn.Module) -> torch.nn.Module:
+    copy = type(model)(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy
