@@ -29,10 +29,9 @@ class ChannelMoments:
         self.sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.double()
         self.n_tokens += x.shape[0]
-        self.sum += x.sum(0)
-        self.sumsq += x.square().sum(0)
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sumsq += x.square().sum(0, dtype=torch.float64)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -166,8 +165,8 @@ class LayerStream:
             for b in inputs:
                 mask[0] = b.mask
                 if stats is not None:
-                    real = b.hidden[b.mask].double()
-                    stats.hidden_energy += float(real.square().sum())
+                    real = b.hidden[b.mask]
+                    stats.hidden_energy += float(real.square().sum(dtype=torch.float64))
                     stats.n_tokens += real.shape[0]
                 outputs.append(_first_output(layer(b.hidden, **b.kwargs)))
             return outputs

@@ -120,22 +120,37 @@ class Accumulator(ABC):
         self.n_tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
-        """Add a (tokens x dim) block of activations; rejects non-finite values."""
-        if not torch.isfinite(x).all():
-            raise FloatingPointError("calibration activations are not finite (inf or nan)")
+        """Add a (tokens x dim) block of activations."""
         self.n_tokens += x.shape[0]
         self._update(x)
+
+    def factorize(self, weights: torch.Tensor | None = None) -> Factorization:
+        """Column-pivoted factor of A diag(weights)."""
+        self._check_finite()
+        return self._factorize(self._weights(weights))
+
+    def gram(self) -> torch.Tensor:
+        """A^T A (exact or sketched), float64 on the CPU."""
+        self._check_finite()
+        return self._gram().cpu()
+
+    def _check_finite(self) -> None:
+        if not torch.isfinite(self.statistic()).all():
+            raise FloatingPointError("calibration activations are not finite (inf or nan): "
+                                     "check the model dtype (model.dtype=float32) and the calibration data")
+
+    @abstractmethod
+    def statistic(self) -> torch.Tensor:
+        """What the accumulator holds (Gram, activations or sketch); any inf/nan in A shows in it."""
 
     @abstractmethod
     def _update(self, x: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def gram(self) -> torch.Tensor:
-        """A^T A (exact or sketched), float64 on the CPU."""
+    def _gram(self) -> torch.Tensor: ...
 
     @abstractmethod
-    def factorize(self, weights: torch.Tensor | None = None) -> Factorization:
-        """Column-pivoted factor of A diag(weights)."""
+    def _factorize(self, w: torch.Tensor) -> Factorization: ...
 
     def _weights(self, weights: torch.Tensor | None) -> torch.Tensor:
         if weights is None:

@@ -21,12 +21,14 @@ class ActivationAccumulator(Accumulator):
     def matrix(self) -> torch.Tensor:
         return torch.cat(self.blocks) if self.blocks else torch.zeros(0, self.dim, dtype=torch.float64)
 
-    def gram(self) -> torch.Tensor:
+    def statistic(self) -> torch.Tensor:
+        return self.matrix()
+
+    def _gram(self) -> torch.Tensor:
         A = self.matrix()
         return A.T @ A
 
-    def factorize(self, weights: torch.Tensor | None = None) -> Factorization:
-        w = self._weights(weights)
+    def _factorize(self, w: torch.Tensor) -> Factorization:
         perm, R = pivoted_qr(self.matrix() * w)
         return Factorization(perm=perm, R=R, weights=w)
 

@@ -31,12 +31,14 @@ class SketchAccumulator(Accumulator):
             sign = torch.randint(2, (n, 1), generator=self.gen, dtype=torch.float64) * 2 - 1
             self.Y.index_add_(0, bucket.to(self.device), x * sign.to(self.device))
 
-    def gram(self) -> torch.Tensor:
+    def statistic(self) -> torch.Tensor:
+        return self.Y
+
+    def _gram(self) -> torch.Tensor:
         Y = self.Y.cpu()
         return Y.T @ Y
 
-    def factorize(self, weights: torch.Tensor | None = None) -> Factorization:
-        w = self._weights(weights)
+    def _factorize(self, w: torch.Tensor) -> Factorization:
         perm, R = pivoted_qr(self.Y.cpu() * w)
         return Factorization(perm=perm, R=R, weights=w)
 

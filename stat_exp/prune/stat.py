@@ -22,7 +22,20 @@ from stat_exp.prune.budget import LayerPlan
 from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
-JITTER = 1e-10  # relative ridge on the head Gram; keeps its Cholesky defined when heads are collinear
+JITTER = 1e-10  # smallest relative ridge on the head Gram, for heads whose outputs are collinear
+
+
+def _ridged_cholesky(G: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of G + eps I with the smallest eps (from JITTER up) that makes it succeed:
+    a rank-deficient Gram (few tokens, dead heads, float32 blocks) still gets a stable factor."""
+    scale = max(float(G.diagonal().mean()), 1e-300)
+    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    eps = JITTER
+    while True:
+        L, info = torch.linalg.cholesky_ex(G + eps * scale * eye)
+        if int(info) == 0:
+            return L
+        eps *= 100
 
 
 class StatPruner(Pruner):
@@ -67,9 +80,7 @@ class StatPruner(Pruner):
             seen.update(lv.heads)
             bounds.append(len(order) * attn.head_dim)
         perm = head_channels(order, attn.head_dim)
-        Gp = G[perm][:, perm]
-        Gp = Gp + JITTER * float(Gp.trace()) / len(perm) * torch.eye(len(perm), dtype=Gp.dtype)
-        R = torch.linalg.cholesky(Gp).T
+        R = _ridged_cholesky(G[perm][:, perm]).T
         fact = Factorization(perm=perm, R=R, weights=torch.ones(len(perm), dtype=torch.float64))
         return fact, levels, bounds[1:]
 

@@ -1,0 +1,91 @@
+"""Backends: the same interpolative decomposition from Gram, activations or a sketch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stat_exp.factorize import GramBackend, QRBackend, SketchBackend, pivoted_cholesky
+from stat_exp.factorize.base import _pivoted_cholesky_torch
+
+
+def activations(n=400, m=30, decay=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -decay, m, dtype=torch.float64)
+    return torch.randn(n, m, generator=g, dtype=torch.float64) * scales[torch.randperm(m, generator=g)]
+
+
+def fill(backend, A, blocks=4):
+    acc = backend.accumulator(A.shape[1])
+    for part in A.chunk(blocks):
+        acc.update(part)
+    return acc
+
+
+def test_gram_and_qr_pick_the_same_units_and_corrections():
+    A = activations()
+    w = torch.rand(A.shape[1], dtype=torch.float64) + 0.5
+    fg = fill(GramBackend(block_dtype="float64"), A).factorize(w)
+    fq = fill(QRBackend(), A).factorize(w)
+    assert torch.equal(fg.perm, fq.perm)
+    torch.testing.assert_close(fg.R.abs(), fq.R.abs(), rtol=1e-8, atol=1e-8)
+    for k in (1, 7, 20):
+        torch.testing.assert_close(fg.correction(k), fq.correction(k), rtol=1e-7, atol=1e-9)
+
+
+def test_correction_is_the_least_squares_fit_and_error_curve_is_exact():
+    A = activations()
+    V = torch.randn(5, A.shape[1], dtype=torch.float64)
+    f = fill(GramBackend(block_dtype="float64"), A).factorize(V.norm(dim=0))
+    errors = f.output_error(V)
+    assert errors[-1] == 0 and torch.all(errors[:-1] >= errors[1:] - 1e-9)
+    for k in (3, 12):
+        kept, removed = f.perm[:k], f.perm[k:]
+        T = f.correction(k)
+        lstsq = torch.linalg.lstsq(A[:, kept], A[:, removed]).solution
+        torch.testing.assert_close(T, lstsq, rtol=1e-6, atol=1e-8)
+        direct = ((A[:, removed] - A[:, kept] @ T) @ V[:, removed].T).square().sum()
+        assert float(errors[k]) == pytest.approx(float(direct), rel=1e-8)
+    assert float(errors[0]) == pytest.approx(float((A @ V.T).square().sum()), rel=1e-10)
+
+
+def test_rank_deficient_statistics_reconstruct_exactly():
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(200, 4, generator=g, dtype=torch.float64) @ torch.randn(4, 12, generator=g, dtype=torch.float64)
+    f = fill(GramBackend(block_dtype="float64"), A).factorize()
+    assert f.rank == 4
+    for k in (4, 6):  # past the rank the extra kept units get zero coefficients
+        T = f.correction(k)
+        torch.testing.assert_close(A[:, f.perm[:k]] @ T, A[:, f.perm[k:]], rtol=1e-7, atol=1e-7)
+
+
+def test_torch_pivoted_cholesky_matches_lapack():
+    A = activations(m=25)
+    G = A.T @ A
+    p1, R1 = pivoted_cholesky(G)
+    p2, R2 = _pivoted_cholesky_torch(G)
+    assert torch.equal(p1, p2)
+    torch.testing.assert_close(R1, R2, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+def test_sketch_approximates_the_leading_units(kind):
+    A = activations(n=2000, m=20, decay=4.0)
+    exact = fill(GramBackend(block_dtype="float64"), A).factorize()
+    sketched = fill(SketchBackend(kind=kind, rows_per_unit=20), A).factorize()
+    assert sketched.perm[0] == exact.perm[0]
+    assert len(set(sketched.perm[:5].tolist()) & set(exact.perm[:5].tolist())) >= 4
+
+
+def test_non_finite_activations_are_rejected():
+    acc = GramBackend().accumulator(3)
+    acc.update(torch.tensor([[1.0, float("nan"), 0.0]]))
+    with pytest.raises(FloatingPointError, match="not finite"):
+        acc.factorize()
+
+
+def test_float32_blocks_stay_close_to_float64():
+    A = activations().float()
+    g64 = fill(GramBackend(block_dtype="float64"), A).gram()
+    g32 = fill(GramBackend(block_dtype="float32"), A).gram()
+    torch.testing.assert_close(g32, g64, rtol=1e-5, atol=1e-6)
+    assert torch.equal(g32, g32.T)

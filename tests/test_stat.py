@@ -1,0 +1,180 @@
+"""STAT on tiny models: exact on low-rank layers, identity when keeping all, and the correction
+strictly lowers the layer output error for neurons and for heads."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stat_exp.calibrate import LayerStream
+from stat_exp.factorize import GramBackend, QRBackend, RankError
+from stat_exp.models import get_adapter
+from stat_exp.prune.budget import BudgetError, LayerPlan
+from stat_exp.prune.runner import BudgetSpec, PruneRunner
+from stat_exp.prune.stat import StatPruner
+from tests.tiny import batches, clone, tiny_llama
+
+CPU = torch.device("cpu")
+
+
+def low_rank_ffn(model, r: int) -> None:
+    """Make every FFN's hidden activations rank r: neuron j repeats neuron j mod r, scaled."""
+    for layer in get_adapter(model).layers():
+        mlp = layer.mlp
+        with torch.no_grad():
+            width = mlp.up_proj.out_features
+            src = torch.arange(width) % r
+            scale = torch.linspace(0.5, 2.0, width)[:, None]
+            mlp.gate_proj.weight.copy_(mlp.gate_proj.weight[src])
+            mlp.up_proj.weight.copy_(mlp.up_proj.weight[src] * scale)
+
+
+def prune_layers(model, pruner, plan_for, backend=None, propagate="dense"):
+    """Score and apply every layer with explicit plans (bypassing the budget)."""
+    adapter = get_adapter(model)
+    stream = LayerStream(model, adapter, batches(), CPU, propagate, (backend or GramBackend("cpu", "float64")).accumulator,
+                         progress=False)
+    for i, layer, stats in stream:
+        scores = pruner.score(adapter, i, layer, stats)
+        pruner.apply(adapter, layer, scores, plan_for(scores, adapter.ffn(layer).width), stats)
+    return adapter
+
+
+def test_keeping_r_neurons_of_a_rank_r_ffn_reproduces_the_dense_model():
+    model = tiny_llama(ffn=96)
+    low_rank_ffn(model, r=10)
+    x = batches(1, seed=5)[0]
+    ref = model(**x).logits
+    adapter = prune_layers(model, StatPruner(), lambda sc, width: LayerPlan(len(sc.attn_levels) - 1, 10))
+    assert adapter.structure()["neurons"] == [10, 10]
+    torch.testing.assert_close(model(**x).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_without_correction_the_same_low_rank_selection_is_not_exact():
+    model = tiny_llama(ffn=96)
+    low_rank_ffn(model, r=10)
+    x = batches(1, seed=5)[0]
+    ref = model(**x).logits
+    prune_layers(model, StatPruner(correction=False), lambda sc, width: LayerPlan(len(sc.attn_levels) - 1, 10))
+    assert (model(**x).logits - ref).abs().max() > 1e-3
+
+
+def test_keeping_everything_is_the_identity():
+    model = tiny_llama()
+    x = batches(1, seed=5)[0]
+    ref = model(**x).logits
+    prune_layers(model, StatPruner(), lambda sc, width: LayerPlan(len(sc.attn_levels) - 1, width))
+    torch.testing.assert_close(model(**x).logits, ref, rtol=1e-6, atol=1e-6)
+
+
+def _module_input_output(model, module_of_layer, layer_index=0):
+    """(input, output) of one projection over the calibration batches of layer 0's stream."""
+    adapter = get_adapter(model)
+    module = module_of_layer(adapter, adapter.layers()[layer_index])
+    seen = []
+    handle = module.register_forward_hook(lambda m, a, out: seen.append((a[0].detach(), out.detach())))
+    with torch.no_grad():
+        for b in batches():
+            model(**b)
+    handle.remove()
+    return torch.cat([s[0].flatten(0, 1) for s in seen]), torch.cat([s[1].flatten(0, 1) for s in seen])
+
+
+@pytest.mark.parametrize("part", ["ffn", "heads"])
+def test_correction_strictly_reduces_the_layer_output_error(part):
+    """Same selection, with and without the folded correction: error of the projection output
+    (down or O) against the dense one, on the calibration tokens."""
+    base = tiny_llama(layers=1)
+    pick = (lambda a, l: a.ffn(l).down) if part == "ffn" else (lambda a, l: a.attention(l).o)
+    X, Y = _module_input_output(base, pick)
+    errors = {}
+    for correction in (True, False):
+        model = clone(base)
+        plan = (lambda sc, w: LayerPlan(len(sc.attn_levels) - 1, w // 2)) if part == "ffn" else \
+               (lambda sc, w: LayerPlan(0, w))
+        adapter = prune_layers(model, StatPruner(correction=correction), plan)
+        layer = adapter.layers()[0]
+        kept = _kept_inputs(adapter, layer, base, part)
+        errors[correction] = float((X[:, kept] @ pick(adapter, layer).weight.detach().T - Y).square().sum())
+    assert errors[True] < 0.9 * errors[False]
+
+
+def _kept_inputs(adapter, layer, base, part):
+    """Indices of the dense projection inputs that the pruned projection still reads."""
+    if part == "ffn":  # kept neurons: match pruned up_proj rows against the dense ones
+        dense = get_adapter(base).ffn(get_adapter(base).layers()[0]).up.weight
+        return torch.tensor([int((dense - row).abs().sum(1).argmin()) for row in adapter.ffn(layer).up.weight])
+    attn = adapter.attention(layer)
+    dense_q = get_adapter(base).attention(get_adapter(base).layers()[0]).q.weight
+    rows = [int((dense_q - row).abs().sum(1).argmin()) for row in attn.q.weight]
+    return torch.tensor(rows)
+
+
+@pytest.mark.parametrize("gqa", ["per_group", "whole_groups"])
+def test_gqa_structures_stay_valid_and_generate(gqa):
+    model = tiny_llama(heads=8, kv_heads=2, layers=2)
+    out = PruneRunner(StatPruner(gqa=gqa), BudgetSpec(flops=0.5, seq_len=32), GramBackend(), progress=False).run(
+        model, get_adapter(model), batches(), CPU)
+    s = out.structure
+    for heads, kv in zip(s["heads"], s["kv_heads"]):
+        assert heads % kv == 0
+        if gqa == "per_group":
+            assert kv == 2
+        else:
+            assert heads == 4 * kv
+    ids = batches(1)[0]["input_ids"][:2, :6]
+    generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, 10)
+
+
+def test_propagate_pruned_gives_a_valid_model():
+    model = tiny_llama()
+    out = PruneRunner(StatPruner(), BudgetSpec(flops=0.6, seq_len=32), GramBackend(), propagate="pruned",
+                      progress=False).run(model, get_adapter(model), batches(), CPU)
+    assert out.achieved["flops_fraction"] == pytest.approx(0.6, abs=0.01)
+    assert torch.isfinite(model(**batches(1)[0]).logits).all()
+
+
+def test_qr_backend_runs_the_same_pipeline():
+    a, b = tiny_llama(), None
+    b = clone(a)
+    spec = BudgetSpec(flops=0.6, seq_len=32)
+    sa = PruneRunner(StatPruner(), spec, GramBackend(block_dtype="float64"), progress=False).run(a, get_adapter(a), batches(), CPU)
+    sb = PruneRunner(StatPruner(), spec, QRBackend(), progress=False).run(b, get_adapter(b), batches(), CPU)
+    assert sa.structure == sb.structure
+    x = batches(1, seed=3)[0]
+    torch.testing.assert_close(a(**x).logits, b(**x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_unreachable_budget_is_a_clear_error():
+    model = tiny_llama()
+    with pytest.raises(BudgetError, match="below the smallest reachable"):
+        PruneRunner(StatPruner(), BudgetSpec(flops=0.01, seq_len=32), GramBackend(), progress=False).run(
+            model, get_adapter(model), batches(), CPU)
+
+
+def test_too_few_calibration_tokens_for_the_rank_is_a_clear_error():
+    model = tiny_llama(ffn=128)
+    few = [{"input_ids": torch.randint(3, 90, (1, 8)), "attention_mask": torch.ones(1, 8, dtype=torch.long)}]
+    with pytest.raises(RankError, match="calibration has 8 tokens"):
+        PruneRunner(StatPruner(), BudgetSpec(flops=0.7, seq_len=32), GramBackend(), progress=False).run(
+            model, get_adapter(model), few, CPU)
+
+
+def test_padding_never_enters_the_statistics():
+    """Padding the same sequences differently must not change what STAT keeps."""
+    results = []
+    base = tiny_llama()
+    for pad in (0, 6):
+        model = clone(base)
+        data = batches(pad_last=0)
+        if pad:  # same real tokens, plus padding columns at the end with junk ids
+            data = [{"input_ids": torch.cat([b["input_ids"], torch.randint(3, 90, (4, pad))], 1),
+                     "attention_mask": torch.cat([b["attention_mask"], torch.zeros(4, pad, dtype=torch.long)], 1)}
+                    for b in data]
+        # uniform counts: a global allocation may flip near-ties on float rounding of the masks
+        out = PruneRunner(StatPruner(), BudgetSpec(flops=0.6, seq_len=32, allocation="uniform"),
+                          GramBackend(block_dtype="float64"), progress=False).run(model, get_adapter(model), data, CPU)
+        results.append((out.structure, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    for p0, p1 in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(p0, p1, rtol=1e-6, atol=1e-6)
