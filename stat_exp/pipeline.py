@@ -49,7 +49,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
     plain = OmegaConf.to_container(cfg, resolve=True)
     timings = Timings()
     record = RunRecord(model=cfg.model.name, pruner=str(cfg.pruner.get("_target_", "?")).rsplit(".", 1)[-1],
-                       target={"flops_fraction": cfg.budget.flops, "allocation": cfg.budget.allocation},
+                       target={"flops_fraction": cfg.budget.flops},
                        seed=cfg.seed, config_hash=config_hash(plain))
     logger = make_logger(cfg.logger, run_dir, plain, sweep_dir, job_name=run_dir.name)
     try:

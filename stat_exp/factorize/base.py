@@ -13,10 +13,12 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from stat_exp.errors import UserError
+
 RANK_RTOL = 1e-10  # |R_jj| / |R_11| below this counts as rank deficient
 
 
-class RankError(ValueError):
+class RankError(UserError, ValueError):
     """Calibration statistics cannot support the requested rank."""
 
 

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stat_exp.errors import UserError
 from stat_exp.models.base import AttentionParts, FFNParts
 from stat_exp.prune.scores import LayerScores
 
 ALLOCATIONS = ("global", "uniform")
+SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError, ValueError):
     """The requested budget cannot be met under the structural constraints."""
 
 
@@ -102,7 +104,7 @@ def allocate(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsMo
             f"(at least one attention level and {max(1, round_to)} neurons per layer)")
     if mode == "uniform":
         return [_uniform_layer(sc, sh, flops, target, round_to) for sc, sh in zip(scores, shapes)]
-    return _global(scores, shapes, flops, target * dense, round_to)
+    return _global(scores, shapes, flops, target * dense, round_to, tolerance=SLACK_TOLERANCE * dense)
 
 
 def _layer_options(sc: LayerScores, sh: LayerShape, flops: FlopsModel, round_to: int):
@@ -124,7 +126,7 @@ def _uniform_layer(sc: LayerScores, sh: LayerShape, flops: FlopsModel, target: f
     return LayerPlan(level, _round_neurons(rest / per_neuron, sh.ffn_width, round_to))
 
 
-def _global(scores, shapes, flops: FlopsModel, budget: float, round_to: int) -> list[LayerPlan]:
+def _global(scores, shapes, flops: FlopsModel, budget: float, round_to: int, tolerance: float) -> list[LayerPlan]:
     options = [_layer_options(sc, sh, flops, round_to) for sc, sh in zip(scores, shapes)]
     # every (layer, module) is one choice: an index into its (flops, cost) arrays
     menus = [(f, c) for (attn, (ff, fc, _)) in options for (f, c) in (attn, (ff, fc))]
@@ -146,6 +148,7 @@ def _global(scores, shapes, flops: FlopsModel, budget: float, round_to: int) -> 
             hi = mid
     picks = choose(hi)
     picks = _fill_slack(menus, picks, budget - total(picks))
+    picks = _exchange(menus, picks, budget - total(picks), tolerance)
     return [LayerPlan(picks[2 * i], int(opt[1][2][picks[2 * i + 1]])) for i, opt in enumerate(options)]
 
 
@@ -165,3 +168,47 @@ def _fill_slack(menus, picks: list[int], slack: float) -> list[int]:
         f = menus[best][0]
         slack -= f[picks[best] + 1] - f[picks[best]]
         picks[best] += 1
+
+
+def _exchange(menus, picks: list[int], slack: float, tolerance: float) -> list[int]:
+    """Take coarse up-steps (a head level) that do not fit the slack, paid for with the cheapest
+    fine down-steps elsewhere, when that lowers the total cost, or when more than `tolerance`
+    FLOPs would otherwise stay unspent; then refill what is left."""
+    picks = list(picks)
+    for _ in range(sum(len(f) for f, _ in menus)):  # each accepted exchange raises one step
+        best = None
+        for m, (f, c) in enumerate(menus):
+            j = picks[m]
+            if j + 1 >= len(f) or f[j + 1] - f[j] <= slack:
+                continue
+            trial, freed, loss = _free(menus, picks, f[j + 1] - f[j] - slack, finer_than=f[j + 1] - f[j])
+            if trial is not None and (best is None or c[j] - c[j + 1] - loss > best[0]):
+                best = (c[j] - c[j + 1] - loss, m, trial, freed - (f[j + 1] - f[j]))
+        if best is None or (best[0] <= 0 and slack <= tolerance):
+            break
+        _, m, picks, extra = best
+        picks[m] += 1
+        slack += extra
+    return _fill_slack(menus, picks, slack)
+
+
+def _free(menus, picks: list[int], need: float, finer_than: float):
+    """Step down the choices whose cost rises least per FLOP until `need` FLOPs are freed, using
+    only steps finer than the one being paid for (so an exchange never just moves a head level)."""
+    trial, freed, loss = list(picks), 0.0, 0.0
+    while freed < need:
+        best, best_rate = None, np.inf
+        for m, (f, c) in enumerate(menus):
+            j = trial[m]
+            if j > 0 and f[j] - f[j - 1] < finer_than:
+                rate = (c[j - 1] - c[j]) / (f[j] - f[j - 1])
+                if rate < best_rate:
+                    best, best_rate = m, rate
+        if best is None:
+            return None, 0.0, np.inf
+        f, c = menus[best]
+        j = trial[best]
+        freed += f[j] - f[j - 1]
+        loss += c[j - 1] - c[j]
+        trial[best] -= 1
+    return trial, freed, loss
