@@ -111,21 +111,62 @@ class LayerStream:
     """Iterates blocks with their statistics; between two blocks the caller may prune the block.
 
     `propagate="dense"` feeds each block the original outputs of the previous one (the paper's
-    code); `"pruned"` feeds it the outputs of the already-pruned previous block.
+    code). Then every block's statistics come from ordinary forward passes, batch by batch, with
+    hooks on all blocks at once: no hidden states are stored, so memory does not grow with the
+    number of calibration sequences. `"pruned"` feeds each block the outputs of the already-pruned
+    previous block, which needs the blocks one at a time and their inputs kept between them.
+    `model_major=False` forces the block-by-block order also for dense propagation (for backends
+    that hold activations, so that only one block's are held at a time).
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, propagate: str = "dense",
-                 make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True):
+                 make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True,
+                 model_major: bool = True):
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"calib.propagate={propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
         self.model, self.adapter, self.batches = model, adapter, batches
         self.device, self.propagate = device, propagate
         self.make_accumulator = make_accumulator
         self.progress = progress
+        self.model_major = model_major and propagate == "dense"
         self.seconds = 0.0  # time spent running blocks and accumulating statistics
 
     def __iter__(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
+        if self.model_major:
+            yield from self._model_major()
+        else:
+            yield from self._layer_major()
+
+    def _model_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
+        start = time.perf_counter()
+        layers = self.adapter.layers()
+        stats = [self._new_stats(layer) for layer in layers]
+        mask: list[torch.Tensor | None] = [None]
+        handles = [h for layer, st in zip(layers, stats) for h in self._hooks(layer, st, mask, energy=True)]
+
+        def stop(module, args, output):
+            raise _StopForward
+
+        handles.append(layers[-1].register_forward_hook(stop))  # the LM head is not needed
+        try:
+            with torch.inference_mode():
+                for batch in tqdm(self.batches, desc="calibrate", disable=not self.progress):
+                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    mask[0] = batch["attention_mask"].bool()
+                    try:
+                        self.model(**batch, use_cache=False)
+                    except _StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+        self.seconds += time.perf_counter() - start
+        for i, layer in enumerate(tqdm(layers, desc="prune", disable=not self.progress)):
+            yield i, layer, stats[i]
+            stats[i] = None  # the caller holds what it still needs
+
+    def _layer_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
         inputs = capture_block_inputs(self.model, self.adapter, self.batches, self.device)
         layers = self.adapter.layers()
@@ -146,30 +187,45 @@ class LayerStream:
         return LayerStats(attn=ChannelMoments(d_attn, self.device), ffn=ChannelMoments(d_ffn, self.device),
                           attn_factor=make(d_attn) if make else None, ffn_factor=make(d_ffn) if make else None)
 
+    def _hooks(self, layer: nn.Module, stats: LayerStats, mask: list, energy: bool) -> list:
+        """Accumulate `stats` from the block's O and down inputs (and, with `energy`, its input)."""
+        def accumulate(moments: ChannelMoments, factor: Accumulator | None):
+            def fn(module, args):  # some blocks (OPT) flatten tokens before the FFN
+                x = args[0].reshape(-1, args[0].shape[-1])[mask[0].reshape(-1)]
+                moments.update(x)
+                if factor is not None:
+                    factor.update(x)
+            return fn
+
+        def block_input(module, args, kwargs):
+            _record_input(stats, args[0] if args else kwargs["hidden_states"], mask[0])
+
+        handles = [self.adapter.attention(layer).o.register_forward_pre_hook(accumulate(stats.attn, stats.attn_factor)),
+                   self.adapter.ffn(layer).down.register_forward_pre_hook(accumulate(stats.ffn, stats.ffn_factor))]
+        if energy:
+            handles.append(layer.register_forward_pre_hook(block_input, with_kwargs=True))
+        return handles
+
     @torch.inference_mode()
     def _run(self, layer: nn.Module, inputs: list[_BlockInput], stats: LayerStats | None) -> list[torch.Tensor]:
-        """Run one block over all batches; with `stats`, accumulate them from its O and down inputs."""
-        handles, mask = [], [None]
-        if stats is not None:
-            def hook(moments: ChannelMoments, factor: Accumulator | None):
-                def fn(module, args):  # some blocks (OPT) flatten tokens before the FFN
-                    x = args[0].reshape(-1, args[0].shape[-1])[mask[0].reshape(-1)]
-                    moments.update(x)
-                    if factor is not None:
-                        factor.update(x)
-                return fn
-            handles = [self.adapter.attention(layer).o.register_forward_pre_hook(hook(stats.attn, stats.attn_factor)),
-                       self.adapter.ffn(layer).down.register_forward_pre_hook(hook(stats.ffn, stats.ffn_factor))]
+        """Run one block over all batches; with `stats`, accumulate them."""
+        mask: list[torch.Tensor | None] = [None]
+        handles = self._hooks(layer, stats, mask, energy=False) if stats is not None else []
         try:
             outputs = []
             for b in inputs:
                 mask[0] = b.mask
                 if stats is not None:
-                    real = b.hidden[b.mask]
-                    stats.hidden_energy += float(real.square().sum(dtype=torch.float64))
-                    stats.n_tokens += real.shape[0]
+                    _record_input(stats, b.hidden, b.mask)
                 outputs.append(_first_output(layer(b.hidden, **b.kwargs)))
             return outputs
         finally:
             for h in handles:
                 h.remove()
+
+
+def _record_input(stats: LayerStats, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+    """Energy and count of the block's real input tokens (the residual stream it adds to)."""
+    real = hidden[mask]
+    stats.hidden_energy += float(real.square().sum(dtype=torch.float64))
+    stats.n_tokens += real.shape[0]

@@ -178,3 +178,18 @@ def test_padding_never_enters_the_statistics():
     assert results[0][0] == results[1][0]
     for p0, p1 in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(p0, p1, rtol=1e-6, atol=1e-6)
+
+
+def test_one_forward_per_batch_and_block_by_block_give_the_same_statistics():
+    """Dense propagation accumulates all blocks in ordinary forward passes; the block-by-block
+    order (used for backends that hold activations) must see exactly the same inputs."""
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    make = GramBackend(block_dtype="float64").accumulator
+    streams = [LayerStream(model, adapter, batches(pad_last=4), CPU, "dense", make, progress=False, model_major=m)
+               for m in (True, False)]
+    for (i, _, a), (j, _, b) in zip(*streams):
+        assert i == j and a.n_tokens == b.n_tokens
+        assert a.hidden_energy == pytest.approx(b.hidden_energy, rel=1e-6)
+        torch.testing.assert_close(a.ffn_factor.gram(), b.ffn_factor.gram(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.attn.sum, b.attn.sum, rtol=1e-5, atol=1e-6)

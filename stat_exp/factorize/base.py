@@ -165,6 +165,7 @@ class Backend(ABC):
     """A factorization backend: makes accumulators for a given width."""
 
     name: str = ""
+    holds_activations: bool = False  # True when memory grows with the calibration tokens
 
     def __init__(self, device: str | torch.device = "cpu"):
         self.device = torch.device(device)

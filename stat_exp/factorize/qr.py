@@ -35,6 +35,7 @@ class ActivationAccumulator(Accumulator):
 
 class QRBackend(Backend):
     name = "qr"
+    holds_activations = True
 
     def accumulator(self, dim: int) -> ActivationAccumulator:
         return ActivationAccumulator(dim, self.device)

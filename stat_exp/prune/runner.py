@@ -130,7 +130,8 @@ class PruneRunner:
     def _stream(self, model, adapter, batches, device, propagate: str):
         """Iterate the layer stream, adding its forward time to the calibration time."""
         make = self.backend.accumulator if self.pruner.needs_factorization and self.backend else None
-        stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress)
+        model_major = not (self.backend and self.backend.holds_activations and make)
+        stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major)
         yield from stream
         self._streamed += stream.seconds
 
