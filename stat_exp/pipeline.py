@@ -65,7 +65,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             adapter = get_adapter(model)
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
-            evaluator = instantiate(cfg.eval)
+            evaluator = instantiate(cfg.eval, **_run_dir_for(cfg.eval, run_dir))
             calibration = instantiate(cfg.calib)
             prunes = pruner.prunes and cfg.budget.flops < 1
             batches = []
@@ -97,6 +97,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             logger.log_structure(record.structure)
         logger.finish(record.status)
     return record
+
+
+def _run_dir_for(eval_cfg: DictConfig, run_dir: Path) -> dict:
+    """Evaluators that write files (tables) get the run directory unless the config names one."""
+    return {"output_dir": str(run_dir)} if "output_dir" in eval_cfg and eval_cfg.output_dir is None else {}
 
 
 def _save(model, tokenizer, path: Path, task: str) -> None:

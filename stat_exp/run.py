@@ -38,13 +38,13 @@ def check_overrides(argv: list[str]) -> None:
                 raise UserError(f"unknown {key} {choice!r}; valid: {', '.join(valid)}")
 
 
-def _is_user_error(exc: BaseException) -> bool:
-    """Bad input, also when Hydra's instantiate wrapped it."""
+def _user_error(exc: BaseException) -> UserError | None:
+    """The bad-input error behind `exc`, also when Hydra's instantiate wrapped it."""
     while exc is not None:
         if isinstance(exc, UserError):
-            return True
+            return exc
         exc = exc.__cause__
-    return False
+    return None
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -55,8 +55,9 @@ def _job(cfg: DictConfig) -> None:
     try:
         run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
     except Exception as e:
-        user = _is_user_error(e)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        user = _user_error(e)
+        shown = user or e
+        message = str(shown).strip().splitlines()[0] if str(shown).strip() else type(e).__name__
         print(f"error: {message}" + ("" if user else f" ({type(e).__name__}; see {run_dir}/results.json)"),
               file=sys.stderr)
         if not multirun:

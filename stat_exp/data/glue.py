@@ -39,7 +39,7 @@ class GlueTask:
     num_labels: int  # 1: regression
     metrics: tuple[str, ...]  # names in stat_exp.eval.glue.METRICS
     eval_splits: tuple[str, ...] = ("validation",)
-    label_names: tuple[str, ...] = ()
+    label_names: tuple[str, ...] = ()  # the hub's class names, in label order
     embedded: Callable[[str], list[Row]] | None = None  # rows of a split without hub or files
 
     @property
@@ -71,16 +71,16 @@ def _pang_lee_rows(split: str) -> list[Row]:
 
 
 TASKS: dict[str, GlueTask] = {t.name: t for t in (
-    GlueTask("cola", ("sentence",), 2, ("matthews",)),
-    GlueTask("sst2", ("sentence",), 2, ("accuracy",)),
-    GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("f1", "accuracy")),
+    GlueTask("cola", ("sentence",), 2, ("matthews",), label_names=("unacceptable", "acceptable")),
+    GlueTask("sst2", ("sentence",), 2, ("accuracy",), label_names=("negative", "positive")),
+    GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("f1", "accuracy"), label_names=("not_equivalent", "equivalent")),
     GlueTask("stsb", ("sentence1", "sentence2"), 1, ("pearson", "spearman")),
-    GlueTask("qqp", ("question1", "question2"), 2, ("f1", "accuracy")),
+    GlueTask("qqp", ("question1", "question2"), 2, ("f1", "accuracy"), label_names=("not_duplicate", "duplicate")),
     GlueTask("mnli", ("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched"),
              ("entailment", "neutral", "contradiction")),
     GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",), label_names=("entailment", "not_entailment")),
     GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",), label_names=("entailment", "not_entailment")),
-    GlueTask("pang_lee", ("sentence",), 2, ("accuracy",), embedded=_pang_lee_rows),
+    GlueTask("pang_lee", ("sentence",), 2, ("accuracy",), label_names=("negative", "positive"), embedded=_pang_lee_rows),
 )}
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from stat_exp.errors import UserError
 from stat_exp.models.base import AttentionParts, FFNParts, ModelAdapter
 from stat_exp.models.decoders import LlamaAdapter, OPTAdapter
 from stat_exp.models.encoders import BertAdapter, DistilBertAdapter
@@ -10,7 +11,7 @@ from stat_exp.models.encoders import BertAdapter, DistilBertAdapter
 ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, OPTAdapter, BertAdapter, DistilBertAdapter]
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError, ValueError):
     """A model family without an adapter."""
 
 

@@ -1,6 +1,7 @@
 """Save a pruned model as a plain folder (safetensors, config, tokenizer, structure.json) and
-load it back in one call. Per-layer head and neuron counts are not expressible in a transformers
-config, so structure.json records them and the loader shapes the model before loading weights."""
+load it back in one call. Per-layer head and neuron counts, and biases added by pruning, are not
+expressible in a transformers config, so structure.json records them and the loader shapes the
+model before loading weights."""
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ def save_pruned(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: Path
     path = Path(path)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    structure = {"task": task, **get_adapter(model).structure()}
+    structure = {"task": task, **get_adapter(model).structure(), "added_biases": added_biases(model, task)}
     (path / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
+
+
+def added_biases(model: nn.Module, task: str) -> list[str]:
+    """Modules whose bias the model's config would not create (e.g. FLAP's compensation biases)."""
+    with torch.device("meta"):
+        fresh = TASKS[task].from_config(model.config)
+    names = {name for name, _ in fresh.named_parameters()}
+    return sorted(name.removesuffix(".bias") for name, _ in model.named_parameters()
+                  if name.endswith(".bias") and name not in names)
 
 
 def load_pruned(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:

@@ -48,12 +48,12 @@ class Increments:
             attn_scores = np.array([h[a].sum() / (len(a) if reduce == "mean" else 1) for a in added])
             ks = _neuron_options(sh.ffn_width, round_to)
             ordered = neurons.double().cpu().numpy()[sc.ffn_order.cpu().numpy()]
-            chunk_sums = np.add.reduceat(ordered, ks[:-1])[1:] if len(ks) > 1 else np.zeros(0)
+            chunk_sums = np.add.reduceat(ordered, ks[:-1]) if len(ks) > 1 else np.zeros(0)
             ffn_scores = chunk_sums / (np.diff(ks) if reduce == "mean" else 1)
             ffn_flops = np.array([flops.ffn(sh, int(k)) for k in ks])
             for is_attn, s, f in ((True, attn_scores, np.diff(level_flops)), (False, ffn_scores, np.diff(ffn_flops))):
                 parts.append((np.full(len(s), i), np.full(len(s), is_attn), np.arange(len(s)),
-                              np.minimum.accumulate(s) if len(s) else s, f))
+                              np.minimum.accumulate(s), f))
             floor += level_flops[0] + ffn_flops[0]
             dense += flops.dense(sh)
             options.append(ks)

@@ -67,6 +67,7 @@ class PruneRunner:
         self.pruner, self.budget, self.backend = pruner, budget, backend
         self.propagate, self.progress = propagate, progress
         self.flops = FlopsModel(budget.seq_len)
+        self._streamed = 0.0  # seconds spent streaming calibration batches through blocks
 
     def run(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
             device: torch.device) -> PruneOutcome:
@@ -101,12 +102,12 @@ class PruneRunner:
         shapes = shapes_of(adapter)
         if not self.pruner.needs_calibration:
             scores = [self.pruner.score(adapter, i, l, None) for i, l in enumerate(adapter.layers())]
-            self._apply_all(adapter, scores, self._allocate(scores, shapes), [None] * len(scores))
+            self.apply_plans(adapter, [(sc, None) for sc in scores], self._allocate(scores, shapes))
             return
         per_layer = self.budget.allocation == "uniform"
         plans = None
         if not per_layer and self.propagate == "pruned":
-            plans = self._allocate(self._score_dense_pass(model, adapter, batches, device), shapes)
+            plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device)], shapes)
         deferred: list[tuple[LayerScores, LayerStats]] = []
         for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate):
             sc = self.pruner.score(adapter, i, layer, stats)
@@ -120,12 +121,16 @@ class PruneRunner:
                 continue
             self.pruner.apply(adapter, layer, sc, plan, stats)
         if deferred:
-            scores = [sc for sc, _ in deferred]
-            self._apply_all(adapter, scores, self._allocate(scores, shapes), [st for _, st in deferred])
+            self.apply_plans(adapter, deferred, self._allocate([sc for sc, _ in deferred], shapes))
 
-    def _score_dense_pass(self, model, adapter, batches, device) -> list[LayerScores]:
-        return [self.pruner.score(adapter, i, layer, stats)
-                for i, layer, stats in self._stream(model, adapter, batches, device, "dense")]
+    def score_layers(self, model, adapter, batches, device) -> list[tuple[LayerScores, LayerStats]]:
+        """Every layer's scores and statistics from one dense pass, pruning nothing: for decisions
+        that need all layers first, and for studies of several budgets on one calibration."""
+        scored = []
+        for i, layer, stats in self._stream(model, adapter, batches, device, "dense"):
+            scored.append((self.pruner.score(adapter, i, layer, stats), stats))
+            stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
+        return scored
 
     def _stream(self, model, adapter, batches, device, propagate: str):
         """Iterate the layer stream, adding its forward time to the calibration time."""
@@ -135,7 +140,9 @@ class PruneRunner:
         yield from stream
         self._streamed += stream.seconds
 
-    def _apply_all(self, adapter, scores, plans, stats) -> None:
-        layers = adapter.layers()
-        for i in tqdm(range(len(layers)), desc="prune", disable=not self.progress):
-            self.pruner.apply(adapter, layers[i], scores[i], plans[i], stats[i])
+    def apply_plans(self, adapter: ModelAdapter, scored: list[tuple[LayerScores, LayerStats | None]],
+                    plans: list[LayerPlan]) -> None:
+        """Prune every layer to its plan (the model behind `adapter` may be a copy of the scored one)."""
+        for layer, (sc, stats), plan in zip(tqdm(adapter.layers(), desc="prune", disable=not self.progress),
+                                            scored, plans):
+            self.pruner.apply(adapter, layer, sc, plan, stats)

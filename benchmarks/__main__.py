@@ -1,0 +1,23 @@
+"""`make bench`: run every benchmark, or the ones named: python -m benchmarks stat_speed stat_memory"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+ALL = ["stat_speed", "stat_memory", "stat_quality", "compare_pruners", "encoder_stat"]
+
+
+def main() -> None:
+    names = sys.argv[1:] or ALL
+    for name in names:
+        if name not in ALL:
+            sys.exit(f"unknown benchmark {name!r}; valid: {', '.join(ALL)}")
+    for name in names:
+        print(f"\n=== {name} ===", flush=True)
+        module = importlib.import_module(f"benchmarks.{name}")
+        sys.argv = [name]
+        module.main()
+
+
+if __name__ == "__main__":
+    main()

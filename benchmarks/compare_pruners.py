@@ -1,0 +1,77 @@
+"""Every pruner under the same FLOPs budget on the embedded SmolLM2-135M: held-out perplexity and
+pruning time, as a markdown table.
+
+Each job is exactly what a user runs: the Hydra config composed with overrides, then
+`stat_exp.pipeline.run_pipeline` (calibration 64 x 256 tokens of wiki_calib, perplexity on
+wiki_eval at seq_len 256 and 16384 tokens). Every job's results.json lands under --out.
+
+    python -m benchmarks.compare_pruners [--flops 0.9 0.7 0.5] [--pruners stat wanda_sp ...]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from stat_exp.pipeline import run_pipeline
+from stat_exp.run import CONF_DIR
+from stat_exp.track.results import RunRecord
+
+GLOBAL = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "kwon", "random"]
+UNIFORM = ["stat", "wanda_sp"]
+SETTINGS = ["model=smollm2_135m", "calib.source=wiki_calib", "calib.num_examples=64", "calib.seq_len=256",
+            "eval=perplexity", "eval.text_file=null", "eval.seq_len=256", "eval.max_tokens=16384",
+            "budget.seq_len=256", "logger=none", "progress=false"]
+
+
+def jobs(pruners: list[str], flops: list[float]) -> list[tuple[str, str, float]]:
+    """(pruner, allocation, kept FLOPs): dense once, every pruner globally, stat/wanda_sp also uniformly."""
+    out = [("none", "global", 1.0)]
+    for f in flops:
+        out += [(p, "global", f) for p in pruners]
+        out += [(p, "uniform", f) for p in UNIFORM if p in pruners]
+    return out
+
+
+def run_job(pruner: str, allocation: str, flops: float, out: Path) -> RunRecord | str:
+    """The job's record, or the error line when it failed (results.json says the same)."""
+    overrides = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}", f"budget.allocation={allocation}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    try:
+        return run_pipeline(cfg, out / f"{pruner}_{allocation}_{flops}")
+    except Exception as e:  # noqa: BLE001 - one failed job must not stop the comparison
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def row(pruner: str, allocation: str, flops: float, result: RunRecord | str) -> str:
+    if isinstance(result, str):
+        return f"| {pruner} | {allocation} | {flops} | - | failed: {result} | - | - |"
+    ppl = next((v for k, v in result.metrics.items() if k.endswith("/ppl")), float("nan"))
+    seconds = [result.timing_s.get(k, 0.0) for k in ("calibrate", "prune")]
+    return (f"| {result.pruner + (f' ({result.variant})' if result.variant else '')} | {allocation} | {flops} | "
+            f"{result.achieved['flops_fraction']:.3f} | {ppl:.1f} | {seconds[0]:.0f} | {seconds[1]:.0f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flops", type=float, nargs="+", default=[0.9, 0.7, 0.5])
+    parser.add_argument("--pruners", nargs="+", default=GLOBAL)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench") / time.strftime("compare_pruners_%Y-%m-%d_%H-%M-%S"))
+    args = parser.parse_args()
+    lines = ["| pruner | allocation | kept FLOPs target | achieved | wiki_eval ppl | calibrate (s) | prune (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for job in jobs(args.pruners, args.flops):
+        lines.append(row(*job, run_job(*job, args.out)))
+        print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "compare_pruners.md").write_text(table + "\n", encoding="utf-8")
+    print(f"\n{table}\n\ncalibrate: calibration data and the layer stream; prune: scoring, search and surgery "
+          f"(kwon: also its gradient pass). Runs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""STAT and the baselines on the embedded MiniLM-L6 encoder: what embedding quality and task accuracy
+survive at a FLOPs budget, as a markdown table.
+
+Two jobs per (pruner, budget), each exactly what a user runs (Hydra config + run_pipeline):
+- `minilm_l6`, calibrated on 128 windows of 128 tokens of wiki_calib, scored with eval=embedding
+  (Lee document-similarity and SimLex-999 Spearman, Pang & Lee 5-fold probe accuracy);
+- `minilm_l6_polarity` (MiniLM fine-tuned on 150 Pang & Lee sentences, prepared once), calibrated on
+  those 150 training sentences (calib=glue), scored on the 50 held-out ones (eval=glue).
+FLOPs are counted at 128 tokens for the first and 28 (the sentences' mean tokenized length) for the
+second. Every job's results.json lands under --out.
+
+    python -m benchmarks.encoder_stat [--flops 0.7 0.5] [--pruners stat magnitude_sp ...]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from stat_exp.finetune import ensure_polarity_model
+from stat_exp.pipeline import run_pipeline
+from stat_exp.run import CONF_DIR
+from stat_exp.track.results import RunRecord
+
+PRUNERS = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "random"]  # kwon needs a causal LM loss
+COMMON = ["logger=none", "progress=false", "device=cpu"]
+EMBEDDING = ["model=minilm_l6", "eval=embedding", "calib=wiki", "calib.source=wiki_calib", "calib.num_examples=128",
+             "calib.seq_len=128", "calib.batch_size=16", "budget.seq_len=128"]
+POLARITY_SEQ_LEN = 28  # mean tokenized length of the Pang & Lee sentences (27.4 train, 28.6 held out)
+
+
+def polarity_settings() -> list[str]:
+    return ["model=minilm_l6_polarity", f"model.source={ensure_polarity_model()}", "eval=glue", "calib=glue",
+            f"budget.seq_len={POLARITY_SEQ_LEN}"]
+
+
+def run_job(settings: list[str], pruner: str, flops: float, out: Path) -> RunRecord | str:
+    """The job's record, or the error line when it failed (results.json says the same)."""
+    overrides = [*settings, *COMMON, f"pruner={pruner}", f"budget.flops={flops}"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    try:
+        return run_pipeline(cfg, out)
+    except Exception as e:  # noqa: BLE001 - one failed job must not stop the comparison
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def cell(result: RunRecord | str, key: str, dense: RunRecord) -> str:
+    """value (share of dense)"""
+    if isinstance(result, str):
+        return "failed"
+    value, ref = result.metrics[key], dense.metrics[key]
+    return f"{value:.3f} ({100 * value / ref:.0f}%)"
+
+
+def row(pruner: str, flops: float, emb: RunRecord | str, pol: RunRecord | str,
+        dense: tuple[RunRecord, RunRecord]) -> str:
+    label = emb.pruner + (f" ({emb.variant})" if emb.variant else "") if isinstance(emb, RunRecord) else pruner
+    achieved = f"{emb.achieved['flops_fraction']:.3f}" if isinstance(emb, RunRecord) else "-"
+    cells = [cell(emb, f"embedding/{k}", dense[0]) for k in ("lee_spearman", "simlex_spearman", "polarity_acc")]
+    errors = [r for r in (emb, pol) if isinstance(r, str)]
+    return (f"| {label} | {flops} | {achieved} | {' | '.join(cells)} | {cell(pol, 'glue/accuracy', dense[1])} |"
+            + (f" {errors[0]} |" if errors else " |"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flops", type=float, nargs="+", default=[0.7, 0.5])
+    parser.add_argument("--pruners", nargs="+", default=PRUNERS)
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench") / time.strftime("encoder_stat_%Y-%m-%d_%H-%M-%S"))
+    args = parser.parse_args()
+    suites = {"embedding": EMBEDDING, "polarity": polarity_settings()}
+
+    def both(pruner: str, flops: float) -> tuple[RunRecord | str, RunRecord | str]:
+        return tuple(run_job(s, pruner, flops, args.out / f"{name}_{pruner}_{flops}") for name, s in suites.items())
+
+    dense = both("none", 1.0)
+    if any(isinstance(d, str) for d in dense):
+        raise SystemExit(f"dense jobs failed: {dense}")
+    lines = ["| pruner | kept FLOPs | achieved | Lee Spearman | SimLex Spearman | polarity probe acc | "
+             "fine-tuned held-out acc | note |", "|---|---|---|---|---|---|---|---|", row("dense", 1.0, *dense, dense)]
+    print(lines[-1], flush=True)
+    for flops in args.flops:
+        for pruner in args.pruners:
+            lines.append(row(pruner, flops, *both(pruner, flops), dense))
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "encoder_stat.md").write_text(table + "\n", encoding="utf-8")
+    print(f"\n{table}\n\n(share of dense in parentheses; reproduce: .venv/bin/python -m benchmarks.encoder_stat "
+          f"--flops {' '.join(map(str, args.flops))} --pruners {' '.join(args.pruners)}). Runs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Held-out perplexity of STAT on SmolLM2 at several budgets: global versus uniform allocation,
+with and without the correction (the ablation keeps the same selection and counts).
+
+    python -m benchmarks.stat_quality [--budgets 0.9,0.8,0.7,0.6,0.5] [--examples 64]
+
+Calibration runs once; each variant prunes a copy of the model from the same scores.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+from benchmarks.common import CPU, markdown, smollm2
+from stat_exp.data.text import load_text
+from stat_exp.eval.perplexity import perplexity
+from stat_exp.factorize import GramBackend
+from stat_exp.models import get_adapter
+from stat_exp.prune.budget import allocate
+from stat_exp.prune.runner import BudgetSpec, PruneRunner, shapes_of
+from stat_exp.prune.stat import StatPruner
+
+EVAL = {"seq_len": 256, "max_tokens": 16384, "batch_size": 8}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5")
+    parser.add_argument("--examples", type=int, default=64)
+    args = parser.parse_args()
+    model, tok, batches = smollm2(args.examples)
+    text = load_text("wiki_eval")
+
+    def ppl(m) -> float:
+        return perplexity(m, tok, text, progress=False, **EVAL)["ppl"]
+
+    runner = PruneRunner(StatPruner(), BudgetSpec(seq_len=256), GramBackend(), progress=False)
+    adapter = get_adapter(model)
+    shapes = shapes_of(adapter)
+    scored = runner.score_layers(model, adapter, batches, CPU)
+    rows = [{"kept FLOPs": 1.0, "STAT global": ppl(model), "STAT uniform": "", "no correction global": "",
+             "no correction uniform": ""}]
+    print(f"dense: {rows[0]['STAT global']:.2f}", flush=True)
+    for target in (float(b) for b in args.budgets.split(",")):
+        row = {"kept FLOPs": target}
+        for allocation in ("global", "uniform"):
+            plans = allocate([sc for sc, _ in scored], shapes, runner.flops, target, allocation)
+            for correction in (True, False):
+                pruned = copy.deepcopy(model)
+                PruneRunner(StatPruner(correction=correction), BudgetSpec(seq_len=256), None, progress=False
+                            ).apply_plans(get_adapter(pruned), scored, plans)
+                name = f"{'STAT' if correction else 'no correction'} {allocation}"
+                row[name] = ppl(pruned)
+                print(f"{target} {name}: {row[name]:.2f}", flush=True)
+        rows.append(row)
+    print(f"\nHeld-out wiki perplexity, SmolLM2-135M, {args.examples} x 256 calibration tokens, "
+          f"{EVAL['max_tokens']} evaluation tokens in chunks of {EVAL['seq_len']}:\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
