@@ -56,9 +56,15 @@ class LayerStats:
     ffn: ChannelMoments
     attn_factor: Accumulator | None = None
     ffn_factor: Accumulator | None = None
-    hidden_energy: float = 0.0  # sum of squared norms of the block's input hidden states
     n_tokens: int = 0
+    token_energy: list[torch.Tensor] = field(default_factory=list)  # per-token squared input norms
     extra: dict = field(default_factory=dict)
+
+    @property
+    def typical_energy(self) -> float:
+        """n_tokens x the median token's squared input norm: the residual-stream energy without the
+        few tokens that carry massive activations (which otherwise dominate the sum)."""
+        return self.n_tokens * float(torch.cat(self.token_energy).median()) if self.token_energy else 0.0
 
 
 class _StopForward(Exception):
@@ -225,7 +231,7 @@ class LayerStream:
 
 
 def _record_input(stats: LayerStats, hidden: torch.Tensor, mask: torch.Tensor) -> None:
-    """Energy and count of the block's real input tokens (the residual stream it adds to)."""
-    real = hidden[mask]
-    stats.hidden_energy += float(real.square().sum(dtype=torch.float64))
-    stats.n_tokens += real.shape[0]
+    """Squared norms and count of the block's real input tokens (the residual stream it adds to)."""
+    energy = hidden[mask].square().sum(-1, dtype=torch.float64)
+    stats.token_energy.append(energy.cpu())
+    stats.n_tokens += energy.shape[0]

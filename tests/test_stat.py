@@ -190,6 +190,16 @@ def test_one_forward_per_batch_and_block_by_block_give_the_same_statistics():
                for m in (True, False)]
     for (i, _, a), (j, _, b) in zip(*streams):
         assert i == j and a.n_tokens == b.n_tokens
-        assert a.hidden_energy == pytest.approx(b.hidden_energy, rel=1e-6)
+        assert a.typical_energy == pytest.approx(b.typical_energy, rel=1e-6)
         torch.testing.assert_close(a.ffn_factor.gram(), b.ffn_factor.gram(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.attn.sum, b.attn.sum, rtol=1e-5, atol=1e-6)
+
+
+def test_typical_energy_ignores_a_few_massive_tokens():
+    """A handful of tokens with massive activations must not make a block look cheap to prune."""
+    from stat_exp.calibrate import ChannelMoments, LayerStats
+
+    stats = LayerStats(attn=ChannelMoments(1, CPU), ffn=ChannelMoments(1, CPU))
+    stats.token_energy = [torch.ones(99, dtype=torch.float64), torch.tensor([1e6], dtype=torch.float64)]
+    stats.n_tokens = 100
+    assert stats.typical_energy == pytest.approx(100.0)

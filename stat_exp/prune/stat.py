@@ -6,7 +6,10 @@ Z_removed ~= Z_kept T, and T is folded into the down projection.
 Heads: whole heads (or KV groups) are ranked by pivoting on their contributions after W_O; the
 least-squares map from the kept head channels to the removed ones is folded into W_O.
 The cost of a keep-count is the exact output error the corrected layer adds, relative to the
-energy of the residual stream it is added to, so costs compare across layers.
+typical energy of the residual stream it is added to (n_tokens x the median token's squared norm),
+so costs compare across layers. The median matters: from some block on, a few tokens carry massive
+activations that dominate the summed energy (100x in SmolLM2 from block 12) and would make every
+later block look cheap to prune.
 """
 from __future__ import annotations
 
@@ -52,7 +55,7 @@ class StatPruner(Pruner):
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        scale = max(stats.hidden_energy, 1e-300)
+        scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double().cpu()
         ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
         attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
