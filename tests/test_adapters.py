@@ -13,12 +13,14 @@ from stat_exp.prune.magnitude import MagnitudePruner
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import BudgetSpec, PruneRunner, model_flops, shapes_of
 from stat_exp.prune.stat import StatPruner
-from tests.tiny import batches, clone, tiny_llama, tiny_opt
+from tests.tiny import batches, clone, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
 
 CPU = torch.device("cpu")
 MODELS = {
     "llama_gqa": lambda: tiny_llama(heads=8, kv_heads=2),
     "llama_mha_bias": lambda: tiny_llama(heads=4, kv_heads=4, bias=True),
+    "qwen2_bias": lambda: tiny_qwen2(),
+    "mistral_mqa": lambda: tiny_mistral(),
     "opt": lambda: tiny_opt(),
 }
 

@@ -112,17 +112,28 @@ def test_pruned_model_is_smaller_and_ignores_padding(model):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_padding_does_not_change_the_selection(family_model):
+def assert_padding_does_not_change_the_selection(model, propagate: str) -> None:
     """Same examples, batched with different padding: same structure, same kept units, same corrections
     (up to float32 noise in the forward passes, which the least-squares corrections amplify a little)."""
     runs = []
     for length in (None, 40):
-        m = clone(family_model)
-        runs.append((stat_runner(0.5).run(m, get_adapter(m), padded(examples(48), 8, length), CPU).structure, m))
+        m = clone(model)
+        runner = PruneRunner(StatPruner(), BudgetSpec(flops=0.5, seq_len=32), GramBackend(), propagate, progress=False)
+        runs.append((runner.run(m, get_adapter(m), padded(examples(48), 8, length), CPU).structure, m))
     (s1, m1), (s2, m2) = runs
     assert s1 == s2
     for (name, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_padding_does_not_change_the_selection(family_model):
+    assert_padding_does_not_change_the_selection(family_model, "dense")
+
+
+@pytest.mark.parametrize("name", ["bert_cls", "distilbert"])
+def test_padding_does_not_change_the_selection_block_by_block(name):
+    """propagate=pruned replays each block on captured inputs: the block must get its mask back."""
+    assert_padding_does_not_change_the_selection(MODELS[name]().eval(), "pruned")
 
 
 def test_flops_model_matches_counted_matmuls(family_model):

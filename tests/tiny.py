@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig,
+                          OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 VOCAB = 97
 
@@ -13,6 +14,20 @@ def tiny_llama(heads: int = 8, kv_heads: int = 2, layers: int = 2, hidden: int =
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                       attention_bias=bias, attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 32, ffn: int = 96) -> Qwen2ForCausalLM:
+    """Qwen2: grouped-query attention with biases on Q/K/V."""
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa")
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_mistral(heads: int = 4, kv_heads: int = 1, layers: int = 2, hidden: int = 32, ffn: int = 96) -> MistralForCausalLM:
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
+                        sliding_window=None, attn_implementation="sdpa")
+    return MistralForCausalLM(cfg).eval()
 
 
 def tiny_opt(heads: int = 4, layers: int = 2, hidden: int = 32, ffn: int = 128) -> OPTForCausalLM:
