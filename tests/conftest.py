@@ -13,3 +13,13 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A small real tokenizer that loads instantly (MiniLM's WordPiece), for data-handling tests."""
+    from transformers import AutoTokenizer
+
+    from stat_exp.assets import model_path
+
+    return AutoTokenizer.from_pretrained(model_path("minilm_l6"))

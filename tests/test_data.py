@@ -1,25 +1,13 @@
 """Text loading and calibration batches (tiny real tokenizer: the MiniLM WordPiece one)."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-
 import json
 
 import pytest
 import torch
 
-from stat_exp.assets import corpus_path, model_path
+from stat_exp.assets import corpus_path
 from stat_exp.data import DataError, calibration_batches, encode, load_text
 from stat_exp.data.text import parse_hub_source
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path("minilm_l6"))
 
 
 @pytest.fixture(scope="module")

@@ -1,25 +1,13 @@
 """Perplexity against a hand computation with the model's own labels= loss, on a tiny random Llama."""
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-
 import math
 
 import pytest
 import torch
 
-from stat_exp.assets import corpus_path, model_path
+from stat_exp.assets import corpus_path
 from stat_exp.data import DataError, encode, load_text
 from stat_exp.eval.perplexity import perplexity
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path("minilm_l6"))
 
 
 @pytest.fixture(scope="module")
