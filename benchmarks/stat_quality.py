@@ -1,7 +1,7 @@
 """Held-out perplexity of STAT on SmolLM2 at several budgets: global versus uniform allocation,
 with and without the correction (the ablation keeps the same selection and counts).
 
-    python -m benchmarks.stat_quality [--budgets 0.9,0.8,0.7,0.6,0.5] [--examples 64]
+    python -m benchmarks.stat_quality [--budgets 0.9,0.8,0.7,0.6,0.5] [--examples 64] [--allocations global,uniform]
 
 Calibration runs once; each variant prunes a copy of the model from the same scores.
 """
@@ -26,6 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5")
     parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--allocations", default="global,uniform")
     args = parser.parse_args()
     model, tok, batches = smollm2(args.examples)
     text = load_text("wiki_eval")
@@ -37,12 +38,14 @@ def main() -> None:
     adapter = get_adapter(model)
     shapes = shapes_of(adapter)
     scored = runner.score_layers(model, adapter, batches, CPU)
-    rows = [{"kept FLOPs": 1.0, "STAT global": ppl(model), "STAT uniform": "", "no correction global": "",
-             "no correction uniform": ""}]
-    print(f"dense: {rows[0]['STAT global']:.2f}", flush=True)
+    allocations = args.allocations.split(",")
+    dense = ppl(model)
+    rows = [{"kept FLOPs": 1.0, **{f"{m} {a}": dense if m == "STAT" else "" for a in allocations
+                                   for m in ("STAT", "no correction")}}]
+    print(f"dense: {dense:.2f}", flush=True)
     for target in (float(b) for b in args.budgets.split(",")):
         row = {"kept FLOPs": target}
-        for allocation in ("global", "uniform"):
+        for allocation in allocations:
             plans = allocate([sc for sc, _ in scored], shapes, runner.flops, target, allocation)
             for correction in (True, False):
                 pruned = copy.deepcopy(model)
