@@ -2,6 +2,7 @@
 with and without the correction (the ablation keeps the same selection and counts).
 
     python -m benchmarks.stat_quality [--budgets 0.9,0.8,0.7,0.6,0.5] [--examples 64] [--allocations global,uniform]
+                                      [--no-ablation]
 
 Calibration runs once; each variant prunes a copy of the model from the same scores.
 """
@@ -27,6 +28,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--allocations", default="global,uniform")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the same selection without correction")
     args = parser.parse_args()
     model, tok, batches = smollm2(args.examples)
     text = load_text("wiki_eval")
@@ -40,14 +43,14 @@ def main() -> None:
     scored = runner.score_layers(model, adapter, batches, CPU)
     allocations = args.allocations.split(",")
     dense = ppl(model)
-    rows = [{"kept FLOPs": 1.0, **{f"{m} {a}": dense if m == "STAT" else "" for a in allocations
-                                   for m in ("STAT", "no correction")}}]
+    methods = ("STAT", "no correction") if args.ablation else ("STAT",)
+    rows = [{"kept FLOPs": 1.0, **{f"{m} {a}": dense if m == "STAT" else "" for a in allocations for m in methods}}]
     print(f"dense: {dense:.2f}", flush=True)
     for target in (float(b) for b in args.budgets.split(",")):
         row = {"kept FLOPs": target}
         for allocation in allocations:
             plans = allocate([sc for sc, _ in scored], shapes, runner.flops, target, allocation)
-            for correction in (True, False):
+            for correction in (True, False) if args.ablation else (True,):
                 pruned = copy.deepcopy(model)
                 PruneRunner(StatPruner(correction=correction), BudgetSpec(seq_len=256), None, progress=False
                             ).apply_plans(get_adapter(pruned), scored, plans)
