@@ -74,6 +74,7 @@ class _StopForward(Exception):
 @dataclass
 class _BlockInput:
     hidden: torch.Tensor
+    args: tuple  # positional arguments after the hidden states (some blocks take the mask so)
     kwargs: dict
     mask: torch.Tensor  # (batch, seq) bool: which tokens are real
 
@@ -82,16 +83,17 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
                          device: torch.device) -> list[_BlockInput]:
     """Run the model up to its first block and keep exactly what that block is called with.
 
-    Every keyword argument is kept generically (position embeddings, masks, ...), so changes in
-    transformers' block signatures need no change here.
+    Every argument is kept generically (position embeddings, masks, ..., positional or keyword),
+    so changes in transformers' block signatures need no change here.
     """
     captured: list[_BlockInput] = []
     first = adapter.layers()[0]
     current_mask: list[torch.Tensor] = []
 
     def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(_BlockInput(hidden.detach(), dict(kwargs), current_mask[0]))
+        kwargs = dict(kwargs)
+        hidden, rest = (args[0], tuple(args[1:])) if args else (kwargs.pop("hidden_states"), ())
+        captured.append(_BlockInput(hidden.detach(), rest, kwargs, current_mask[0]))
         raise _StopForward
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
@@ -184,7 +186,7 @@ class LayerStream:
             start = time.perf_counter()
             if self.propagate == "pruned" and i + 1 < len(layers):
                 outputs = self._run(layer, inputs, None)
-            inputs = [_BlockInput(o, b.kwargs, b.mask) for o, b in zip(outputs, inputs)]
+            inputs = [_BlockInput(o, b.args, b.kwargs, b.mask) for o, b in zip(outputs, inputs)]
 
     def _new_stats(self, layer: nn.Module) -> LayerStats:
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
@@ -223,7 +225,7 @@ class LayerStream:
                 mask[0] = b.mask
                 if stats is not None:
                     _record_input(stats, b.hidden, b.mask)
-                outputs.append(_first_output(layer(b.hidden, **b.kwargs)))
+                outputs.append(_first_output(layer(b.hidden, *b.args, **b.kwargs)))
             return outputs
         finally:
             for h in handles:
