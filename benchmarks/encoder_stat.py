@@ -69,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--pruners", nargs="+", default=PRUNERS)
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench") / time.strftime("encoder_stat_%Y-%m-%d_%H-%M-%S"))
+    parser.add_argument("--out", type=Path,
+                        default=Path("outputs/bench") / time.strftime("encoder_stat_%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args()
     suites = {"embedding": EMBEDDING, "polarity": polarity_settings()}
 

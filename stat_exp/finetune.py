@@ -80,7 +80,8 @@ def train(recipe: Recipe, device: torch.device, progress: bool = True):
             shuffled = [rows[i] for i in torch.randperm(len(rows), generator=order).tolist()]
             batches = encode_batches(tokenizer, spec, shuffled, recipe.max_length, recipe.batch_size)
             for start, batch in zip(range(0, len(shuffled), recipe.batch_size), batches):
-                target = torch.tensor([r["label"] for r in shuffled[start:start + recipe.batch_size]], dtype=label_dtype)
+                chunk = shuffled[start:start + recipe.batch_size]
+                target = torch.tensor([r["label"] for r in chunk], dtype=label_dtype)
                 loss = model(**{k: v.to(device) for k, v in batch.items()}, labels=target.to(device)).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel
+from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 import stat_exp.finetune as finetune_module
-from stat_exp.assets import model_path
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.embedding import EmbeddingEval, embed
 from stat_exp.finetune import INFO_FILE, Recipe, ensure_polarity_model, finetune
@@ -47,9 +46,8 @@ def test_unknown_benchmark_is_rejected():
 
 
 @pytest.fixture
-def tiny_encoder(tmp_path):
+def tiny_encoder(tmp_path, tokenizer):
     """A tiny random BERT encoder folder with the MiniLM tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path("minilm_l6"))
     folder = tmp_path / "tiny-bert"
     BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64)).save_pretrained(folder)

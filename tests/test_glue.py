@@ -10,9 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
-from stat_exp.assets import model_path
 from stat_exp.data.glue import GlueCalibration, load_split
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
@@ -22,11 +21,6 @@ from stat_exp.pipeline import run_pipeline
 CONF = Path(__file__).resolve().parent.parent / "conf"
 SENTENCES = ["a gripping , funny and moving film .", "dull .", "the best movie of the year , by far .",
              "an utterly pointless exercise in tedium that never ends .", "warm and wise .", "it is a mess ."]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(model_path("minilm_l6"))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -80,7 +80,8 @@ TASKS: dict[str, GlueTask] = {t.name: t for t in (
              ("entailment", "neutral", "contradiction")),
     GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",), label_names=("entailment", "not_entailment")),
     GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",), label_names=("entailment", "not_entailment")),
-    GlueTask("pang_lee", ("sentence",), 2, ("accuracy",), label_names=("negative", "positive"), embedded=_pang_lee_rows),
+    GlueTask("pang_lee", ("sentence",), 2, ("accuracy",), label_names=("negative", "positive"),
+             embedded=_pang_lee_rows),
 )}
 
 

@@ -24,6 +24,9 @@ def resolve_source(source: str) -> str:
     """Embedded asset name -> its folder; a local path stays; anything else is a hub id."""
     if source in assets.MODEL_NAMES:
         return str(assets.model_path(source))
+    if source == "minilm_l6_polarity":  # minilm_l6 fine-tuned once on Pang & Lee
+        from stat_exp.finetune import ensure_polarity_model  # lazy: finetune imports this module
+        return str(ensure_polarity_model())
     return source
 
 
