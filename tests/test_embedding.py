@@ -13,6 +13,7 @@ import stat_exp.finetune as finetune_module
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.embedding import EmbeddingEval, embed
 from stat_exp.finetune import INFO_FILE, Recipe, ensure_polarity_model, finetune
+from stat_exp.models.loading import resolve_source
 from stat_exp.models.loading import load_model
 
 CPU = torch.device("cpu")
@@ -74,4 +75,5 @@ def test_ensure_polarity_model_prepares_once(tmp_path, tiny_encoder, monkeypatch
     assert path == tmp_path / "cache" / "models" / "minilm_l6_polarity" and (path / "config.json").is_file()
     stamp = (path / INFO_FILE).stat().st_mtime_ns
     assert ensure_polarity_model(progress=False) == path and (path / INFO_FILE).stat().st_mtime_ns == stamp
+    assert resolve_source("minilm_l6_polarity") == str(path)  # model=minilm_l6_polarity loads this folder
     assert not list(path.parent.glob(".*tmp*"))
