@@ -29,9 +29,12 @@ class ChannelMoments:
         self.sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
+        # Per-batch sums in the activations' precision (cascade-summed, so accurate to ~1e-7),
+        # running sums in float64: casting every activation to float64 cost more than the sums.
         self.n_tokens += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sumsq += x.square().sum(0, dtype=torch.float64)
+        x = x.float()
+        self.sum += x.sum(0)
+        self.sumsq += torch.linalg.vector_norm(x, dim=0).square()
 
     @property
     def mean(self) -> torch.Tensor:
@@ -52,19 +55,31 @@ class LayerStats:
     """Statistics of one block's two prunable inputs: the head outputs (input of O) and the FFN
     hidden activations (input of down), over non-padding calibration tokens."""
 
-    attn: ChannelMoments
-    ffn: ChannelMoments
+    attn: ChannelMoments | None = None  # only for pruners that score by channel moments
+    ffn: ChannelMoments | None = None
     attn_factor: Accumulator | None = None
     ffn_factor: Accumulator | None = None
     n_tokens: int = 0
-    token_energy: list[torch.Tensor] = field(default_factory=list)  # per-token squared input norms
+    # Per-token squared input norms, in a buffer sized before the batches stream: small tensors
+    # kept batch after batch would pin glibc's heap between the large temporary ones, and the
+    # process would grow with every calibration batch (measured: ~200 MB per batch of 8 x 256).
+    token_energy: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
     extra: dict = field(default_factory=dict)
+
+    def add_token_energy(self, energy: torch.Tensor) -> None:
+        end = self.n_tokens + energy.shape[0]
+        if end > self.token_energy.shape[0]:  # capacity unknown up front: grow geometrically
+            grown = torch.empty(max(end, 2 * self.token_energy.shape[0]), dtype=torch.float64)
+            grown[: self.n_tokens] = self.token_energy[: self.n_tokens]
+            self.token_energy = grown
+        self.token_energy[self.n_tokens: end] = energy
+        self.n_tokens = end
 
     @property
     def typical_energy(self) -> float:
         """n_tokens x the median token's squared input norm: the residual-stream energy without the
         few tokens that carry massive activations (which otherwise dominate the sum)."""
-        return self.n_tokens * float(torch.cat(self.token_energy).median()) if self.token_energy else 0.0
+        return self.n_tokens * float(self.token_energy[: self.n_tokens].median()) if self.n_tokens else 0.0
 
 
 class _StopForward(Exception):
@@ -76,7 +91,7 @@ class _BlockInput:
     hidden: torch.Tensor
     args: tuple  # positional arguments after the hidden states (some blocks take the mask so)
     kwargs: dict
-    mask: torch.Tensor  # (batch, seq) bool: which tokens are real
+    mask: torch.Tensor | None  # (batch, seq) bool: which tokens are real; None: all of them
 
 
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
@@ -101,7 +116,7 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
         with torch.inference_mode():
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
-                current_mask[:] = [batch["attention_mask"].bool()]
+                current_mask[:] = [padding_mask(batch)]
                 try:
                     model(**batch, use_cache=False)
                 except _StopForward:
@@ -130,12 +145,14 @@ class LayerStream:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, propagate: str = "dense",
                  make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True,
-                 model_major: bool = True):
+                 model_major: bool = True, moments: bool = True):
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"calib.propagate={propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
         self.model, self.adapter, self.batches = model, adapter, batches
+        self.total_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         self.device, self.propagate = device, propagate
         self.make_accumulator = make_accumulator
+        self.moments = moments  # per-channel moments cost a pass over every activation: only on request
         self.progress = progress
         self.model_major = model_major and propagate == "dense"
         self.seconds = 0.0  # time spent running blocks and accumulating statistics
@@ -161,7 +178,7 @@ class LayerStream:
             with torch.inference_mode():
                 for batch in tqdm(self.batches, desc="calibrate", disable=not self.progress):
                     batch = {k: v.to(self.device) for k, v in batch.items()}
-                    mask[0] = batch["attention_mask"].bool()
+                    mask[0] = padding_mask(batch)
                     try:
                         self.model(**batch, use_cache=False)
                     except _StopForward:
@@ -191,16 +208,19 @@ class LayerStream:
     def _new_stats(self, layer: nn.Module) -> LayerStats:
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         d_attn, d_ffn = attn.o.in_features, ffn.down.in_features
-        make = self.make_accumulator
-        return LayerStats(attn=ChannelMoments(d_attn, self.device), ffn=ChannelMoments(d_ffn, self.device),
+        make, moments = self.make_accumulator, self.moments
+        return LayerStats(token_energy=torch.empty(self.total_tokens, dtype=torch.float64),
+                          attn=ChannelMoments(d_attn, self.device) if moments else None,
+                          ffn=ChannelMoments(d_ffn, self.device) if moments else None,
                           attn_factor=make(d_attn) if make else None, ffn_factor=make(d_ffn) if make else None)
 
     def _hooks(self, layer: nn.Module, stats: LayerStats, mask: list, energy: bool) -> list:
         """Accumulate `stats` from the block's O and down inputs (and, with `energy`, its input)."""
-        def accumulate(moments: ChannelMoments, factor: Accumulator | None):
+        def accumulate(moments: ChannelMoments | None, factor: Accumulator | None):
             def fn(module, args):  # some blocks (OPT) flatten tokens before the FFN
-                x = args[0].reshape(-1, args[0].shape[-1])[mask[0].reshape(-1)]
-                moments.update(x)
+                x = real_tokens(args[0], mask[0])
+                if moments is not None:
+                    moments.update(x)
                 if factor is not None:
                     factor.update(x)
             return fn
@@ -232,8 +252,19 @@ class LayerStream:
                 h.remove()
 
 
-def _record_input(stats: LayerStats, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+def padding_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Which tokens are real, or None when all are (then no token needs to be dropped)."""
+    mask = batch["attention_mask"].bool()
+    return None if bool(mask.all()) else mask
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, seq, dim) or already-flat (tokens, dim) activations -> (real tokens, dim)."""
+    x = x.reshape(-1, x.shape[-1])
+    return x if mask is None else x[mask.reshape(-1)]
+
+
+def _record_input(stats: LayerStats, hidden: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Squared norms and count of the block's real input tokens (the residual stream it adds to)."""
-    energy = hidden[mask].square().sum(-1, dtype=torch.float64)
-    stats.token_energy.append(energy.cpu())
-    stats.n_tokens += energy.shape[0]
+    norms = torch.linalg.vector_norm(real_tokens(hidden, mask).float(), dim=-1)
+    stats.add_token_energy(norms.double().square().cpu())

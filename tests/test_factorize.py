@@ -6,6 +6,7 @@ import torch
 
 from stat_exp.factorize import GramBackend, QRBackend, SketchBackend, pivoted_cholesky
 from stat_exp.factorize.base import _pivoted_cholesky_torch
+from stat_exp.factorize.gram import TILE_MIN
 
 
 def activations(n=400, m=30, decay=3.0, seed=0):
@@ -89,3 +90,17 @@ def test_float32_blocks_stay_close_to_float64():
     g32 = fill(GramBackend(block_dtype="float32"), A).gram()
     torch.testing.assert_close(g32, g64, rtol=1e-5, atol=1e-6)
     assert torch.equal(g32, g32.T)
+
+
+@pytest.mark.parametrize("m", [30, 2 * TILE_MIN + 3])
+def test_gram_is_exact_and_symmetric_when_built_from_tiles(m):
+    """Wide Grams are accumulated from upper tiles; reading the Gram between updates must not
+    disturb the running sum."""
+    A = activations(n=64, m=m)
+    acc = GramBackend(block_dtype="float64").accumulator(m)
+    acc.update(A[:40])
+    torch.testing.assert_close(acc.gram(), A[:40].T @ A[:40], rtol=1e-12, atol=1e-12)
+    acc.update(A[40:])
+    G = acc.gram()
+    torch.testing.assert_close(G, A.T @ A, rtol=1e-12, atol=1e-12)
+    assert torch.equal(G, G.T)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stat_exp.calibrate import LayerStream
+from stat_exp.calibrate import ChannelMoments, LayerStream
 from stat_exp.factorize import GramBackend, QRBackend, RankError
 from stat_exp.models import get_adapter
 from stat_exp.prune.budget import BudgetError, LayerPlan
 from stat_exp.prune.runner import BudgetSpec, PruneRunner
+from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.stat import StatPruner
+from stat_exp.prune.wanda import WandaPruner
 from tests.tiny import batches, clone, tiny_llama
 
 CPU = torch.device("cpu")
@@ -197,9 +199,22 @@ def test_one_forward_per_batch_and_block_by_block_give_the_same_statistics():
 
 def test_typical_energy_ignores_a_few_massive_tokens():
     """A handful of tokens with massive activations must not make a block look cheap to prune."""
-    from stat_exp.calibrate import ChannelMoments, LayerStats
+    from stat_exp.calibrate import LayerStats
 
-    stats = LayerStats(attn=ChannelMoments(1, CPU), ffn=ChannelMoments(1, CPU))
-    stats.token_energy = [torch.ones(99, dtype=torch.float64), torch.tensor([1e6], dtype=torch.float64)]
-    stats.n_tokens = 100
-    assert stats.typical_energy == pytest.approx(100.0)
+    stats = LayerStats()
+    stats.add_token_energy(torch.ones(99, dtype=torch.float64))
+    stats.add_token_energy(torch.tensor([1e6], dtype=torch.float64))  # past the (empty) capacity: grows
+    assert stats.n_tokens == 100 and stats.typical_energy == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("make,moments", [(StatPruner, False), (WandaPruner, True), (FlapPruner, True)])
+def test_channel_moments_are_streamed_only_for_pruners_that_use_them(make, moments, monkeypatch):
+    """Moments cost a pass over every activation; STAT prunes without them."""
+
+    updates = []
+    real_update = ChannelMoments.update
+    monkeypatch.setattr(ChannelMoments, "update", lambda self, x: updates.append(1) or real_update(self, x))
+    model = tiny_llama()
+    PruneRunner(make(), BudgetSpec(flops=0.6, seq_len=32), GramBackend(), progress=False).run(
+        model, get_adapter(model), batches(), CPU)
+    assert bool(updates) == moments

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 
 from stat_exp.errors import UserError
 
@@ -71,10 +72,13 @@ def pivoted_cholesky(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rank; the rows past it are zero.
     """
     if G.device.type == "cpu":
-        R, piv, rank, _ = scipy.linalg.lapack.dpstrf(G.numpy(), lower=0, tol=-1.0)
-        R = np.triu(R)
+        # One BLAS thread: ?pstrf is mostly level-2 and gains nothing from more (measured), while
+        # idle OpenBLAS threads spin and slow the torch work around it.
+        with threadpool_limits(1, user_api="blas"):
+            R, piv, rank, _ = scipy.linalg.lapack.dpstrf(G.numpy(), lower=0, tol=-1.0)
+        R = torch.from_numpy(R).triu_()
         R[rank:] = 0.0
-        return torch.from_numpy(piv.astype(np.int64) - 1), torch.from_numpy(R)
+        return torch.from_numpy(piv.astype(np.int64) - 1), R
     return _pivoted_cholesky_torch(G)
 
 

@@ -23,11 +23,13 @@ if TYPE_CHECKING:
 
 
 class Pruner(ABC):
-    """Base class. Subclasses set `name`, whether they need calibration data and factorizations."""
+    """Base class. Subclasses set `name` and which statistics they need: calibration data at all,
+    factorizations, channel moments."""
 
     name: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = True
     needs_factorization: ClassVar[bool] = False
+    needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
     prunes: ClassVar[bool] = True
 
     def __init__(self, gqa: str = "per_group"):

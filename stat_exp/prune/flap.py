@@ -48,6 +48,7 @@ def fluctuation_scores(linear: nn.Linear, moments: ChannelMoments) -> torch.Tens
 
 class FlapPruner(Pruner):
     name = "flap"
+    needs_moments = True
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)

@@ -136,7 +136,8 @@ class PruneRunner:
         """Iterate the layer stream, adding its forward time to the calibration time."""
         make = self.backend.accumulator if self.pruner.needs_factorization and self.backend else None
         model_major = not (self.backend and self.backend.holds_activations and make)
-        stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major)
+        stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major,
+                             moments=self.pruner.needs_moments)
         yield from stream
         self._streamed += stream.seconds
 

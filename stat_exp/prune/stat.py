@@ -72,9 +72,10 @@ class StatPruner(Pruner):
         head-channel Gram in that nested order so every level's corrected error is a suffix sum."""
         W = attn.o.weight.detach().double().cpu()
         units = attention_units(attn.num_heads, attn.num_kv_heads, self.gqa)
-        channels = [head_channels(u, attn.head_dim) for u in units]
-        KG = (W.T @ W) * G  # contribution Gram: <O_a W_a^T, O_b W_b^T> summed per unit pair
-        C = torch.stack([torch.stack([KG[a][:, b].sum() for b in channels]) for a in channels])
+        member = torch.zeros(G.shape[0], len(units), dtype=G.dtype)  # channel -> its unit
+        for j, u in enumerate(units):
+            member[head_channels(u, attn.head_dim), j] = 1.0
+        C = member.T @ ((W.T @ W) * G) @ member  # <O_a W_a^T, O_b W_b^T> summed per unit pair
         unit_order, _ = pivoted_cholesky(C + JITTER * float(C.trace()) * torch.eye(len(units), dtype=C.dtype))
         levels = attention_levels(unit_order.tolist(), attn.num_heads, attn.num_kv_heads, self.gqa)
         order, bounds, seen = [], [0], set()

@@ -16,6 +16,7 @@ from stat_exp.prune.scores import LayerScores
 
 class WandaPruner(Pruner):
     name = "wanda_sp"
+    needs_moments = True
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
