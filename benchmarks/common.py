@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from hydra import compose, initialize_config_dir  # noqa: E402
+
 from stat_exp.data.calibration import calibration_batches  # noqa: E402
 from stat_exp.models.loading import load_model  # noqa: E402
+from stat_exp.pipeline import run_pipeline  # noqa: E402
+from stat_exp.run import CONF_DIR  # noqa: E402
+from stat_exp.track.results import RunRecord  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -25,3 +31,22 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def run_job(overrides: list[str], out: Path) -> RunRecord | str:
+    """Exactly what a user runs (the Hydra config composed with `overrides`, then run_pipeline into
+    `out`): its record, or the error line when it failed (its results.json says the same)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    try:
+        return run_pipeline(cfg, out)
+    except Exception as e:  # noqa: BLE001 - one failed job must not stop a comparison
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def save_table(lines: list[str], out: Path, name: str) -> str:
+    """Write a markdown table next to the jobs' run directories; returns it."""
+    table = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.md").write_text(table + "\n", encoding="utf-8")
+    return table

@@ -13,62 +13,54 @@ import argparse
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from stat_exp.pipeline import run_pipeline
-from stat_exp.run import CONF_DIR
+from benchmarks.common import run_job, save_table
 from stat_exp.track.results import RunRecord
 
-GLOBAL = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "kwon", "random"]
-UNIFORM = ["stat", "wanda_sp"]
+PRUNERS = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "kwon", "random"]
+ALSO_UNIFORM = ["stat"]  # STAT's default is global; its uniform rows show what the allocation adds
 SETTINGS = ["model=smollm2_135m", "calib.source=wiki_calib", "calib.num_examples=64", "calib.seq_len=256",
             "eval=perplexity", "eval.text_file=null", "eval.seq_len=256", "eval.max_tokens=16384",
             "budget.seq_len=256", "logger=none", "progress=false"]
 
 
-def jobs(pruners: list[str], flops: list[float]) -> list[tuple[str, str, float]]:
-    """(pruner, allocation, kept FLOPs): dense once, every pruner globally, stat/wanda_sp also uniformly."""
-    out = [("none", "global", 1.0)]
+def jobs(pruners: list[str], flops: list[float]) -> list[tuple[str, str | None, float]]:
+    """(pruner, budget.allocation or None for the default, kept FLOPs): dense once, every pruner as
+    configured (wanda_sp, magnitude_sp and random fix a uniform allocation, as published), STAT also uniform."""
+    out: list[tuple[str, str | None, float]] = [("none", None, 1.0)]
     for f in flops:
-        out += [(p, "global", f) for p in pruners]
-        out += [(p, "uniform", f) for p in UNIFORM if p in pruners]
+        out += [(p, None, f) for p in pruners]
+        out += [(p, "uniform", f) for p in ALSO_UNIFORM if p in pruners]
     return out
 
 
-def run_job(pruner: str, allocation: str, flops: float, out: Path) -> RunRecord | str:
-    """The job's record, or the error line when it failed (results.json says the same)."""
-    overrides = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}", f"budget.allocation={allocation}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    try:
-        return run_pipeline(cfg, out / f"{pruner}_{allocation}_{flops}")
-    except Exception as e:  # noqa: BLE001 - one failed job must not stop the comparison
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+def run(pruner: str, allocation: str | None, flops: float, out: Path) -> RunRecord | str:
+    overrides = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}"]
+    overrides += [f"budget.allocation={allocation}"] if allocation else []
+    return run_job(overrides, out / f"{pruner}_{allocation or 'default'}_{flops}")
 
 
-def row(pruner: str, allocation: str, flops: float, result: RunRecord | str) -> str:
+def row(pruner: str, allocation: str | None, flops: float, result: RunRecord | str) -> str:
     if isinstance(result, str):
-        return f"| {pruner} | {allocation} | {flops} | - | failed: {result} | - | - |"
+        return f"| {pruner} {allocation or ''} | {flops} | - | failed: {result} | - | - |"
     ppl = next((v for k, v in result.metrics.items() if k.endswith("/ppl")), float("nan"))
     seconds = [result.timing_s.get(k, 0.0) for k in ("calibrate", "prune")]
-    return (f"| {result.pruner + (f' ({result.variant})' if result.variant else '')} | {allocation} | {flops} | "
+    return (f"| {result.pruner + (f' ({result.variant})' if result.variant else '')} | {flops} | "
             f"{result.achieved['flops_fraction']:.3f} | {ppl:.1f} | {seconds[0]:.0f} | {seconds[1]:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", type=float, nargs="+", default=[0.9, 0.7, 0.5])
-    parser.add_argument("--pruners", nargs="+", default=GLOBAL)
-    parser.add_argument("--out", type=Path, default=Path("outputs/bench") / time.strftime("compare_pruners_%Y-%m-%d_%H-%M-%S"))
+    parser.add_argument("--pruners", nargs="+", default=PRUNERS)
+    parser.add_argument("--out", type=Path,
+                        default=Path("outputs/bench") / time.strftime("compare_pruners_%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args()
-    lines = ["| pruner | allocation | kept FLOPs target | achieved | wiki_eval ppl | calibrate (s) | prune (s) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| pruner | kept FLOPs target | achieved | wiki_eval ppl | calibrate (s) | prune (s) |",
+             "|---|---|---|---|---|---|"]
     for job in jobs(args.pruners, args.flops):
-        lines.append(row(*job, run_job(*job, args.out)))
+        lines.append(row(*job, run(*job, args.out)))
         print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare_pruners.md").write_text(table + "\n", encoding="utf-8")
+    table = save_table(lines, args.out, "compare_pruners")
     print(f"\n{table}\n\ncalibrate: calibration data and the layer stream; prune: scoring, search and surgery "
           f"(kwon: also its gradient pass). Runs in {args.out}")
 

@@ -17,11 +17,8 @@ import argparse
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
+from benchmarks.common import run_job, save_table
 from stat_exp.finetune import ensure_polarity_model
-from stat_exp.pipeline import run_pipeline
-from stat_exp.run import CONF_DIR
 from stat_exp.track.results import RunRecord
 
 PRUNERS = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "random"]  # kwon needs a causal LM loss
@@ -34,17 +31,6 @@ POLARITY_SEQ_LEN = 28  # mean tokenized length of the Pang & Lee sentences (27.4
 def polarity_settings() -> list[str]:
     return ["model=minilm_l6_polarity", f"model.source={ensure_polarity_model()}", "eval=glue", "calib=glue",
             f"budget.seq_len={POLARITY_SEQ_LEN}"]
-
-
-def run_job(settings: list[str], pruner: str, flops: float, out: Path) -> RunRecord | str:
-    """The job's record, or the error line when it failed (results.json says the same)."""
-    overrides = [*settings, *COMMON, f"pruner={pruner}", f"budget.flops={flops}"]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    try:
-        return run_pipeline(cfg, out)
-    except Exception as e:  # noqa: BLE001 - one failed job must not stop the comparison
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def cell(result: RunRecord | str, key: str, dense: RunRecord) -> str:
@@ -75,7 +61,8 @@ def main() -> None:
     suites = {"embedding": EMBEDDING, "polarity": polarity_settings()}
 
     def both(pruner: str, flops: float) -> tuple[RunRecord | str, RunRecord | str]:
-        return tuple(run_job(s, pruner, flops, args.out / f"{name}_{pruner}_{flops}") for name, s in suites.items())
+        return tuple(run_job([*s, *COMMON, f"pruner={pruner}", f"budget.flops={flops}"],
+                             args.out / f"{name}_{pruner}_{flops}") for name, s in suites.items())
 
     dense = both("none", 1.0)
     if any(isinstance(d, str) for d in dense):
@@ -87,9 +74,7 @@ def main() -> None:
         for pruner in args.pruners:
             lines.append(row(pruner, flops, *both(pruner, flops), dense))
             print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "encoder_stat.md").write_text(table + "\n", encoding="utf-8")
+    table = save_table(lines, args.out, "encoder_stat")
     print(f"\n{table}\n\n(share of dense in parentheses; reproduce: .venv/bin/python -m benchmarks.encoder_stat "
           f"--flops {' '.join(map(str, args.flops))} --pruners {' '.join(args.pruners)}). Runs in {args.out}")
 

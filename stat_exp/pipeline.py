@@ -37,8 +37,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
-    """What distinguishes this job from the default setting of its pruner (for tables and plots)."""
-    parts = [p for p in (pruner.variant, cfg.budget.allocation if cfg.budget.allocation != "global" else "",
+    """What distinguishes this job from the default protocol (for tables and plots): the pruner's
+    own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
+    allocation = cfg.budget.allocation if pruner.allocation == "budget" else pruner.allocation
+    parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
                          "propagate pruned" if cfg.calib.propagate != "dense" else "") if p]
     return ", ".join(parts) or None
 

@@ -22,6 +22,7 @@ from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.kwon import KwonPruner, mask_gradients, rearranged
 from stat_exp.prune.random import RandomPruner
 from stat_exp.prune.budget import FlopsModel
+from stat_exp.errors import ConfigError
 from stat_exp.prune.runner import BudgetSpec, PruneRunner, shapes_of
 from stat_exp.prune.wanda import WandaPruner
 from stat_exp.run import CONF_DIR
@@ -269,3 +270,14 @@ def test_pruner_configs_instantiate(name):
     pruner = instantiate(cfg.pruner)
     assert pruner.name == ("stat" if name == "stat_nocorr" else name)
     assert cfg.calib.num_examples == 64 and cfg.eval.max_tokens == 16384
+
+
+def test_a_pruner_can_fix_its_allocation(batches):
+    """wanda_sp and magnitude_sp ship with allocation=uniform (their scores do not compare across
+    layers): whatever budget.allocation says, every layer keeps the same counts."""
+    _, fixed = prune(WandaPruner(allocation="uniform"), batches, 0.6, allocation="global")
+    _, uniform = prune(WandaPruner(), batches, 0.6, allocation="uniform")
+    assert fixed.structure == uniform.structure
+    assert len(set(fixed.structure["neurons"])) == 1
+    with pytest.raises(ConfigError, match="pruner.allocation='layerwise'; allowed: budget, global, uniform"):
+        WandaPruner(allocation="layerwise")

@@ -84,3 +84,14 @@ def test_flops_model_counts_each_matmul():
     attn = 2 * 10 * (4 * 2)     # scores and context per query token
     assert f.attention(shape, 4, 2) == 2 * 10 * (q_o + k_v + attn)
     assert f.ffn(shape, 16) == 2 * 10 * 3 * 8 * 16
+
+
+@pytest.mark.parametrize("seq_len", [25, 128])
+def test_encoder_flops_are_twice_kwon_et_al_macs(seq_len):
+    """For multi-head encoders the budget is Kwon et al.'s MAC count (x2): per head
+    4 s d d_head + 2 s^2 d_head, per neuron 2 s d, so budget.seq_len=<task average> is their budget."""
+    bert = LayerShape(hidden=768, head_dim=64, num_heads=12, num_kv_heads=12, ffn_width=3072, ffn_matrices=2)
+    s, d, hd = seq_len, 768, 64
+    for heads, neurons in [(12, 3072), (5, 1000), (1, 1)]:
+        macs = heads * (4 * s * d * hd + 2 * s * s * hd) + neurons * 2 * s * d
+        assert FlopsModel(seq_len).layer(bert, heads, heads, neurons) == 2 * macs

@@ -14,7 +14,8 @@ from torch import nn
 
 from stat_exp.calibrate import LayerStats
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.budget import FlopsModel, LayerPlan, LayerShape
+from stat_exp.errors import ConfigError
+from stat_exp.prune.budget import ALLOCATIONS, FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.scores import GQA_MODES, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import prune_attention, prune_ffn
 
@@ -32,10 +33,14 @@ class Pruner(ABC):
     needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
     prunes: ClassVar[bool] = True
 
-    def __init__(self, gqa: str = "per_group"):
+    def __init__(self, gqa: str = "per_group", allocation: str = "budget"):
+        """`allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
+        pruner (the baselines whose scores do not compare across layers were published uniform)."""
         if gqa not in GQA_MODES:
             raise ValueError(f"pruner.gqa={gqa!r}; allowed: {', '.join(GQA_MODES)}")
-        self.gqa = gqa
+        if allocation not in ("budget", *ALLOCATIONS):
+            raise ConfigError(f"pruner.allocation={allocation!r}; allowed: budget, {', '.join(ALLOCATIONS)}")
+        self.gqa, self.allocation = gqa, allocation
 
     @property
     def variant(self) -> str:

@@ -71,7 +71,7 @@ class LayerPlan:
     neurons: int
 
 
-def _neuron_options(width: int, round_to: int) -> np.ndarray:
+def neuron_options(width: int, round_to: int) -> np.ndarray:
     step = max(1, round_to)
     opts = np.arange(step, width + 1, step)
     return opts if opts.size and opts[-1] == width else np.append(opts, width)
@@ -111,7 +111,7 @@ def _layer_options(sc: LayerScores, sh: LayerShape, flops: FlopsModel, round_to:
     """(flops, cost) arrays for the attention levels and for the neuron counts of one layer."""
     attn_f = np.array([flops.attention(sh, lv.num_heads, lv.num_kv_heads) for lv in sc.attn_levels])
     attn_c = np.asarray(sc.attn_cost, dtype=np.float64)
-    ks = _neuron_options(sh.ffn_width, round_to)
+    ks = neuron_options(sh.ffn_width, round_to)
     ffn_f = np.array([flops.ffn(sh, int(k)) for k in ks])
     ffn_c = np.asarray(sc.ffn_cost, dtype=np.float64)[ks]
     return (attn_f, attn_c), (ffn_f, ffn_c, ks)

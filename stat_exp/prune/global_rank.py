@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stat_exp.prune.budget import BudgetError, FlopsModel, LayerPlan, LayerShape, _neuron_options
+from stat_exp.prune.budget import BudgetError, FlopsModel, LayerPlan, LayerShape, neuron_options
 from stat_exp.prune.scores import LayerScores
 
 REDUCTIONS = ("sum", "mean")
@@ -46,7 +46,7 @@ class Increments:
             added = [sorted(set(b.heads) - set(a.heads)) for a, b in zip(sc.attn_levels, sc.attn_levels[1:])]
             h = heads.double().cpu().numpy()
             attn_scores = np.array([h[a].sum() / (len(a) if reduce == "mean" else 1) for a in added])
-            ks = _neuron_options(sh.ffn_width, round_to)
+            ks = neuron_options(sh.ffn_width, round_to)
             ordered = neurons.double().cpu().numpy()[sc.ffn_order.cpu().numpy()]
             chunk_sums = np.add.reduceat(ordered, ks[:-1]) if len(ks) > 1 else np.zeros(0)
             ffn_scores = chunk_sums / (np.diff(ks) if reduce == "mean" else 1)

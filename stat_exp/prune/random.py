@@ -2,9 +2,8 @@
 
 Every layer draws its own random ranking from (seed, layer index), so a run is reproducible and a
 layer's draw does not depend on the others. The counts are either the shared allocation's
-(`allocation: uniform` by default: random scores carry no information to allocate by, so a
-global allocation would only be a second random draw; `allocation: budget` follows
-budget.allocation), or copied from a structure file (results.json of a run or a saved model's
+(`allocation: uniform` in its config: random scores carry no information to allocate by, so a
+global allocation would only be a second random draw), or copied from a structure file (results.json of a run or a saved model's
 structure.json): the same heads, KV heads and neurons per layer as that run, but random units.
 With a structure file the counts are the file's, whatever budget.flops says.
 """
@@ -21,11 +20,10 @@ from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import FlopsModel, LayerPlan, LayerShape, allocate
+from stat_exp.prune.budget import FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.runner import BudgetSpec
 from stat_exp.prune.scores import LayerScores
 
-ALLOCATIONS = ("uniform", "budget")
 STRUCTURE_KEYS = ("heads", "kv_heads", "neurons")
 
 
@@ -48,10 +46,8 @@ class RandomPruner(Pruner):
 
     def __init__(self, gqa: str = "per_group", seed: int = 0, allocation: str = "uniform",
                  structure_file: str | None = None):
-        super().__init__(gqa)
-        if allocation not in ALLOCATIONS:
-            raise ConfigError(f"pruner.allocation={allocation!r}; allowed: {', '.join(ALLOCATIONS)}")
-        self.seed, self.allocation = seed, allocation
+        super().__init__(gqa, allocation)
+        self.seed = seed
         self.structure = read_structure(structure_file) if structure_file else None
 
     @property
@@ -73,8 +69,6 @@ class RandomPruner(Pruner):
                     flops: FlopsModel, budget: BudgetSpec) -> list[LayerPlan] | None:
         if self.structure:
             return [self._copied(i, sc, sh) for i, sc, sh in zip(layers, scores, shapes)]
-        if self.allocation == "uniform":
-            return allocate(scores, shapes, flops, budget.flops, "uniform", budget.round_to)
         return None
 
     def _copied(self, index: int, scores: LayerScores, shape: LayerShape) -> LayerPlan:

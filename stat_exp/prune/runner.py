@@ -7,7 +7,7 @@ budget, a first dense pass decides the counts and a second pass prunes in order.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -64,6 +64,8 @@ class PruneRunner:
 
     def __init__(self, pruner: Pruner, budget: BudgetSpec, backend: Backend | None,
                  propagate: str = "dense", progress: bool = True):
+        if pruner.allocation != "budget":  # the pruner fixes its allocation (e.g. published uniform)
+            budget = replace(budget, allocation=pruner.allocation)
         self.pruner, self.budget, self.backend = pruner, budget, backend
         self.propagate, self.progress = propagate, progress
         self.flops = FlopsModel(budget.seq_len)
