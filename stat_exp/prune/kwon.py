@@ -46,8 +46,9 @@ JITTER = 1e-10  # relative ridge on the least-squares normal equations
 class KwonPruner(Pruner):
     name = "kwon"
 
-    def __init__(self, gqa: str = "per_group", rearrange: bool = True, tune: bool = True, max_scale: float = 10.0):
-        super().__init__(gqa)
+    def __init__(self, gqa: str = "per_group", rearrange: bool = True, tune: bool = True, max_scale: float = 10.0,
+                 allocation: str = "budget"):
+        super().__init__(gqa, allocation)
         self.rearrange, self.tune, self.max_scale = rearrange, tune, max_scale
         self.needs_factorization = tune  # the Gram matrices are needed for the least squares only
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -45,8 +45,8 @@ class StatPruner(Pruner):
     name = "stat"
     needs_factorization = True
 
-    def __init__(self, gqa: str = "per_group", correction: bool = True):
-        super().__init__(gqa)
+    def __init__(self, gqa: str = "per_group", correction: bool = True, allocation: str = "budget"):
+        super().__init__(gqa, allocation)
         self.correction = correction
 
     @property
