@@ -21,7 +21,7 @@ from benchmarks.common import run_job, save_table
 from stat_exp.finetune import ensure_polarity_model
 from stat_exp.track.results import RunRecord
 
-PRUNERS = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "random"]  # kwon needs a causal LM loss
+PRUNERS = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "kwon", "random"]  # kwon: task loss only
 COMMON = ["logger=none", "progress=false", "device=cpu"]
 EMBEDDING = ["model=minilm_l6", "eval=embedding", "calib=wiki", "calib.source=wiki_calib", "calib.num_examples=128",
              "calib.seq_len=128", "calib.batch_size=16", "budget.seq_len=128"]

@@ -18,6 +18,12 @@ from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
 
 PROPAGATE_MODES = ("dense", "pruned")
+LABELS = "labels"  # batch key for task labels: used by loss-based pruners, never fed to the stream
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's model inputs on `device` (labels left out: no loss is computed while streaming)."""
+    return {k: v.to(device) for k, v in batch.items() if k != LABELS}
 
 
 class ChannelMoments:
@@ -115,7 +121,7 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
     try:
         with torch.inference_mode():
             for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = model_inputs(batch, device)
                 current_mask[:] = [padding_mask(batch)]
                 try:
                     model(**batch, use_cache=False)
@@ -177,7 +183,7 @@ class LayerStream:
         try:
             with torch.inference_mode():
                 for batch in tqdm(self.batches, desc="calibrate", disable=not self.progress):
-                    batch = {k: v.to(self.device) for k, v in batch.items()}
+                    batch = model_inputs(batch, self.device)
                     mask[0] = padding_mask(batch)
                     try:
                         self.model(**batch, use_cache=False)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from stat_exp import assets
-from stat_exp.data.glue import TASKS, encode_batches, get_task, load_split
+from stat_exp.data.glue import TASKS, encode_batches, get_task, label_tensor, load_split
 from stat_exp.data.text import DataError
 from stat_exp.device import resolve_device
 from stat_exp.errors import UserError
@@ -73,7 +73,6 @@ def train(recipe: Recipe, device: torch.device, progress: bool = True):
     optimizer = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, int(recipe.warmup * total), total)
     order = torch.Generator().manual_seed(recipe.seed)
-    label_dtype = torch.float32 if spec.regression else torch.long
     model.train()
     with tqdm(total=total, desc=f"fine-tune {spec.name}", disable=not progress) as bar:
         for _ in range(recipe.epochs):
@@ -81,7 +80,7 @@ def train(recipe: Recipe, device: torch.device, progress: bool = True):
             batches = encode_batches(tokenizer, spec, shuffled, recipe.max_length, recipe.batch_size)
             for start, batch in zip(range(0, len(shuffled), recipe.batch_size), batches):
                 chunk = shuffled[start:start + recipe.batch_size]
-                target = torch.tensor([r["label"] for r in chunk], dtype=label_dtype)
+                target = label_tensor(spec, chunk)
                 loss = model(**{k: v.to(device) for k, v in batch.items()}, labels=target.to(device)).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -15,6 +15,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from stat_exp.data.glue import GlueCalibration, load_split
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
+from stat_exp.models import get_adapter
 from stat_exp.eval.glue import GlueEval, accuracy, f1, matthews, pearson, spearman
 from stat_exp.pipeline import run_pipeline
 
@@ -81,7 +82,9 @@ def test_calibration_batches_are_padded_samples_of_the_training_split(sst2_dir, 
     calib = GlueCalibration("sst2", str(sst2_dir), num_examples=10, max_length=16, batch_size=4)
     batches = calib.batches(tokenizer)
     assert [b["input_ids"].shape[0] for b in batches] == [4, 4, 2]
-    assert set(batches[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert set(batches[0]) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    labels = torch.cat([b["labels"] for b in batches])
+    assert labels.dtype == torch.long and set(labels.tolist()) <= {0, 1} and len(labels) == 10
     assert any((b["attention_mask"] == 0).any() for b in batches)  # padded to each batch's longest
     assert all(b["input_ids"].shape[1] <= 16 for b in batches)
     again = calib.batches(tokenizer)
@@ -111,7 +114,8 @@ def test_label_map_translates_model_outputs(tmp_path, tokenizer):
         GlueEval("mnli", label_map=[0, 0, 1])
 
 
-def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer):
+@pytest.mark.parametrize("pruner", ["stat", "kwon"])  # kwon: Fisher information from the task loss
+def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer, pruner):
     folder = tmp_path / "tiny-bert-sst2"
     BertForSequenceClassification(BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -119,7 +123,7 @@ def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer):
     tokenizer.save_pretrained(folder)
     overrides = [f"model.source={folder}", "model.glue_task=sst2", f"eval.data_dir={sst2_dir}",
                  "calib.num_examples=24", "budget.flops=0.6", "budget.seq_len=16", "logger=none", "device=cpu",
-                 "progress=false"]
+                 "progress=false", f"pruner={pruner}"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["model=minilm_l6_polarity", "eval=glue", "calib=glue", *overrides])
     record = run_pipeline(cfg, tmp_path / "run")
@@ -128,3 +132,12 @@ def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer):
     assert saved["achieved"]["flops_fraction"] == pytest.approx(0.6, abs=0.02)
     assert set(saved["metrics"]) == {"glue/accuracy", "glue/score"}
     assert 0 <= saved["metrics"]["glue/accuracy"] <= 1
+
+
+def test_kwon_on_an_encoder_without_labels_says_what_it_needs(tmp_path):
+    from stat_exp.prune.kwon import KwonPruner
+    from tests.test_encoders import MODELS, examples, padded
+
+    model = MODELS["bert_cls"]().eval()
+    with pytest.raises(ConfigError, match="calibrated on labelled data"):
+        KwonPruner().prepare(model, get_adapter(model), padded(examples(8), 4, None))

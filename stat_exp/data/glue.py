@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import AssetError, corpus_path
-from stat_exp.calibrate import PROPAGATE_MODES
+from stat_exp.calibrate import LABELS, PROPAGATE_MODES
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 
@@ -204,6 +204,11 @@ def encode_batches(tokenizer: PreTrainedTokenizerBase, spec: GlueTask, rows: lis
     return batches
 
 
+def label_tensor(spec: GlueTask, rows: list[Row]) -> torch.Tensor:
+    """The rows' labels as a model's `labels` argument expects them (float for regression)."""
+    return torch.tensor([r["label"] for r in rows], dtype=torch.float32 if spec.regression else torch.long)
+
+
 def _positive(name: str, value) -> None:
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"calib.{name}={value!r} must be a positive integer")
@@ -212,7 +217,8 @@ def _positive(name: str, value) -> None:
 @dataclass
 class GlueCalibration:
     """Calibration from a task's training split: `num_examples` random examples (the paper: 512),
-    tokenized like the task's inputs and padded per batch."""
+    tokenized like the task's inputs and padded per batch, with their labels (`pruner=kwon` takes
+    its Fisher information from the task loss, as in the paper; the layer stream ignores them)."""
 
     task: str | None
     data_dir: str | None = None
@@ -234,4 +240,7 @@ class GlueCalibration:
     def batches(self, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
         spec = get_task(self.task)
         rows = load_split(spec, "train", self.data_dir, self.num_examples, self.seed)
-        return encode_batches(tokenizer, spec, rows, self.max_length, self.batch_size)
+        batches = encode_batches(tokenizer, spec, rows, self.max_length, self.batch_size)
+        for start, batch in zip(range(0, len(rows), self.batch_size), batches):
+            batch[LABELS] = label_tensor(spec, rows[start:start + self.batch_size])  # for loss-based pruners
+        return batches

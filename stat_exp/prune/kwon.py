@@ -1,9 +1,10 @@
 """`kwon`: Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers".
 
 1. Fisher importance (`prepare`): masks m = 1 multiply each head's output (input of O) and each
-   FFN neuron (input of down) through forward pre-hooks; the gradient of the model's own LM loss
-   (labels = input_ids, padding -100) with respect to the masks is taken per calibration batch,
-   and I = sum over batches of (dL/dm)^2.
+   FFN neuron (input of down) through forward pre-hooks; the gradient of the model's loss with
+   respect to the masks is taken per calibration batch, and I = sum over batches of (dL/dm)^2.
+   The loss is the task loss when the calibration batches carry labels (a GLUE task model with
+   calib=glue, the paper's setting), else a causal LM's own loss (labels = input_ids, padding -100).
 2. Mask search (`budget.allocation=global`): as the published MAC search, for every number of
    attention increments kept globally (best Fisher first), the remaining FLOPs go to the best
    neurons globally, and the split with the largest total Fisher importance wins. FLOPs come from
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import LayerStats
+from stat_exp.calibrate import LABELS, LayerStats, model_inputs
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
 from stat_exp.prune.base import Pruner
@@ -58,8 +59,9 @@ class KwonPruner(Pruner):
         return ", ".join(p for p, on in (("no rearrangement", not self.rearrange), ("no tuning", not self.tune)) if on)
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
-        if not adapter.causal:
-            raise ConfigError("pruner=kwon needs a language-model loss (a causal LM); this model has none")
+        if not adapter.causal and not all(LABELS in b for b in batches):
+            raise ConfigError("pruner=kwon needs a loss: a causal LM, or a task model calibrated on labelled "
+                              "data (calib=glue)")
         self.grads = mask_gradients(model, adapter, batches)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
@@ -179,7 +181,7 @@ def rearranged(grads: torch.Tensor, kept: torch.Tensor, blocks: list[list[int]])
 
 def mask_gradients(model: nn.Module, adapter: ModelAdapter,
                    batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: (batches x heads, batches x neurons) gradients of the LM loss w.r.t. unit masks."""
+    """Per layer: (batches x heads, batches x neurons) gradients of the loss w.r.t. unit masks."""
     param = next(model.parameters())
     masks, handles = [], []
     for layer in adapter.layers():
@@ -195,9 +197,10 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
     try:
         with torch.enable_grad():
             for batch in batches:
-                batch = {k: v.to(param.device) for k, v in batch.items()}
-                labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-                loss = model(**batch, labels=labels, use_cache=False).loss
+                inputs = model_inputs(batch, param.device)
+                labels = (batch[LABELS].to(param.device) if LABELS in batch
+                          else inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
+                loss = model(**inputs, labels=labels, use_cache=False).loss
                 for acc, grad in zip(grads, torch.autograd.grad(loss, masks)):
                     acc.append(grad.detach().double().cpu())
     finally:
