@@ -43,8 +43,9 @@ def cell(result: RunRecord | str, key: str, dense: RunRecord) -> str:
 
 def row(pruner: str, flops: float, emb: RunRecord | str, pol: RunRecord | str,
         dense: tuple[RunRecord, RunRecord]) -> str:
-    label = emb.pruner + (f" ({emb.variant})" if emb.variant else "") if isinstance(emb, RunRecord) else pruner
-    achieved = f"{emb.achieved['flops_fraction']:.3f}" if isinstance(emb, RunRecord) else "-"
+    done = next((r for r in (emb, pol) if isinstance(r, RunRecord)), None)  # kwon: only the task model has a loss
+    label = done.pruner + (f" ({done.variant})" if done.variant else "") if done else pruner
+    achieved = f"{done.achieved['flops_fraction']:.3f}" if done else "-"
     cells = [cell(emb, f"embedding/{k}", dense[0]) for k in ("lee_spearman", "simlex_spearman", "polarity_acc")]
     errors = [r for r in (emb, pol) if isinstance(r, str)]
     return (f"| {label} | {flops} | {achieved} | {' | '.join(cells)} | {cell(pol, 'glue/accuracy', dense[1])} |"
