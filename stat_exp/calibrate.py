@@ -35,10 +35,10 @@ class ChannelMoments:
         self.sumsq = torch.zeros(dim, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
-        # Per-batch sums in the activations' precision (cascade-summed, so accurate to ~1e-7),
-        # running sums in float64: casting every activation to float64 cost more than the sums.
+        # Per-batch sums in the activations' precision, at least float32 (cascade-summed), running
+        # sums in float64: casting every activation to float64 cost more than the sums.
         self.n_tokens += x.shape[0]
-        x = x.float()
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
         self.sum += x.sum(0)
         self.sumsq += torch.linalg.vector_norm(x, dim=0).square()
 

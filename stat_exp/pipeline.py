@@ -39,7 +39,7 @@ def validate(cfg: DictConfig) -> None:
 def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
     """What distinguishes this job from the default protocol (for tables and plots): the pruner's
     own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
-    allocation = cfg.budget.allocation if pruner.allocation == "budget" else pruner.allocation
+    allocation = pruner.allocation_under(cfg.budget.allocation)
     parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
                          "propagate pruned" if cfg.calib.propagate != "dense" else "") if p]
     return ", ".join(parts) or None

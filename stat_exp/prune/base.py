@@ -42,6 +42,10 @@ class Pruner(ABC):
             raise ConfigError(f"pruner.allocation={allocation!r}; allowed: budget, {', '.join(ALLOCATIONS)}")
         self.gqa, self.allocation = gqa, allocation
 
+    def allocation_under(self, budget_allocation: str) -> str:
+        """The allocation this pruner runs with when the budget asks for `budget_allocation`."""
+        return budget_allocation if self.allocation == "budget" else self.allocation
+
     @property
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""

@@ -3,8 +3,9 @@
 Every layer draws its own random ranking from (seed, layer index), so a run is reproducible and a
 layer's draw does not depend on the others. The counts are either the shared allocation's
 (`allocation: uniform` in its config: random scores carry no information to allocate by, so a
-global allocation would only be a second random draw), or copied from a structure file (results.json of a run or a saved model's
-structure.json): the same heads, KV heads and neurons per layer as that run, but random units.
+global allocation would only be a second random draw), or copied from a structure file
+(results.json of a run or a saved model's structure.json): the same heads, KV heads and neurons
+per layer as that run, but random units.
 With a structure file the counts are the file's, whatever budget.flops says.
 """
 from __future__ import annotations

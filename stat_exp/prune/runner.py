@@ -64,8 +64,7 @@ class PruneRunner:
 
     def __init__(self, pruner: Pruner, budget: BudgetSpec, backend: Backend | None,
                  propagate: str = "dense", progress: bool = True):
-        if pruner.allocation != "budget":  # the pruner fixes its allocation (e.g. published uniform)
-            budget = replace(budget, allocation=pruner.allocation)
+        budget = replace(budget, allocation=pruner.allocation_under(budget.allocation))
         self.pruner, self.budget, self.backend = pruner, budget, backend
         self.propagate, self.progress = propagate, progress
         self.flops = FlopsModel(budget.seq_len)
