@@ -17,7 +17,8 @@ from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.prune.budget import allocate
-from stat_exp.prune.runner import BudgetSpec, PruneRunner, shapes_of
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner, shapes_of
 from stat_exp.prune.stat import StatPruner
 
 EVAL = {"seq_len": 256, "max_tokens": 16384, "batch_size": 8}

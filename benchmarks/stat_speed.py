@@ -15,7 +15,8 @@ import torch
 from benchmarks.common import CPU, smollm2
 from stat_exp.factorize import GramBackend, QRBackend
 from stat_exp.models import get_adapter
-from stat_exp.prune.runner import BudgetSpec, PruneRunner
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 
 

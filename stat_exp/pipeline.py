@@ -19,7 +19,8 @@ from stat_exp.models.loading import load_model
 from stat_exp.models.saving import save_pruned
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.none import NoPruner
-from stat_exp.prune.runner import BudgetSpec, PruneRunner
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.results import RunRecord, Timings, config_hash, peak_rss_mb
 from stat_exp.track.wandb_logger import make_logger
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from stat_exp.errors import UserError
 from stat_exp.pipeline import run_pipeline
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 CHECKED_GROUPS = ("model", "calib", "pruner", "budget", "factorization", "eval", "logger", "experiment")
 _failed_jobs: list[str] = []
 

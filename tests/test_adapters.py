@@ -11,7 +11,8 @@ from stat_exp.models import UnsupportedModelError, get_adapter
 from stat_exp.prune.budget import FlopsModel
 from stat_exp.prune.magnitude import MagnitudePruner
 from stat_exp.prune.none import NoPruner
-from stat_exp.prune.runner import BudgetSpec, PruneRunner, model_flops, shapes_of
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner, model_flops, shapes_of
 from stat_exp.prune.stat import StatPruner
 from tests.tiny import batches, clone, tiny_llama, tiny_mistral, tiny_opt, tiny_qwen2
 

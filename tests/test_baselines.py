@@ -23,7 +23,8 @@ from stat_exp.prune.kwon import KwonPruner, mask_gradients, rearranged
 from stat_exp.prune.random import RandomPruner
 from stat_exp.prune.budget import FlopsModel
 from stat_exp.errors import ConfigError
-from stat_exp.prune.runner import BudgetSpec, PruneRunner, shapes_of
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner, shapes_of
 from stat_exp.prune.wanda import WandaPruner
 from stat_exp.run import CONF_DIR
 from tests.tiny import VOCAB, tiny_llama, tiny_opt

@@ -14,7 +14,8 @@ from stat_exp.models import get_adapter
 from stat_exp.models.encoders import BertAdapter, DistilBertAdapter
 from stat_exp.prune.budget import FlopsModel, LayerShape
 from stat_exp.prune.none import NoPruner
-from stat_exp.prune.runner import BudgetSpec, PruneRunner, model_flops
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner, model_flops
 from stat_exp.prune.stat import StatPruner
 from tests.tiny import VOCAB, batches, clone
 

@@ -19,7 +19,7 @@ from stat_exp.models import get_adapter
 from stat_exp.eval.glue import GlueEval, accuracy, f1, matthews, pearson, spearman
 from stat_exp.pipeline import run_pipeline
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parent.parent / "stat_exp" / "conf"
 SENTENCES = ["a gripping , funny and moving film .", "dull .", "the best movie of the year , by far .",
              "an utterly pointless exercise in tedium that never ends .", "warm and wise .", "it is a mess ."]
 

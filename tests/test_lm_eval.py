@@ -17,10 +17,11 @@ from stat_exp.eval.perplexity import make_chunks, perplexity
 from stat_exp.eval.tasks import TASK_NAMES, analogy_questions, prepare_tasks
 from stat_exp.models import get_adapter
 from stat_exp.prune.magnitude import MagnitudePruner
-from stat_exp.prune.runner import BudgetSpec, PruneRunner
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner
 
 CPU = torch.device("cpu")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "stat_exp" / "conf")
 
 
 @pytest.fixture(scope="module")

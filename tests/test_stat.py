@@ -9,7 +9,8 @@ from stat_exp.calibrate import ChannelMoments, LayerStream
 from stat_exp.factorize import GramBackend, QRBackend, RankError
 from stat_exp.models import get_adapter
 from stat_exp.prune.budget import BudgetError, LayerPlan
-from stat_exp.prune.runner import BudgetSpec, PruneRunner
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.prune.wanda import WandaPruner

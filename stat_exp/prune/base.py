@@ -6,7 +6,7 @@ layer's statistics into LayerScores, and applies a plan to that layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -15,12 +15,9 @@ from torch import nn
 from stat_exp.calibrate import LayerStats
 from stat_exp.models.base import ModelAdapter
 from stat_exp.errors import ConfigError
-from stat_exp.prune.budget import ALLOCATIONS, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.budget import ALLOCATIONS, BudgetSpec, FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.scores import GQA_MODES, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import prune_attention, prune_ffn
-
-if TYPE_CHECKING:
-    from stat_exp.prune.runner import BudgetSpec
 
 
 class Pruner(ABC):

@@ -64,6 +64,16 @@ class FlopsModel:
 
 
 @dataclass
+class BudgetSpec:
+    """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
+
+    flops: float = 1.0
+    seq_len: int = 256
+    allocation: str = "global"
+    round_to: int = 1
+
+
+@dataclass
 class LayerPlan:
     """What one layer keeps: an attention level (index into LayerScores.attn_levels) and k neurons."""
 

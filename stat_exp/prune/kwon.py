@@ -35,9 +35,8 @@ from stat_exp.calibrate import LABELS, LayerStats, model_inputs
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.global_rank import Increments
-from stat_exp.prune.runner import BudgetSpec
 from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 

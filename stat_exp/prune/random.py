@@ -21,8 +21,7 @@ from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import FlopsModel, LayerPlan, LayerShape
-from stat_exp.prune.runner import BudgetSpec
+from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.scores import LayerScores
 
 STRUCTURE_KEYS = ("heads", "kv_heads", "neurons")

@@ -17,18 +17,8 @@ from stat_exp.calibrate import LayerStats, LayerStream
 from stat_exp.factorize.base import Backend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import FlopsModel, LayerPlan, LayerShape, allocate
+from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
 from stat_exp.prune.scores import LayerScores
-
-
-@dataclass
-class BudgetSpec:
-    """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
-
-    flops: float = 1.0
-    seq_len: int = 256
-    allocation: str = "global"
-    round_to: int = 1
 
 
 @dataclass
