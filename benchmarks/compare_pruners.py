@@ -19,7 +19,7 @@ from stat_exp.track.results import RunRecord
 PRUNERS = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "kwon", "random"]
 ALSO_UNIFORM = ["stat"]  # STAT's default is global; its uniform rows show what the allocation adds
 SETTINGS = ["model=smollm2_135m", "calib.source=wiki_calib", "calib.num_examples=64", "calib.seq_len=256",
-            "eval=perplexity", "eval.text_file=null", "eval.seq_len=256", "eval.max_tokens=16384",
+            "eval=perplexity", "eval.perplexity.text_file=null", "eval.perplexity.seq_len=256", "eval.perplexity.max_tokens=16384",
             "budget.seq_len=256", "logger=none", "progress=false"]
 
 

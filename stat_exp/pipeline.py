@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError
+from stat_exp.eval.base import Evaluator
 from stat_exp.models import get_adapter
 from stat_exp.models.loading import load_model
 from stat_exp.models.saving import save_pruned
@@ -68,7 +69,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             adapter = get_adapter(model)
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
-            evaluator = instantiate(cfg.eval, **_run_dir_for(cfg.eval, run_dir))
+            evaluators = make_evaluators(cfg.eval, run_dir)
             calibration = instantiate(cfg.calib)
             prunes = pruner.prunes and cfg.budget.flops < 1
             batches = []
@@ -84,7 +85,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
                 timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
             record.achieved, record.structure = outcome.achieved, outcome.structure
             with timings("eval"):
-                record.metrics = evaluator(model, tokenizer, device)
+                record.metrics = evaluate(evaluators, model, tokenizer, device)
             if cfg.save_model:
                 _save(model, tokenizer, run_dir / "model", cfg.model.task)
         record.status = "ok"
@@ -102,9 +103,30 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
     return record
 
 
-def _run_dir_for(eval_cfg: DictConfig, run_dir: Path) -> dict:
-    """Evaluators that write files (tables) get the run directory unless the config names one."""
-    return {"output_dir": str(run_dir)} if "output_dir" in eval_cfg and eval_cfg.output_dir is None else {}
+def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:
+    """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several), built before
+    the model loads so a bad evaluation setting fails first. Evaluators that write files (tables)
+    get the run directory unless their config names one."""
+    if not eval_cfg:
+        raise ConfigError("eval is empty; choose at least one evaluator, e.g. eval=perplexity")
+    evaluators = {}
+    for name, sub in eval_cfg.items():
+        extra = {"output_dir": str(run_dir)} if "output_dir" in sub and sub.output_dir is None else {}
+        evaluators[name] = instantiate(sub, **extra)
+    return evaluators
+
+
+def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.device) -> dict[str, float]:
+    """Run every evaluator on the same (pruned) model; metric keys are prefixed by evaluator, so
+    a clash means two evaluators of the same kind."""
+    metrics: dict[str, float] = {}
+    for name, evaluator in evaluators.items():
+        result = evaluator(model, tokenizer, device)
+        clash = sorted(set(result) & set(metrics))
+        if clash:
+            raise ConfigError(f"eval.{name} writes metrics another evaluator already wrote: {', '.join(clash)}")
+        metrics.update(result)
+    return metrics
 
 
 def _save(model, tokenizer, path: Path, task: str) -> None:

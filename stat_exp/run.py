@@ -33,8 +33,8 @@ def check_overrides(argv: list[str]) -> None:
         if not sep or key not in CHECKED_GROUPS or value.startswith(("glob(", "choice(", "range(")) or value == "null":
             continue
         valid = group_options(key)
-        for choice in value.split(","):
-            if choice not in valid:
+        for choice in value.replace("[", ",").replace("]", ",").split(","):
+            if choice and choice not in valid:
                 raise UserError(f"unknown {key} {choice!r}; valid: {', '.join(valid)}")
 
 

@@ -270,7 +270,7 @@ def test_pruner_configs_instantiate(name):
         cfg = compose(config_name="config", overrides=[f"pruner={name}", "experiment=compare_pruners"])
     pruner = instantiate(cfg.pruner)
     assert pruner.name == ("stat" if name == "stat_nocorr" else name)
-    assert cfg.calib.num_examples == 64 and cfg.eval.max_tokens == 16384
+    assert cfg.calib.num_examples == 64 and cfg.eval.perplexity.max_tokens == 16384
 
 
 def test_a_pruner_can_fix_its_allocation(batches):

@@ -23,7 +23,7 @@ from stat_exp.track.results import validate_results
 
 GROUPS = ["model", "calib", "pruner", "budget", "factorization", "eval", "logger"]
 # options that only make sense together with others (a GLUE calibration needs a GLUE task)
-COMPANIONS = {("calib", "glue"): ["eval=glue", "eval.task=sst2"]}
+COMPANIONS = {("calib", "glue"): ["eval=glue", "eval.glue.task=sst2"]}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
        "STAT_EXP_CACHE": str(cache_dir())}  # keeps the prepared assets when a test moves HOME
 
@@ -62,7 +62,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args,message", [
     (["pruner=nope"], "unknown pruner 'nope'; valid:"),
     (["budget.flops=1.5", "logger=none"], "budget.flops=1.5 must be a number in (0, 1]"),
-    (["eval.text_file=/no/such/file.txt", "pruner=none", "logger=none"], "/no/such/file.txt"),
+    (["eval.perplexity.text_file=/no/such/file.txt", "pruner=none", "logger=none"], "/no/such/file.txt"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
     run_dir = tmp_path / "run"
@@ -87,8 +87,8 @@ def eval_text(tmp_path_factory) -> Path:
 def test_documented_command_runs_and_saves_a_reloadable_model(tmp_path, eval_text):
     run_dir = tmp_path / "run"
     proc = _run(["model=smollm2_135m", "pruner=magnitude_sp", "budget.flops=0.7", "calib.num_examples=8",
-                 "calib.seq_len=128", "eval=perplexity", f"eval.text_file={eval_text}", "eval.seq_len=256",
-                 "eval.max_tokens=1024", "logger=none", "save_model=true", f"hydra.run.dir={run_dir}"], tmp_path)
+                 "calib.seq_len=128", "eval=perplexity", f"eval.perplexity.text_file={eval_text}", "eval.perplexity.seq_len=256",
+                 "eval.perplexity.max_tokens=1024", "logger=none", "save_model=true", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     validate_results(results)
@@ -109,8 +109,8 @@ def test_stat_run_logs_to_wandb_inside_the_run_dir(tmp_path, eval_text):
     home = tmp_path / "home"
     env_home = {"HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "stat_exp.run", "pruner=stat", "budget.flops=0.8",
-                           "calib.num_examples=16", "calib.seq_len=128", f"eval.text_file={eval_text}",
-                           "eval.max_tokens=512", "logger=wandb", f"hydra.run.dir={run_dir}"],
+                           "calib.num_examples=16", "calib.seq_len=128", f"eval.perplexity.text_file={eval_text}",
+                           "eval.perplexity.max_tokens=512", "logger=wandb", f"hydra.run.dir={run_dir}"],
                           cwd=tmp_path, env={**ENV, **env_home}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
@@ -123,7 +123,7 @@ def test_stat_run_logs_to_wandb_inside_the_run_dir(tmp_path, eval_text):
 @pytest.mark.e2e
 def test_a_failed_sweep_job_is_recorded_and_the_others_go_on(tmp_path, eval_text):
     sweep = tmp_path / "sweep"
-    proc = _run(["-m", "pruner=none", f"eval.text_file={eval_text},/no/such.txt", "eval.max_tokens=256",
+    proc = _run(["-m", "pruner=none", f"eval.perplexity.text_file={eval_text},/no/such.txt", "eval.perplexity.max_tokens=256",
                  "logger=none", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 1
     statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.rglob("results.json"))

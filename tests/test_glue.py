@@ -121,7 +121,7 @@ def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer, prun
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=2)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    overrides = [f"model.source={folder}", "model.glue_task=sst2", f"eval.data_dir={sst2_dir}",
+    overrides = [f"model.source={folder}", "model.glue_task=sst2", f"eval.glue.data_dir={sst2_dir}",
                  "calib.num_examples=24", "budget.flops=0.6", "budget.seq_len=16", "logger=none", "device=cpu",
                  "progress=false", f"pruner={pruner}"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

@@ -136,9 +136,9 @@ def test_standard_task_offline_and_unknown_task_are_one_line(monkeypatch, tmp_pa
 def test_bad_options():
     with pytest.raises(ConfigError, match="exclude each other"):
         LMEvalEval(["stat_pang_lee"], limit=4, samples={"stat_pang_lee": [0]})
-    with pytest.raises(ConfigError, match="eval.tasks is empty"):
+    with pytest.raises(ConfigError, match="eval.lm_eval.tasks is empty"):
         LMEvalEval([])
-    with pytest.raises(ConfigError, match="eval.limit"):
+    with pytest.raises(ConfigError, match="eval.lm_eval.limit"):
         LMEvalEval(["stat_pang_lee"], limit=0)
 
 
@@ -171,6 +171,6 @@ def test_llama2_7b_paper_experiment_composes():
     assert cfg.model.name == "llama2_7b" and cfg.device == "cuda"
     assert cfg.pruner._target_ == "stat_exp.prune.stat.StatPruner"
     assert cfg.calib.source.startswith("hf:") and "wikitext" in cfg.calib.source
-    assert cfg.eval._target_ == "stat_exp.eval.lm_eval_bridge.LMEvalEval"
-    assert list(cfg.eval.tasks) == ["wikitext", "piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
+    assert cfg.eval.lm_eval._target_ == "stat_exp.eval.lm_eval_bridge.LMEvalEval"
+    assert list(cfg.eval.lm_eval.tasks) == ["wikitext", "piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
     assert [float(f) for f in cfg.hydra.sweeper.params["budget.flops"].split(",")] == [0.9, 0.8, 0.7, 0.6, 0.5]

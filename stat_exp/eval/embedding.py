@@ -68,7 +68,7 @@ class EmbeddingEval(Evaluator):
                  folds: int = 5, seed: int = 0, max_pairs: int | None = None, max_docs: int | None = None):
         unknown = [b for b in benchmarks if b not in BENCHMARKS]
         if unknown or not benchmarks:
-            raise ConfigError(f"eval.benchmarks={list(benchmarks)}; choose from {', '.join(BENCHMARKS)}")
+            raise ConfigError(f"eval.embedding.benchmarks={list(benchmarks)}; choose from {', '.join(BENCHMARKS)}")
         self.benchmarks = tuple(benchmarks)
         self.batch_size, self.max_length, self.folds, self.seed = batch_size, max_length, folds, seed
         self.max_pairs, self.max_docs = max_pairs, max_docs

@@ -74,7 +74,7 @@ class GlueEval(Evaluator):
                  max_examples: int | None = None, seed: int = 0, label_map: Sequence[int] | None = None,
                  progress: bool = True):
         if task is None:
-            raise ConfigError("eval=glue needs a task: eval.task=<name> (or a model config with glue_task)")
+            raise ConfigError("eval=glue needs a task: eval.glue.task=<name> (or a model config with glue_task)")
         self.spec = get_task(task)
         self.data_dir, self.max_length, self.batch_size = data_dir, max_length, batch_size
         self.max_examples, self.seed, self.progress = max_examples, seed, progress

@@ -163,17 +163,17 @@ def _plain(value: Any) -> Any:
 def _plain_specs(tasks: Sequence[TaskSpec] | str) -> list[TaskSpec]:
     specs = [tasks] if isinstance(tasks, str) else [_plain(t) for t in tasks]
     if not specs:
-        raise ConfigError(f"eval.tasks is empty; give task names, e.g. [{', '.join(TASK_NAMES)}]")
+        raise ConfigError(f"eval.lm_eval.tasks is empty; give task names, e.g. [{', '.join(TASK_NAMES)}]")
     for spec in specs:
         if not isinstance(spec, (str, dict)):
-            raise ConfigError(f"eval.tasks entry {spec!r} must be a task name or an lm-eval task config (a dict)")
+            raise ConfigError(f"eval.lm_eval.tasks entry {spec!r} must be a task name or an lm-eval task config (a dict)")
     return specs
 
 
 def _check_options(limit: int | float | None, samples: Mapping | None, bootstrap_iters: int) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise ConfigError(f"eval.limit={limit!r} must be null, a positive count, or a fraction in (0, 1)")
+        raise ConfigError(f"eval.lm_eval.limit={limit!r} must be null, a positive count, or a fraction in (0, 1)")
     if limit is not None and samples is not None:
-        raise ConfigError("eval.limit and eval.samples exclude each other: set one of them to null")
+        raise ConfigError("eval.lm_eval.limit and eval.lm_eval.samples exclude each other: set one of them to null")
     if not isinstance(bootstrap_iters, int) or bootstrap_iters < 0:
-        raise ConfigError(f"eval.bootstrap_iters={bootstrap_iters!r} must be a non-negative integer (0: no stderr)")
+        raise ConfigError(f"eval.lm_eval.bootstrap_iters={bootstrap_iters!r} must be a non-negative integer (0: no stderr)")
