@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
-from stat_exp.models import get_adapter
+from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.models.loading import load_model
 from stat_exp.models.saving import save_pruned
 from stat_exp.prune.base import Pruner
@@ -64,9 +64,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             device = resolve_device(cfg.device)
             pruner: Pruner = instantiate(cfg.pruner)
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            user_adapter = adapter_from_config(cfg.model.get("adapter"))
             with timings("load"):
                 model, tokenizer = load_model(cfg.model.source, cfg.model.task, cfg.model.dtype, device)
-            adapter = get_adapter(model)
+            adapter = get_adapter(model, user_adapter)
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
             evaluators = make_evaluators(cfg.eval, run_dir)
