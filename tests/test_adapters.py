@@ -221,7 +221,7 @@ def test_adapter_from_config_is_used_for_the_model_from_then_on(tmp_path, tokeni
     stat(model, 0.7)  # the runner asks get_adapter(model) again: still the configured adapter
     assert type(get_adapter(model)) is NotedLlamaAdapter and set(NotedLlamaAdapter.made) == {"mine"}
     assert type(get_adapter(fresh)) is LlamaAdapter
-    assert adapter_from_config(None) is None
+    assert adapter_from_config(None) is None and adapter_from_config(OmegaConf.create({"_target_": None})) is None
 
 
 @pytest.mark.parametrize("cfg,message", [

@@ -12,29 +12,29 @@ VOCAB = 97
 
 
 def tiny_llama(heads: int = 8, kv_heads: int = 2, layers: int = 2, hidden: int = 64, ffn: int = 128,
-               bias: bool = False) -> LlamaForCausalLM:
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+               bias: bool = False, vocab: int = VOCAB) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                       attention_bias=bias, attn_implementation="sdpa")
     return LlamaForCausalLM(cfg).eval()
 
 
-def tiny_qwen2(heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 32, ffn: int = 96) -> Qwen2ForCausalLM:
+def tiny_qwen2(heads: int = 4, kv_heads: int = 2, layers: int = 2, hidden: int = 32, ffn: int = 96, vocab: int = VOCAB) -> Qwen2ForCausalLM:
     """Qwen2: grouped-query attention with biases on Q/K/V."""
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa")
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def tiny_mistral(heads: int = 4, kv_heads: int = 1, layers: int = 2, hidden: int = 32, ffn: int = 96) -> MistralForCausalLM:
-    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+def tiny_mistral(heads: int = 4, kv_heads: int = 1, layers: int = 2, hidden: int = 32, ffn: int = 96, vocab: int = VOCAB) -> MistralForCausalLM:
+    cfg = MistralConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
                         sliding_window=None, attn_implementation="sdpa")
     return MistralForCausalLM(cfg).eval()
 
 
-def tiny_opt(heads: int = 4, layers: int = 2, hidden: int = 32, ffn: int = 128) -> OPTForCausalLM:
-    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
+def tiny_opt(heads: int = 4, layers: int = 2, hidden: int = 32, ffn: int = 128, vocab: int = VOCAB) -> OPTForCausalLM:
+    cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
                     num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=128,
                     attn_implementation="sdpa")
     return OPTForCausalLM(cfg).eval()
