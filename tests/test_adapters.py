@@ -234,3 +234,12 @@ def test_bad_adapter_config_is_one_line(cfg, message):
         adapter_from_config(OmegaConf.create(cfg))
     assert "\n" not in str(e.value)
 
+
+
+def test_discovery_reads_shapes_on_the_meta_device():
+    """A planner works from the config alone: discovery then reads shapes and traces nothing."""
+    with torch.device("meta"):
+        model = tiny_gpt2()
+    adapter = get_adapter(model)
+    assert adapter.structure() == {"heads": [4, 4], "kv_heads": [4, 4], "neurons": [64, 64]}
+    assert adapter.plan.attn_post_norm is None and adapter.attention(adapter.layers()[0]).qkv.weight.is_meta

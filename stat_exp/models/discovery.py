@@ -99,7 +99,7 @@ class DiscoveredAdapter(ModelAdapter):
             rows = qkv.out_features // d  # heads + 2 KV heads, whatever the layout
             kv_heads = fused_kv_heads(module, rows)
             heads = rows - 2 * kv_heads
-        if heads < 1 or heads % kv_heads or o.in_features != heads * d:
+        if kv_heads < 1 or heads < 1 or heads % kv_heads or o.in_features != heads * d:
             raise UnsupportedModelError(
                 f"block {type(layer).__name__}: cannot read its head layout ({heads} query heads, {kv_heads} KV "
                 f"heads of {d} channels, attention output width {o.in_features})")
@@ -219,9 +219,10 @@ def _is_norm(module: nn.Module) -> bool:
 def trace_post_norms(model: nn.Module, block: nn.Module, plan: BlockPlan) -> BlockPlan:
     """Run two tokens up to the end of `block` and note which norm takes the attention output (O's
     output) or the FFN output (down's output) itself: those outputs are normalised before the
-    residual add. On the meta device nothing can run: no post-norms are recorded."""
-    param = next(model.parameters(), None)
-    if param is None or param.device.type == "meta":
+    residual add. On the meta device (shapes only, where some models cannot run: GPT-2 reads a
+    value) nothing is traced and no post-norms are recorded."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
         return plan
     outputs: dict[str, torch.Tensor] = {}
     found: dict[str, str] = {}
@@ -245,11 +246,15 @@ def trace_post_norms(model: nn.Module, block: nn.Module, plan: BlockPlan) -> Blo
                block.get_submodule(plan.down).register_forward_hook(record("ffn")),
                block.register_forward_hook(stop)]
     handles += [m.register_forward_pre_hook(check(path)) for path, m in block.named_modules() if _is_norm(m)]
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     try:
         with torch.inference_mode():
-            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=param.device))
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
     except _Stop:
         pass
+    except Exception as e:
+        raise UnsupportedModelError(f"block {type(block).__name__}: a forward pass of two tokens, run to find its "
+                                    f"post-norms, failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
     finally:
         for handle in handles:
             handle.remove()
