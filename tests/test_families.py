@@ -92,3 +92,13 @@ def test_a_model_without_attention_is_one_line_and_exit_2(tmp_path, tokenizer, t
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: block MambaBlock: no attention projections found (separate Q/K/V named "
                      "q_proj/query/q_lin/..., or a fused one named qkv_proj/c_attn/Wqkv/W_pack/query_key_value)"]
+
+
+def test_disk_offload_refuses_conv1d_checkpoints_in_one_line(folders, tmp_path):
+    """offload=disk reads block weights by name: GPT-2's stored-transposed Conv1D would load wrong."""
+    import torch
+
+    from stat_exp.offload import OffloadError, open_model
+
+    with pytest.raises(OffloadError, match="^offload=disk reads block weights by name, and Conv1D checkpoints"):
+        open_model(str(folders("gpt2")), "causal_lm", "float32", torch.device("cpu"), "disk", tmp_path)
