@@ -37,6 +37,9 @@ CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + c
 # of it (pivoted Cholesky is memory-bound).
 ASSUMED_TFLOPS = {"cuda": 200.0}
 FACTOR_SHARE = 0.05
+# Off the CPU the pivoted factorizations are a loop of small kernels, one step per column: their
+# time is launches and synchronisations, not FLOPs (assumed per step; LAPACK on the CPU has none).
+PIVOT_STEP_S = {"cuda": 1.5e-4}
 LOGITS_COPIES = 3  # logits, their float32 copy and log-softmax in the perplexity loss
 
 
@@ -65,6 +68,7 @@ class Sizes:
     calibration_flops: float  # one dense forward of the calibration set through the blocks
     gram_flops: float
     factor_flops: float
+    pivot_steps: int  # columns the pivoted factorizations step through
 
 
 @dataclass
@@ -144,7 +148,7 @@ def plan_sizes(job: Job) -> Sizes:
     block_params = {id(p) for layer in adapter.layers() for p in layer.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in block_params) * elem
     shapes = shapes_of(adapter)
-    blocks, gram_flops, factor_flops = [], 0.0, 0.0
+    blocks, gram_flops, factor_flops, steps = [], 0.0, 0.0, 0
     for layer, sh in zip(adapter.layers(), shapes):
         weights = sum(p.numel() for p in layer.parameters()) * elem
         d_attn, d_ffn = sh.num_heads * sh.head_dim, sh.ffn_width
@@ -158,6 +162,7 @@ def plan_sizes(job: Job) -> Sizes:
             work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
             gram_flops += tokens * (d_attn ** 2 + d_ffn ** 2)  # tiles cover ~half of each product, x2 flops
             factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3 + 2 * sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+            steps += d_attn + d_ffn
         if pruner.needs_moments:
             stats += 2 * (d_attn + d_ffn) * FLOAT64
         inner = max(d_ffn * sh.ffn_matrices, 4 * sh.hidden + 2 * d_attn)  # gate, up, product / q, k, v, o
@@ -169,7 +174,7 @@ def plan_sizes(job: Job) -> Sizes:
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
                  calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
-                 gram_flops=gram_flops, factor_flops=factor_flops)
+                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps)
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -300,7 +305,8 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
     passes = 2 if (prunes and ex.factors == "recompute" and global_allocation) else 1
     seconds = 0.0
     if prunes:
-        seconds = passes * (s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
+        seconds = passes * ((s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
+                            + s.pivot_steps * PIVOT_STEP_S.get(device.type, 0.0))
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
