@@ -278,3 +278,14 @@ def test_cuda_qr_runs_on_the_device():
     model = tiny_llama(layers=2).cuda()
     _run(model, backend=QRBackend(device="cuda"), device=torch.device("cuda"))
     assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+def test_gpu_check_stops_in_one_line_without_a_gpu_and_its_smoke_run_passes():
+    """The GPU check itself runs end to end (tiny shapes, CPU standing in for CUDA)."""
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no CUDA device")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--small"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("| ok |") == 2 and "| scale," in proc.stdout
