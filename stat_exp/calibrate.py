@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -17,7 +18,8 @@ from tqdm.auto import tqdm
 from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
 
-PROPAGATE_MODES = ("dense", "pruned")
+Propagate = Literal["dense", "pruned"]
+PROPAGATE_MODES = get_args(Propagate)
 LABELS = "labels"  # batch key for task labels: used by loss-based pruners, never fed to the stream
 
 
