@@ -20,7 +20,7 @@ SCHEMAS = {"model": ModelConfig, "budget": BudgetSpec}
 # Arguments the pipeline passes itself when it instantiates a group (not config values).
 SUPPLIED = {
     "factorization": ("device",),
-    "logger": ("run_dir", "config", "sweep_dir", "name", "job_type"),
+    "logger": ("run_dir", "run_config", "sweep_dir", "name", "job_type"),
 }
 
 
