@@ -154,15 +154,31 @@ def value_error(key: str, value: Any, hint: Any, error: ValidationError) -> str:
     """One line: `pruner.gqa='x'; allowed: per_group, whole_groups` or `...=0; must be greater than 0`."""
     errors = error.errors()
     first = errors[0]
-    where = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-    shown = first["input"] if first["loc"] else value
+    path = _path(value, first["loc"])
+    where = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+    shown = first["input"] if path else value
     if any(e["type"] == "literal_error" for e in errors):
         allowed = [str(v) for v in closed_choices(hint)]
-        if not first["loc"] and _optional(hint):
+        if not path and _optional(hint):
             allowed.append("null")
         return f"{where}={shown!r}; allowed: {', '.join(allowed)}"
     reasons = list(dict.fromkeys(re.sub(r"^Input should be ", "", e["msg"]) for e in errors))
     return f"{where}={shown!r}; must be {' or '.join(reasons)}"
+
+
+def _path(value: Any, loc: tuple) -> list:
+    """The part of pydantic's error location that indexes the value (list positions, dict keys),
+    without the tags it adds for the members of a union."""
+    path = []
+    for part in loc:
+        if isinstance(part, int) and isinstance(value, list) and part < len(value):
+            value = value[part]
+        elif isinstance(value, Mapping) and part in value:
+            value = value[part]
+        else:
+            continue
+        path.append(part)
+    return path
 
 
 def _optional(hint: Any) -> bool:
