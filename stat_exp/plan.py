@@ -327,17 +327,15 @@ def render(plan: Plan) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m stat_exp.plan <overrides>`: the table, then one JSON line."""
-    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from stat_exp.device import resolve_device
-    from stat_exp.run import CONF_DIR
+    from stat_exp.config.cli import compose_config
+    from stat_exp.config.validate import checked_config
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        device = _plan_device(cfg.device)
-        plan = make_plan(cfg, device)
+        cfg = OmegaConf.create(checked_config(compose_config(overrides)))
+        plan = make_plan(cfg, _plan_device(cfg.device))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
