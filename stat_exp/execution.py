@@ -56,7 +56,7 @@ class ExecutionSpec:
     stream: Stream = "auto"
     factors: Factors = "auto"
     dir: str | None = None  # offloaded blocks and spilled factors (null: <run_dir>/offload, removed after)
-    device_memory_mb: PositiveFloat | None = None  # memory the run may use (null: what is free now)
+    device_memory_mb: PositiveFloat | None = None  # memory the run may plan with (null: measured)
     host_memory_mb: PositiveFloat | None = None
     tflops: PositiveFloat | None = None  # throughput the time estimate assumes (null: measured on the CPU)
 

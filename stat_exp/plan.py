@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -192,9 +193,11 @@ def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def free_memory_mb(device: torch.device, declared_device_mb: float | None = None) -> tuple[float, float]:
-    """(host MB available, device MB free); on the CPU both are the host's. Planning for a GPU this
-    machine does not have needs the device's memory declared."""
-    host = _mem_available_mb()
+    """(host MB, device MB) a run may plan with: the host's physical memory (not what happens to be
+    free at this moment: the same config must make the same choices on the same machine), and the
+    device's free memory (another process may hold part of a GPU). On the CPU both are the host's.
+    Planning for a GPU this machine does not have needs the device's memory declared."""
+    host = _mem_total_mb()
     if device.type == "cpu":
         return host, host
     if declared_device_mb is not None:
@@ -206,28 +209,21 @@ def free_memory_mb(device: torch.device, declared_device_mb: float | None = None
     return host, free / MB
 
 
-def _mem_available_mb() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import psutil  # not Linux
-
-    return psutil.virtual_memory().available / MB
+def _mem_total_mb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MB
 
 
 def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux), else its peak so far."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import psutil
+    from stat_exp.track.results import peak_rss_mb
 
-    return psutil.Process().memory_info().rss / MB
+    return peak_rss_mb()
 
 
 def make_plan(cfg, device: torch.device, run_dir: Path | None = None, prunes: bool = True) -> Plan:
