@@ -224,6 +224,17 @@ def test_adapter_from_config_is_used_for_the_model_from_then_on(tmp_path, tokeni
     assert adapter_from_config(None) is None and adapter_from_config(OmegaConf.create({"_target_": None})) is None
 
 
+def test_adapter_config_is_checked_before_anything_loads():
+    from stat_exp.config.cli import compose_config
+    from stat_exp.config.validate import checked_config
+
+    target = f"model.adapter._target_={__name__}.NotedLlamaAdapter"
+    assert checked_config(compose_config([]))["model"]["adapter"]["_target_"] is None
+    assert checked_config(compose_config([target, "+model.adapter.note=x"]))["model"]["adapter"]["note"] == "x"
+    with pytest.raises(ConfigError, match=r"^model.adapter.colour: unknown key for .*NotedLlamaAdapter"):
+        checked_config(compose_config([target, "+model.adapter.colour=red"]))
+
+
 @pytest.mark.parametrize("cfg,message", [
     ({"_target_": "no_such_module.Adapter"}, r"model.adapter._target_='no_such_module.Adapter' cannot be imported"),
     ({"_target_": "torch.nn.Linear"}, "must name a subclass of stat_exp.models.ModelAdapter"),

@@ -3,19 +3,15 @@ given as `model.source`, pruned with STAT at 0.7 by the ordinary config + pipeli
 model whose blocks have no attention stops the command line with one line and exit code 2."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from hydra import compose, initialize_config_dir
 
+from stat_exp.config.cli import compose_config
 from stat_exp.pipeline import run_pipeline
-from stat_exp.run import CONF_DIR
 from tests.adapter_contract import one_thread  # noqa: F401 (fixture)
+from tests.jobs import run_cli
 from tests.test_adapters import NotedLlamaAdapter
-from tests.test_cli import ENV
-from tests.tiny import (tiny_bert, tiny_distilbert, tiny_falcon, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_mistral,
-                        tiny_opt, tiny_phi3, tiny_qwen2, tiny_qwen3, tiny_roberta)
+from tests.tiny import (tiny_bert, tiny_distilbert, tiny_falcon, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama,
+                        tiny_mistral, tiny_opt, tiny_phi3, tiny_qwen2, tiny_qwen3, tiny_roberta)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,9 +55,7 @@ def folders(tmp_path_factory, tokenizer):
 def run(folder, name: str, extra: list[str], run_dir, texts: dict[str, str]):
     overrides = [*(ENCODER_RUN if name in ENCODERS else [*CAUSAL_RUN, f"eval.perplexity.text_file={texts['wiki_eval']}"]),
                  f"calib.source={texts['wiki_calib']}", f"model.source={folder}", f"model.name={name}", *SMALL_RUN, *extra]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    return run_pipeline(cfg, run_dir)
+    return run_pipeline(compose_config(overrides), run_dir)
 
 
 @pytest.mark.parametrize("name", [*DECODERS, *ENCODERS])
@@ -85,9 +79,8 @@ def test_a_model_without_attention_is_one_line_and_exit_2(tmp_path, tokenizer, t
     MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, state_size=4)
                      ).save_pretrained(tmp_path / "mamba")
     tokenizer.save_pretrained(tmp_path / "mamba")
-    out = subprocess.run([sys.executable, "-m", "stat_exp.run", *CAUSAL_RUN, f"model.source={tmp_path / 'mamba'}",
-                          f"calib.source={texts['wiki_calib']}", *SMALL_RUN, f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    out = run_cli([*CAUSAL_RUN, f"model.source={tmp_path / 'mamba'}", f"calib.source={texts['wiki_calib']}",
+                   *SMALL_RUN, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=300)
     assert out.returncode == 2, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: block MambaBlock: no attention projections found (separate Q/K/V named "

@@ -30,8 +30,9 @@ def explicit_model_types() -> list[str]:
 
 def adapter_from_config(cfg: Mapping | None) -> AdapterFactory | None:
     """`model.adapter` of a run config ({_target_: module.Class, ...options}) as a factory taking the
-    model; None when unset (no config, or `_target_: null`). Resolved before any weights load, so a bad target fails first."""
-    if cfg is None or (isinstance(cfg, Mapping) and dict(cfg) == {"_target_": None}):
+    model; None when unset (no config, or `_target_: null` and no options). Resolved before any weights load, so a bad target fails first."""
+    if cfg is None or (isinstance(cfg, Mapping) and cfg.get("_target_") is None
+                       and set(cfg) <= {"_target_", "_partial_"}):
         return None
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
