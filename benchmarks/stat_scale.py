@@ -55,7 +55,7 @@ def overrides(folder: Path, sequences: int) -> list[str]:
             "calib.source=wiki_calib", f"calib.num_examples={sequences}", "calib.seq_len=256", "calib.batch_size=8",
             "budget.flops=0.5", "budget.seq_len=256", "pruner=stat", "factorization=gram", "eval=perplexity",
             "eval.perplexity.max_tokens=512", "eval.perplexity.batch_size=1", "logger=none", "progress=false",
-            "device=cpu", "execution.stream=block"]
+            "device=cpu", "execution.stream=block", "resume=true"]  # finished jobs are not run again
 
 
 def job(depth: int, offload: str, factors: str, sequences: int) -> dict:
