@@ -22,17 +22,14 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def resolve_source(source: str) -> str:
     """Embedded asset name -> its folder; a local path stays; anything else is a hub id."""
-    if source in assets.MODEL_NAMES:
-        return str(assets.model_path(source))
-    if source == "minilm_l6_polarity":  # minilm_l6 fine-tuned once on Pang & Lee
-        from stat_exp.finetune import ensure_polarity_model  # lazy: finetune imports this module
-        return str(ensure_polarity_model())
-    return source
+    return str(assets.model_path(source)) if source in assets.model_names() else source
 
 
 def load_model(source: str, task: str = "causal_lm", dtype: str = "float32",
-               device: torch.device | str = "cpu", attn_implementation: str | None = "sdpa"
+               device: torch.device | str = "cpu", attn_implementation: str | None = None
                ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """The model (eval mode, on `device`) and its tokenizer. `attn_implementation` None lets
+    transformers choose: SDPA where the architecture supports it, else eager (Gemma 2)."""
     if task not in TASKS:
         raise ConfigError(f"model.task={task!r}; allowed: {', '.join(TASKS)}")
     if dtype not in DTYPES:
@@ -40,7 +37,7 @@ def load_model(source: str, task: str = "causal_lm", dtype: str = "float32",
     path = resolve_source(source)
     local = Path(path).exists()
     if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError(f"model {source!r} is neither an embedded model ({', '.join(assets.MODEL_NAMES)}) nor a "
+        raise UserError(f"model {source!r} is neither an embedded model ({', '.join(assets.model_names())}) nor a "
                         f"local folder, and the hub is offline (HF_HUB_OFFLINE=1)")
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
