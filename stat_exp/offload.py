@@ -276,7 +276,7 @@ def _open_on_disk(source: str, task: str, dtype: str, device: torch.device,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with init_empty_weights(include_buffers=False):
-        model = TASKS[task].from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
+        model = TASKS[task].from_config(config, dtype=torch_dtype)  # transformers picks the attention
     adapter = get_adapter(model, adapter_factory)
     if any(isinstance(m, TransposedLinear) for layer in adapter.layers() for m in layer.modules()):
         raise OffloadError("offload=disk reads block weights by name, and Conv1D checkpoints (GPT-2) store them "
