@@ -40,6 +40,8 @@ def load_model(source: str, task: str = "causal_lm", dtype: str = "float32",
         raise UserError(f"model {source!r} is neither an embedded model ({', '.join(assets.model_names())}) nor a "
                         f"local folder, and the hub is offline (HF_HUB_OFFLINE=1)")
     kwargs = {"dtype": getattr(torch, dtype)}
+    if torch.device(device).type != "cpu":  # straight to the device: no host copy of the weights
+        kwargs["device_map"] = str(device)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
