@@ -5,7 +5,6 @@ adds Hydra around it.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -16,8 +15,9 @@ from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
 from stat_exp.models import get_adapter
-from stat_exp.models.loading import load_model
-from stat_exp.models.saving import save_pruned
+from stat_exp.export.lineage import against_dense
+from stat_exp.export.load import load_model
+from stat_exp.export.save import save_pruned
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
@@ -83,11 +83,11 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             outcome = runner.run(model, adapter, batches, device)
             for key, seconds in outcome.timing_s.items():
                 timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
-            record.achieved, record.structure = outcome.achieved, outcome.structure
+            record.achieved, record.structure = against_dense(model, adapter, outcome.achieved, budget), outcome.structure
             with timings("eval"):
                 record.metrics = evaluate(evaluators, model, tokenizer, device)
             if cfg.save_model:
-                _save(model, tokenizer, run_dir / "model", cfg.model.task)
+                save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
         record.status = "ok"
     except BaseException as e:
         record.status, record.error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
@@ -128,11 +128,3 @@ def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.d
         metrics.update(result)
     return metrics
 
-
-def _save(model, tokenizer, path: Path, task: str) -> None:
-    """Write the model folder next to results.json, replacing it whole (never half of it)."""
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pruned(model, tokenizer, tmp, task)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)

@@ -17,7 +17,7 @@ from stat_exp.assets import cache_dir
 from stat_exp.data.text import load_text
 from stat_exp.errors import UserError
 from stat_exp.eval.perplexity import perplexity
-from stat_exp.models.saving import load_pruned
+from stat_exp.export.load import load_pruned
 from stat_exp.run import CONF_DIR, check_overrides, group_options
 from stat_exp.track.results import validate_results
 

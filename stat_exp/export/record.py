@@ -1,0 +1,165 @@
+"""What config.json says about a pruned model, so that stock loaders rebuild it.
+
+Pruning changes parameter shapes and a few plain module attributes (head counts, KV groups,
+Linear.out_features); the config is never touched. Comparing the pruned model with the stock
+model its config builds finds every change, whatever the family, and decides the export:
+- nothing changed: the config as it is;
+- every layer keeps the same counts and a config with those counts builds exactly the pruned
+  shapes and attributes: that stock config (no custom code, no trust_remote_code);
+- else: the config plus the changes (`parameters`, `attributes`) and an auto_map to the shipped
+  modeling file, which applies them after building the stock model.
+Every export also records the task, the per-layer structure and the dense model's layer shapes
+(carried over from a pruned input), so later runs report fractions against the dense model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from stat_exp.errors import UserError
+from stat_exp.export.modeling_stat_pruned import RECORD_KEY
+from stat_exp.models import get_adapter
+from stat_exp.models.loading import TASKS
+from stat_exp.prune.budget import LayerShape
+from stat_exp.prune.runner import prunable_params, shapes_of
+
+MODELING_MODULE = "modeling_stat_pruned"
+FORMAT = 1
+# Config keys that set the per-layer counts, by family (attribute_map covers aliases such as GPT-2's n_head).
+HEAD_KEYS = ("num_attention_heads",)
+KV_HEAD_KEYS = ("num_key_value_heads",)
+FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim")
+_SCALARS = (bool, int, float, str, type(None))
+
+
+class ExportError(UserError):
+    """A model this exporter cannot describe in config.json."""
+
+
+def stock_class(model: nn.Module) -> type:
+    """The transformers class a (possibly pruned-subclass) model is built from."""
+    for cls in type(model).__mro__:
+        if cls.__module__.startswith("transformers."):
+            return cls
+    raise ExportError(f"{type(model).__name__} is not a transformers model class; cannot export it")
+
+
+def stock_model(model: nn.Module, config: PretrainedConfig) -> nn.Module:
+    """The stock model `config` builds, on the meta device (no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        return stock_class(model)(config)
+
+
+def _scalars(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in vars(module).items()
+            if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS)}
+
+
+def differences(model: nn.Module, reference: nn.Module) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]]]:
+    """(parameters, attributes) of `model`'s base model that differ from `reference`'s: shapes of
+    resized or created parameters, and changed plain attributes, by name relative to the base model."""
+    base, ref = model.base_model, reference.base_model
+    ref_params = {n: p.shape for n, p in ref.named_parameters(remove_duplicate=False)}
+    own = dict(base.named_parameters(remove_duplicate=False))
+    dropped = sorted(set(ref_params) - set(own))
+    if dropped:
+        raise ExportError(f"parameters removed by pruning cannot be exported: {', '.join(dropped[:3])}")
+    parameters = {n: list(p.shape) for n, p in own.items() if ref_params.get(n) != p.shape}
+    ref_modules = dict(ref.named_modules())
+    attributes = {}
+    for name, module in base.named_modules():
+        if name not in ref_modules:
+            raise ExportError(f"module {name!r} is not part of the stock {type(reference).__name__}; cannot export it")
+        theirs = _scalars(ref_modules[name])
+        changed = {k: v for k, v in _scalars(module).items() if k not in theirs or theirs[k] != v}
+        if changed:
+            attributes[name] = changed
+    if model is not base:
+        prefix = model.base_model_prefix + "."
+        ref_all = {n: p.shape for n, p in reference.named_parameters()}
+        outside = [n for n, p in model.named_parameters() if not n.startswith(prefix) and ref_all.get(n) != p.shape]
+        if outside:
+            raise ExportError(f"pruned parameters outside the base model cannot be exported: {', '.join(outside[:3])}")
+    return parameters, attributes
+
+
+def uniform_config(config: PretrainedConfig, structure: dict[str, list[int]], head_dim: int) -> PretrainedConfig | None:
+    """A stock config with the counts every layer shares (explicit head_dim), or None when layers differ."""
+    if any(len(set(counts)) != 1 for counts in structure.values()):
+        return None
+    candidate = copy.deepcopy(config)
+    known = candidate.to_dict()
+    for keys, count in ((HEAD_KEYS, structure["heads"][0]), (KV_HEAD_KEYS, structure["kv_heads"][0]),
+                        (FFN_KEYS, structure["neurons"][0])):
+        for key in keys:
+            if key in known or key in getattr(candidate, "attribute_map", {}):
+                setattr(candidate, key, count)
+                break
+    if "head_dim" in known:
+        candidate.head_dim = head_dim
+    return candidate
+
+
+def auto_map(config: PretrainedConfig) -> dict[str, str]:
+    """Every Auto class of TASKS that knows this model type -> the pruned class in the shipped file."""
+    return {auto.__name__: f"{MODELING_MODULE}.{auto._model_mapping[type(config)].__name__}"
+            for auto in TASKS.values() if type(config) in auto._model_mapping}
+
+
+@dataclasses.dataclass
+class DenseOrigin:
+    """The dense model a pruned one came from: its layer shapes and prunable parameter count."""
+
+    layers: list[LayerShape]
+    prunable_params: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": [dataclasses.asdict(s) for s in self.layers], "prunable_params": self.prunable_params}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DenseOrigin":
+        return cls([LayerShape(**s) for s in d["layers"]], int(d["prunable_params"]))
+
+
+def recorded_origin(model: nn.Module) -> DenseOrigin | None:
+    """The dense origin config.json carried in, when the model was loaded from a pruned export."""
+    record = getattr(model.config, RECORD_KEY, None) or {}
+    return DenseOrigin.from_dict(record["dense"]) if "dense" in record else None
+
+
+def dense_origin(model: nn.Module) -> DenseOrigin:
+    """The recorded origin, else the stock model of the config (pruning never edits the config,
+    so that is the model as it was before pruning)."""
+    recorded = recorded_origin(model)
+    if recorded is not None:
+        return recorded
+    adapter = get_adapter(stock_model(model, model.config))
+    return DenseOrigin(shapes_of(adapter), prunable_params(adapter))
+
+
+def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
+    """(config to write, whether the folder needs the modeling file) for a pruned model."""
+    adapter = get_adapter(model)
+    structure = adapter.structure()
+    record = {"format": FORMAT, "task": task, "structure": structure, "dense": dense_origin(model).to_dict()}
+    config = copy.deepcopy(model.config)
+    for key in (RECORD_KEY, "auto_map"):
+        if hasattr(config, key):
+            delattr(config, key)
+    parameters, attributes = differences(model, stock_model(model, config))
+    needs_code = bool(parameters or attributes)
+    if needs_code:
+        head_dim = adapter.attention(adapter.layers()[0]).head_dim
+        candidate = uniform_config(config, structure, head_dim)
+        if candidate is not None and differences(model, stock_model(model, candidate)) == ({}, {}):
+            config, needs_code = candidate, False
+        else:
+            record.update(parameters=parameters, attributes=attributes)
+            config.auto_map = auto_map(config)
+    setattr(config, RECORD_KEY, record)
+    return config, needs_code
