@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, OPTConfig,
-                          OPTForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
+from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 VOCAB = 97
 
@@ -35,6 +39,20 @@ def tiny_opt(heads: int = 4, layers: int = 2, hidden: int = 32, ffn: int = 128) 
                     num_attention_heads=heads, word_embed_proj_dim=hidden, max_position_embeddings=128,
                     attn_implementation="sdpa")
     return OPTForCausalLM(cfg).eval()
+
+
+def tiny_bert_classifier(heads: int = 4, layers: int = 2, hidden: int = 32, ffn: int = 64,
+                         labels: int = 3) -> BertForSequenceClassification:
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=ffn, max_position_embeddings=128, num_labels=labels, attn_implementation="sdpa")
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Words "t0".."t96" are the token ids (t0 doubles as unknown, padding and end of text)."""
+    tokenizer = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0", eos_token="t0")
 
 
 def batches(n: int = 4, batch: int = 4, seq: int = 32, pad_last: int = 0, seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -35,6 +35,7 @@ HEAD_KEYS = ("num_attention_heads",)
 KV_HEAD_KEYS = ("num_key_value_heads",)
 FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim")
 _SCALARS = (bool, int, float, str, type(None))
+_MISSING = object()
 
 
 class ExportError(UserError):
@@ -142,6 +143,38 @@ def dense_origin(model: nn.Module) -> DenseOrigin:
     return DenseOrigin(shapes_of(adapter), prunable_params(adapter))
 
 
+def expresses(model: nn.Module, candidate: PretrainedConfig, dense: nn.Module) -> bool:
+    """Whether the stock model of `candidate` is the pruned model: the same parameter shapes, no
+    attribute pruning set that the candidate sets otherwise, and the same outputs with the pruned
+    weights (shared, not copied) on a few random tokens. Attributes pruning left stale (e.g. an
+    MLP's intermediate_size that its forward never reads) may differ; the outputs decide."""
+    twin = stock_model(model, candidate)
+    parameters, attributes = differences(model, twin)
+    dense_modules = dict(dense.base_model.named_modules())
+    touched = [k for name, changed in attributes.items() for k, v in changed.items()
+               if _scalars(dense_modules[name]).get(k, _MISSING) != v]
+    return not parameters and not touched and _same_outputs(model, twin)
+
+
+def _same_outputs(model: nn.Module, twin: nn.Module) -> bool:
+    """Give the meta-built twin the model's own tensors, then compare outputs on 8 random tokens."""
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        owner_name, _, attr = name.rpartition(".")
+        owner = twin.get_submodule(owner_name)
+        (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = tensor
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(tensors[0][1].device)
+    training = model.training
+    try:
+        with torch.no_grad():
+            return torch.allclose(model.eval()(input_ids=ids)[0], twin.eval()(input_ids=ids)[0], rtol=0, atol=1e-6)
+    except (RuntimeError, NotImplementedError):  # a twin tensor left on meta, or shapes that do not fit
+        return False
+    finally:
+        model.train(training)
+
+
 def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
     """(config to write, whether the folder needs the modeling file) for a pruned model."""
     adapter = get_adapter(model)
@@ -151,12 +184,12 @@ def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
     for key in (RECORD_KEY, "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
-    parameters, attributes = differences(model, stock_model(model, config))
+    dense = stock_model(model, config)
+    parameters, attributes = differences(model, dense)
     needs_code = bool(parameters or attributes)
     if needs_code:
-        head_dim = adapter.attention(adapter.layers()[0]).head_dim
-        candidate = uniform_config(config, structure, head_dim)
-        if candidate is not None and differences(model, stock_model(model, candidate)) == ({}, {}):
+        candidate = uniform_config(config, structure, adapter.attention(adapter.layers()[0]).head_dim)
+        if candidate is not None and expresses(model, candidate, dense):
             config, needs_code = candidate, False
         else:
             record.update(parameters=parameters, attributes=attributes)

@@ -1,0 +1,92 @@
+"""`eval=latency`: how fast the (pruned) model runs, which is what structured pruning is for.
+
+- Prefill: one forward pass over `batch_size` x `seq_len` random tokens (no cache), reported as
+  tokens per second.
+- Decode (models that generate): after a prefill of `seq_len` tokens, `decode_tokens` greedy steps
+  of one token each through the KV cache, reported as milliseconds per generated token. Every
+  repeat starts from a copy of the same prefilled cache (copied outside the timed region).
+Timing uses torch.utils.benchmark.Timer (on torch's current thread count; it synchronises the
+accelerator around each run): `warmup` runs are discarded, then `repeats` runs are timed one by
+one; the metrics are their median and interquartile range (`_iqr`). Random tokens, because the
+speed of a dense model does not depend on what the tokens say.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.benchmark import Timer
+from transformers import PreTrainedTokenizerBase
+
+from stat_exp.errors import ConfigError
+from stat_exp.eval.base import Evaluator
+
+
+def time_runs(fn: Callable[[], object], warmup: int, repeats: int, setup: Callable[[], None] | None = None) -> np.ndarray:
+    """Seconds of `repeats` single runs of fn (after `warmup` untimed ones); `setup` runs before
+    each, untimed."""
+    timer = Timer(stmt="fn()", setup="setup()", globals={"fn": fn, "setup": setup or (lambda: None)},
+                  num_threads=torch.get_num_threads())
+    for _ in range(warmup):
+        timer.timeit(1)
+    return np.array([timer.timeit(1).times[0] for _ in range(repeats)])
+
+
+def spread(values: np.ndarray) -> tuple[float, float]:
+    """(median, interquartile range)."""
+    q25, q50, q75 = np.percentile(values, [25, 50, 75])
+    return float(q50), float(q75 - q25)
+
+
+class LatencyEval(Evaluator):
+    """Prefill throughput and decode latency of the model in memory."""
+
+    name = "latency"
+
+    def __init__(self, batch_size: int = 1, seq_len: int = 256, decode_tokens: int = 32, warmup: int = 1,
+                 repeats: int = 5, seed: int = 0):
+        for key, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
+                                  ("decode_tokens", decode_tokens, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"eval.latency.{key}={value!r} must be an integer >= {least}")
+        self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
+        self.warmup, self.repeats, self.seed = warmup, repeats, seed
+
+    def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(self.seed)
+        ids = torch.randint(0, model.config.vocab_size, (self.batch_size, self.seq_len), generator=generator).to(device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.inference_mode():
+                metrics = self.prefill(model, ids)
+                if model.can_generate():
+                    metrics.update(self.decode(model, ids))
+        finally:
+            model.train(was_training)
+        return {f"{self.name}/{k}": v for k, v in metrics.items()}
+
+    def prefill(self, model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
+        seconds = time_runs(lambda: model(input_ids=ids, use_cache=False), self.warmup, self.repeats)
+        median, iqr = spread(ids.numel() / seconds)
+        return {"prefill_tokens_per_s": median, "prefill_tokens_per_s_iqr": iqr}
+
+    def decode(self, model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
+        prefilled = model(input_ids=ids, use_cache=True)
+        first = prefilled.logits[:, -1:].argmax(-1)
+        state = {}
+
+        def fresh_cache() -> None:
+            state["cache"] = copy.deepcopy(prefilled.past_key_values)
+
+        def steps() -> None:
+            token, cache = first, state["cache"]
+            for _ in range(self.decode_tokens):
+                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+        seconds = time_runs(steps, self.warmup, self.repeats, setup=fresh_cache)
+        median, iqr = spread(seconds * 1e3 / self.decode_tokens)
+        return {"decode_ms_per_token": median, "decode_ms_per_token_iqr": iqr}
