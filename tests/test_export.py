@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from stat_exp.data.text import load_text
 from stat_exp.eval.latency import LatencyEval
+from stat_exp.eval.tasks import prepare_tasks
 from stat_exp.export.load import CheckpointError, load_model, load_pruned
 from stat_exp.export.save import MODELING_FILE, save_pruned
 from stat_exp.factorize import GramBackend
@@ -22,6 +26,7 @@ from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.run import CONF_DIR
+from tests.test_cli import ENV, _run
 from tests.tiny import VOCAB, batches, clone, tiny_bert_classifier, tiny_llama, tiny_opt, tiny_tokenizer
 
 CPU = torch.device("cpu")
@@ -251,3 +256,38 @@ def test_latency_reports_positive_finite_speeds(build, keys):
 def test_latency_rejects_bad_settings():
     with pytest.raises(ValueError, match=r"eval.latency.repeats=0 must be an integer >= 1"):
         LatencyEval(repeats=0)
+
+
+# ----------------------------------------------------------------------------- the ecosystem, end to end
+
+
+@pytest.mark.e2e
+def test_lm_eval_command_line_runs_offline_on_a_saved_pruned_model(saved, tmp_path):
+    """The command README shows, with the package's offline tasks (--include_path)."""
+    include_path = prepare_tasks(["stat_pang_lee"])
+    proc = subprocess.run([str(Path(sys.executable).with_name("lm_eval")), "--model", "hf", "--model_args",
+                           f"pretrained={saved},trust_remote_code=True", "--tasks", "stat_pang_lee", "--include_path",
+                           str(include_path), "--limit", "2", "--device", "cpu", "--batch_size", "2"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stat_pang_lee" in proc.stdout and "acc" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_a_saved_smollm2_evaluates_the_same_in_a_second_job(tmp_path):
+    """Job 1 prunes the embedded SmolLM2 (FLAP: per-layer counts and created biases) and saves it;
+    job 2 evaluates the folder through model.source with pruner=none."""
+    text = tmp_path / "eval.txt"
+    text.write_text(load_text("wiki_eval")[:20_000])
+    common = ["eval=perplexity", f"eval.perplexity.text_file={text}", "eval.perplexity.max_tokens=1024", "logger=none"]
+    first = _run(["pruner=flap", "budget.flops=0.7", "calib.num_examples=8", "calib.seq_len=128", *common,
+                  "save_model=true", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "a" / "model" / MODELING_FILE).exists()
+    second = _run([f"model.source={tmp_path / 'a' / 'model'}", "pruner=none", *common,
+                   f"hydra.run.dir={tmp_path / 'b'}"], tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")
+    assert b["metrics"]["perplexity/ppl"] == pytest.approx(a["metrics"]["perplexity/ppl"], rel=1e-3)
+    assert b["achieved"]["flops_fraction"] == pytest.approx(a["achieved"]["flops_fraction"])
+    assert b["structure"] == a["structure"]

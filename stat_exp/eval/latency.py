@@ -1,7 +1,7 @@
 """`eval=latency`: how fast the (pruned) model runs, which is what structured pruning is for.
 
-- Prefill: one forward pass over `batch_size` x `seq_len` random tokens (no cache), reported as
-  tokens per second.
+- Prefill: one forward pass over `batch_size` x `seq_len` random tokens (no cache; a causal LM
+  computes the last position's logits only, as generate's prefill does), reported as tokens per second.
 - Decode (models that generate): after a prefill of `seq_len` tokens, `decode_tokens` greedy steps
   of one token each through the KV cache, reported as milliseconds per generated token. Every
   repeat starts from a copy of the same prefilled cache (copied outside the timed region).
@@ -13,6 +13,7 @@ speed of a dense model does not depend on what the tokens say.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -39,6 +40,32 @@ def spread(values: np.ndarray) -> tuple[float, float]:
     """(median, interquartile range)."""
     q25, q50, q75 = np.percentile(values, [25, 50, 75])
     return float(q50), float(q75 - q25)
+
+
+def prefill_run(model: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+    """One forward pass over `ids` without a cache. Like generate's prefill, a causal LM computes
+    the logits of the last position only (the LM head is no part of what pruning shrinks)."""
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return lambda: model(input_ids=ids, use_cache=False, **keep)
+
+
+class DecodeRun:
+    """`tokens` greedy steps of one token through the KV cache, each run from a fresh copy of the
+    cache of one prefill of `ids` (call `setup` before each run; it is not part of the timing)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, tokens: int):
+        prefilled = model(input_ids=ids, use_cache=True)
+        self.model, self.tokens = model, tokens
+        self.first, self.prefilled = prefilled.logits[:, -1:].argmax(-1), prefilled.past_key_values
+        self.cache = None
+
+    def setup(self) -> None:
+        self.cache = copy.deepcopy(self.prefilled)
+
+    def __call__(self) -> None:
+        token = self.first
+        for _ in range(self.tokens):
+            token = self.model(input_ids=token, past_key_values=self.cache, use_cache=True).logits[:, -1:].argmax(-1)
 
 
 class LatencyEval(Evaluator):
@@ -70,23 +97,12 @@ class LatencyEval(Evaluator):
         return {f"{self.name}/{k}": v for k, v in metrics.items()}
 
     def prefill(self, model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
-        seconds = time_runs(lambda: model(input_ids=ids, use_cache=False), self.warmup, self.repeats)
+        seconds = time_runs(prefill_run(model, ids), self.warmup, self.repeats)
         median, iqr = spread(ids.numel() / seconds)
         return {"prefill_tokens_per_s": median, "prefill_tokens_per_s_iqr": iqr}
 
     def decode(self, model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
-        prefilled = model(input_ids=ids, use_cache=True)
-        first = prefilled.logits[:, -1:].argmax(-1)
-        state = {}
-
-        def fresh_cache() -> None:
-            state["cache"] = copy.deepcopy(prefilled.past_key_values)
-
-        def steps() -> None:
-            token, cache = first, state["cache"]
-            for _ in range(self.decode_tokens):
-                token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-
-        seconds = time_runs(steps, self.warmup, self.repeats, setup=fresh_cache)
+        run = DecodeRun(model, ids, self.decode_tokens)
+        seconds = time_runs(run, self.warmup, self.repeats, setup=run.setup)
         median, iqr = spread(seconds * 1e3 / self.decode_tokens)
         return {"decode_ms_per_token": median, "decode_ms_per_token_iqr": iqr}
