@@ -2,7 +2,7 @@
 several budgets and neuron roundings (budget.round_to), with the perplexity each rounding costs.
 
     python -m benchmarks.speedup [--budgets 0.9,0.7,0.5] [--round-to 1,8,32,64] [--examples 64]
-                                 [--rounds 10] [--eval-tokens 8192]
+                                 [--rounds 10] [--eval-tokens 8192] [--threads 1]
 
 Calibration runs once; every variant prunes a copy of the model from the same scores (global
 allocation). For each budget the dense model and that budget's variants are timed side by side in
@@ -10,7 +10,9 @@ one process, interleaved round by round (one prefill and one decode run of each 
 so load from other processes on a shared machine hits them alike; a speedup is the median over
 rounds of dense time / pruned time within the round. Prefill: batch 1 x 256 random tokens, the
 last position's logits only (as in generate). Decode: 32 greedy tokens through the KV cache after
-that prefill. Threads: torch's default for this process (see the printed header).
+that prefill. Timing runs on --threads CPU threads (default 1: on a machine that other jobs share,
+two-thread OpenMP regions stall whenever another process holds a core, and the timings then measure
+the stalls, not the model).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from stat_exp.prune.stat import StatPruner
 SEQ_LEN, DECODE_TOKENS, WARMUP_ROUNDS = 256, 32, 2
 
 
-def timed_side_by_side(models: dict[str, torch.nn.Module], rounds: int) -> dict[str, dict[str, np.ndarray]]:
+def timed_side_by_side(models: dict[str, torch.nn.Module], rounds: int, threads: int) -> dict[str, dict[str, np.ndarray]]:
     """{name: {"prefill": seconds per round, "decode": seconds per round}}, models interleaved."""
     ids = torch.randint(0, next(iter(models.values())).config.vocab_size, (1, SEQ_LEN),
                         generator=torch.Generator().manual_seed(0))
@@ -42,7 +44,8 @@ def timed_side_by_side(models: dict[str, torch.nn.Module], rounds: int) -> dict[
         runs = {name: (prefill_run(m, ids), DecodeRun(m, ids, DECODE_TOKENS)) for name, m in models.items()}
         for r in range(WARMUP_ROUNDS + rounds):
             for name, (prefill, decode) in runs.items():
-                p, d = time_runs(prefill, 0, 1)[0], time_runs(decode, 0, 1, setup=decode.setup)[0]
+                p = time_runs(prefill, 0, 1, threads=threads)[0]
+                d = time_runs(decode, 0, 1, setup=decode.setup, threads=threads)[0]
                 if r >= WARMUP_ROUNDS:
                     times[name]["prefill"].append(p)
                     times[name]["decode"].append(d)
@@ -56,8 +59,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=64, help="calibration sequences of 256 tokens")
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds per model (after 2 warm-up rounds)")
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads while timing")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"torch {torch.__version__}; timing on {args.threads} thread(s), the rest on {torch.get_num_threads()}", flush=True)
     model, tok, batches = smollm2(args.examples)
     text = load_text("wiki_eval")
 
@@ -77,7 +81,7 @@ def main() -> None:
             pruned = copy.deepcopy(model)
             runner.apply_plans(get_adapter(pruned), scored, plans)
             variants[round_to] = pruned
-        times = timed_side_by_side({"dense": model, **variants}, args.rounds)
+        times = timed_side_by_side({"dense": model, **variants}, args.rounds, args.threads)
         dense = times.pop("dense")
         rows[0]["prefill tok/s"] = f"{SEQ_LEN / np.median(dense['prefill']):.0f}"
         rows[0]["decode ms/token"] = f"{1e3 * np.median(dense['decode']) / DECODE_TOKENS:.1f}"
@@ -93,7 +97,8 @@ def main() -> None:
             print(row, flush=True)
         del variants, times
     print(f"\nSmolLM2-135M, STAT global, {args.examples} x 256 calibration tokens; perplexity on "
-          f"{args.eval_tokens} wiki_eval tokens; speed at batch 1 x {SEQ_LEN} tokens, {args.rounds} interleaved rounds:\n")
+          f"{args.eval_tokens} wiki_eval tokens; speed at batch 1 x {SEQ_LEN} tokens on {args.threads} thread(s), "
+          f"{args.rounds} interleaved rounds:\n")
     print(markdown(rows))
 
 

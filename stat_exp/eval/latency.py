@@ -5,8 +5,8 @@
 - Decode (models that generate): after a prefill of `seq_len` tokens, `decode_tokens` greedy steps
   of one token each through the KV cache, reported as milliseconds per generated token. Every
   repeat starts from a copy of the same prefilled cache (copied outside the timed region).
-Timing uses torch.utils.benchmark.Timer (on torch's current thread count; it synchronises the
-accelerator around each run): `warmup` runs are discarded, then `repeats` runs are timed one by
+Timing uses torch.utils.benchmark.Timer (on `threads` CPU threads, by default torch's current
+count; it synchronises the accelerator around each run): `warmup` runs are discarded, then `repeats` runs are timed one by
 one; the metrics are their median and interquartile range (`_iqr`). Random tokens, because the
 speed of a dense model does not depend on what the tokens say.
 """
@@ -26,11 +26,12 @@ from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
 
 
-def time_runs(fn: Callable[[], object], warmup: int, repeats: int, setup: Callable[[], None] | None = None) -> np.ndarray:
-    """Seconds of `repeats` single runs of fn (after `warmup` untimed ones); `setup` runs before
-    each, untimed."""
+def time_runs(fn: Callable[[], object], warmup: int, repeats: int, setup: Callable[[], None] | None = None,
+              threads: int | None = None) -> np.ndarray:
+    """Seconds of `repeats` single runs of fn (after `warmup` untimed ones) on `threads` CPU threads
+    (None: torch's current count); `setup` runs before each, untimed."""
     timer = Timer(stmt="fn()", setup="setup()", globals={"fn": fn, "setup": setup or (lambda: None)},
-                  num_threads=torch.get_num_threads())
+                  num_threads=threads or torch.get_num_threads())
     for _ in range(warmup):
         timer.timeit(1)
     return np.array([timer.timeit(1).times[0] for _ in range(repeats)])
@@ -74,13 +75,14 @@ class LatencyEval(Evaluator):
     name = "latency"
 
     def __init__(self, batch_size: int = 1, seq_len: int = 256, decode_tokens: int = 32, warmup: int = 1,
-                 repeats: int = 5, seed: int = 0):
+                 repeats: int = 5, threads: int | None = None, seed: int = 0):
         for key, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
-                                  ("decode_tokens", decode_tokens, 1), ("warmup", warmup, 0), ("repeats", repeats, 1)):
+                                  ("decode_tokens", decode_tokens, 1), ("warmup", warmup, 0), ("repeats", repeats, 1),
+                                  ("threads", 1 if threads is None else threads, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"eval.latency.{key}={value!r} must be an integer >= {least}")
         self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
-        self.warmup, self.repeats, self.seed = warmup, repeats, seed
+        self.warmup, self.repeats, self.threads, self.seed = warmup, repeats, threads, seed
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)
@@ -97,12 +99,12 @@ class LatencyEval(Evaluator):
         return {f"{self.name}/{k}": v for k, v in metrics.items()}
 
     def prefill(self, model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
-        seconds = time_runs(prefill_run(model, ids), self.warmup, self.repeats)
+        seconds = time_runs(prefill_run(model, ids), self.warmup, self.repeats, threads=self.threads)
         median, iqr = spread(ids.numel() / seconds)
         return {"prefill_tokens_per_s": median, "prefill_tokens_per_s_iqr": iqr}
 
     def decode(self, model: nn.Module, ids: torch.Tensor) -> dict[str, float]:
         run = DecodeRun(model, ids, self.decode_tokens)
-        seconds = time_runs(run, self.warmup, self.repeats, setup=run.setup)
+        seconds = time_runs(run, self.warmup, self.repeats, setup=run.setup, threads=self.threads)
         median, iqr = spread(seconds * 1e3 / self.decode_tokens)
         return {"decode_ms_per_token": median, "decode_ms_per_token_iqr": iqr}

@@ -67,7 +67,9 @@ def model_class(config: PretrainedConfig, task: str) -> type:
     mapping = TASKS[task]._model_mapping
     if type(config) not in mapping:
         raise CheckpointError(f"model type {config.model_type!r} has no {TASKS[task].__name__} (model.task={task})")
-    return pruned_class(mapping[type(config)])
+    record = getattr(config, RECORD_KEY, None) or {}
+    stock = mapping[type(config)]
+    return pruned_class(stock) if record.get("parameters") or record.get("attributes") else stock
 
 
 def _by_base_name(names_shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:

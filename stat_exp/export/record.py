@@ -126,21 +126,16 @@ class DenseOrigin:
     def from_dict(cls, d: dict[str, Any]) -> "DenseOrigin":
         return cls([LayerShape(**s) for s in d["layers"]], int(d["prunable_params"]))
 
+    @classmethod
+    def of(cls, model: nn.Module) -> "DenseOrigin":
+        adapter = get_adapter(model)
+        return cls(shapes_of(adapter), prunable_params(adapter))
+
 
 def recorded_origin(model: nn.Module) -> DenseOrigin | None:
     """The dense origin config.json carried in, when the model was loaded from a pruned export."""
     record = getattr(model.config, RECORD_KEY, None) or {}
     return DenseOrigin.from_dict(record["dense"]) if "dense" in record else None
-
-
-def dense_origin(model: nn.Module) -> DenseOrigin:
-    """The recorded origin, else the stock model of the config (pruning never edits the config,
-    so that is the model as it was before pruning)."""
-    recorded = recorded_origin(model)
-    if recorded is not None:
-        return recorded
-    adapter = get_adapter(stock_model(model, model.config))
-    return DenseOrigin(shapes_of(adapter), prunable_params(adapter))
 
 
 def expresses(model: nn.Module, candidate: PretrainedConfig, dense: nn.Module) -> bool:
@@ -179,12 +174,13 @@ def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
     """(config to write, whether the folder needs the modeling file) for a pruned model."""
     adapter = get_adapter(model)
     structure = adapter.structure()
-    record = {"format": FORMAT, "task": task, "structure": structure, "dense": dense_origin(model).to_dict()}
     config = copy.deepcopy(model.config)
     for key in (RECORD_KEY, "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
-    dense = stock_model(model, config)
+    dense = stock_model(model, config)  # pruning never edits the config: this is the model before pruning
+    origin = recorded_origin(model) or DenseOrigin.of(dense)
+    record = {"format": FORMAT, "task": task, "structure": structure, "dense": origin.to_dict()}
     parameters, attributes = differences(model, dense)
     needs_code = bool(parameters or attributes)
     if needs_code:
