@@ -239,6 +239,13 @@ def test_bad_folders_fail_in_one_line_naming_the_folder(saved, damage, message):
         assert str(saved) in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_plain_folder_whose_config_contradicts_its_weights_fails_before_loading(dense_folder):
+    config = json.loads((dense_folder / "config.json").read_text())
+    (dense_folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(CheckpointError, match=r"contradicts the weights: layers.0.mlp.down_proj.weight is \[64, 128\]"):
+        load_model(str(dense_folder))
+
+
 # ----------------------------------------------------------------------------- latency
 
 

@@ -79,7 +79,9 @@ def _by_base_name(names_shapes: dict[str, tuple[int, ...]], prefix: str) -> dict
 
 
 def check_folder(path: str | Path, task: str) -> tuple[PretrainedConfig, type]:
-    """(config, class to load with) after checking that config.json and the weights agree."""
+    """(config, class to load with) after checking that config.json and the weights agree: the
+    shapes of every tensor both name, and, for a stat-exp export, that no base-model weight is
+    missing or extra and the per-layer structure matches the recorded shapes."""
     path = Path(path)
     config = read_config(path)
     cls = model_class(config, task)
@@ -88,18 +90,16 @@ def check_folder(path: str | Path, task: str) -> tuple[PretrainedConfig, type]:
         if not any(path.glob("*.bin")):
             raise CheckpointError(f"{path}: no weights ({WEIGHTS_FILE})")
         return config, cls
-    record = getattr(config, RECORD_KEY, None)
-    if not record:
-        return config, cls
+    record = getattr(config, RECORD_KEY, None) or {}
     try:
         with torch.device("meta"):
             skeleton = cls(config)
     except (ValueError, AttributeError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: config.json's {RECORD_KEY} does not fit a {cls.__name__}: {_first_line(e)}") from None
+        raise CheckpointError(f"{path}: config.json does not describe a {cls.__name__}: {_first_line(e)}") from None
     prefix = skeleton.base_model_prefix
     saved = _by_base_name(saved, prefix)
     built = _by_base_name({k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, prefix)
-    base = set(skeleton.base_model.state_dict())
+    base = set(skeleton.base_model.state_dict()) if record else set()
     contradiction = f"{path}: config.json's structure contradicts the weights:"
     for name in sorted(base | (set(saved) & set(built))):
         if name not in saved:
