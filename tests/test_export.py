@@ -178,6 +178,15 @@ def test_iterative_pruning_composes_the_flops_fraction(tmp_path, dense_folder, t
     assert evaluated.metrics["perplexity/ppl"] == pytest.approx(again.metrics["perplexity/ppl"], rel=1e-5)
 
 
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_a_saved_pruned_folder_evaluates_the_same_with_offloaded_blocks(tmp_path, text_file, saved, offload):
+    kept = job(saved, tmp_path / "none", text_file, "pruner=none", "execution.offload=none")
+    offloaded = job(saved, tmp_path / offload, text_file, "pruner=none", f"execution.offload={offload}")
+    assert offloaded.metrics["perplexity/ppl"] == pytest.approx(kept.metrics["perplexity/ppl"], rel=1e-6)
+    recorded = json.loads((saved / "config.json").read_text())["stat_exp_pruning"]["structure"]
+    assert offloaded.structure == kept.structure == recorded
+
+
 def test_greedy_generation_of_a_budget_one_job_equals_the_dense_model(tmp_path, dense_folder, text_file):
     job(dense_folder, tmp_path / "run", text_file, "pruner=stat", "budget.flops=1.0", "save_model=true")
     prompt = batches(1, seed=4)[0]["input_ids"][:2, :6]

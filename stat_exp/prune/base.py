@@ -28,6 +28,7 @@ class Pruner(ABC):
     needs_calibration: ClassVar[bool] = True
     needs_factorization: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
+    needs_whole_model: ClassVar[bool] = False  # runs the whole model at once (gradients): no offloading
     prunes: ClassVar[bool] = True
 
     def __init__(self, gqa: str = "per_group", allocation: str = "budget"):

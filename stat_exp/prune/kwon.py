@@ -45,6 +45,7 @@ JITTER = 1e-10  # relative ridge on the least-squares normal equations
 
 class KwonPruner(Pruner):
     name = "kwon"
+    needs_whole_model = True
 
     def __init__(self, gqa: str = "per_group", rearrange: bool = True, tune: bool = True, max_scale: float = 10.0,
                  allocation: str = "budget"):
@@ -71,7 +72,7 @@ class KwonPruner(Pruner):
         scores.extra["fisher"] = (heads, neurons)
         scores.extra["grads"] = (head_grads, neuron_grads)
         if self.tune:
-            scores.extra["gram"] = (stats.attn_factor.gram(), stats.ffn_factor.gram())
+            scores.heavy["gram"] = (stats.attn_factor.gram(), stats.ffn_factor.gram())
         return scores
 
     def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
@@ -92,7 +93,7 @@ class KwonPruner(Pruner):
             neurons = rearranged(neuron_grads, neurons, [list(range(ffn.width))])
         o_weight = down_weight = None
         if self.tune:
-            attn_gram, ffn_gram = scores.extra["gram"]
+            attn_gram, ffn_gram = scores.heavy["gram"]
             o_weight = self._tuned(attn.o, attn_gram, head_channels(level.heads, attn.head_dim), attn.head_dim)
             down_weight = self._tuned(ffn.down, ffn_gram, neurons, 1)
         prune_attention(adapter, layer, level, o_weight)
@@ -114,17 +115,19 @@ class KwonPruner(Pruner):
         """W[:, kept] with each kept unit's columns scaled by the least-squares fit of the dense output."""
         if len(kept) == linear.in_features:
             return None
-        W = linear.weight.detach().double().cpu()
+        W = linear.weight.detach().double().to(gram.device)  # on the statistics' device
+        kept = kept.to(gram.device)
         contrib = (W.T @ W) * gram  # <X_a W_a^T, X_b W_b^T> for channels a, b
         units = contrib.shape[0] // unit_size
         A = contrib.view(units, unit_size, units, unit_size).sum((1, 3))
-        kept_units = kept.cpu()[::unit_size] // unit_size
+        kept_units = kept[::unit_size] // unit_size
         A_kk = A[kept_units][:, kept_units]
-        A_kk = A_kk + JITTER * float(A_kk.trace()) / len(kept_units) * torch.eye(len(kept_units), dtype=A.dtype)
+        eye = torch.eye(len(kept_units), dtype=A.dtype, device=A.device)
+        A_kk = A_kk + JITTER * float(A_kk.trace()) / len(kept_units) * eye
         scale = torch.linalg.solve(A_kk, A[kept_units].sum(1))
         if not torch.isfinite(scale).all() or float(scale.abs().max()) > self.max_scale:
             return None
-        return (W[:, kept.cpu()] * scale.repeat_interleave(unit_size)).to(linear.weight.dtype)
+        return (W[:, kept] * scale.repeat_interleave(unit_size)).to(linear.weight.dtype)
 
 
 def mac_search(inc: Increments, left: float) -> np.ndarray:

@@ -32,7 +32,7 @@ def _ridged_cholesky(G: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of G + eps I with the smallest eps (from JITTER up) that makes it succeed:
     a rank-deficient Gram (few tokens, dead heads, float32 blocks) still gets a stable factor."""
     scale = max(float(G.diagonal().mean()), 1e-300)
-    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     eps = JITTER
     while True:
         L, info = torch.linalg.cholesky_ex(G + eps * scale * eye)
@@ -56,36 +56,38 @@ class StatPruner(Pruner):
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
-        W2 = ffn.down.weight.detach().double().cpu()
+        W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
         ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
         attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
         return LayerScores(
-            ffn_order=ffn_fact.perm,
-            ffn_cost=(ffn_fact.output_error(W2) / scale).numpy(),
+            ffn_order=ffn_fact.perm.cpu(),
+            ffn_cost=(ffn_fact.output_error(W2) / scale).cpu().numpy(),
             attn_levels=levels,
-            attn_cost=(attn_fact.output_error(attn.o.weight.detach().double().cpu())[bounds] / scale).numpy(),
-            extra={"ffn": ffn_fact, "attn": attn_fact, "attn_bounds": bounds, "n_tokens": stats.n_tokens},
+            attn_cost=(attn_fact.output_error(attn.o.weight.detach().double())[bounds] / scale).cpu().numpy(),
+            extra={"attn_bounds": bounds, "n_tokens": stats.n_tokens},
+            heavy={"ffn": ffn_fact, "attn": attn_fact},
         )
 
     def _head_factorization(self, attn, G: torch.Tensor):
         """Rank heads (or KV groups) by pivoting on their contributions after W_O, then factor the
         head-channel Gram in that nested order so every level's corrected error is a suffix sum."""
-        W = attn.o.weight.detach().double().cpu()
+        W = attn.o.weight.detach().double().to(G.device)
         units = attention_units(attn.num_heads, attn.num_kv_heads, self.gqa)
-        member = torch.zeros(G.shape[0], len(units), dtype=G.dtype)  # channel -> its unit
+        member = torch.zeros(G.shape[0], len(units), dtype=G.dtype, device=G.device)  # channel -> its unit
         for j, u in enumerate(units):
-            member[head_channels(u, attn.head_dim), j] = 1.0
+            member[head_channels(u, attn.head_dim).to(G.device), j] = 1.0
         C = member.T @ ((W.T @ W) * G) @ member  # <O_a W_a^T, O_b W_b^T> summed per unit pair
-        unit_order, _ = pivoted_cholesky(C + JITTER * float(C.trace()) * torch.eye(len(units), dtype=C.dtype))
+        eye = torch.eye(len(units), dtype=C.dtype, device=C.device)
+        unit_order, _ = pivoted_cholesky(C + JITTER * float(C.trace()) * eye)
         levels = attention_levels(unit_order.tolist(), attn.num_heads, attn.num_kv_heads, self.gqa)
         order, bounds, seen = [], [0], set()
         for lv in levels:
             order += [h for h in lv.heads if h not in seen]
             seen.update(lv.heads)
             bounds.append(len(order) * attn.head_dim)
-        perm = head_channels(order, attn.head_dim)
+        perm = head_channels(order, attn.head_dim).to(G.device)
         R = _ridged_cholesky(G[perm][:, perm]).T
-        fact = Factorization(perm=perm, R=R, weights=torch.ones(len(perm), dtype=torch.float64))
+        fact = Factorization(perm=perm, R=R, weights=torch.ones(len(perm), dtype=torch.float64, device=G.device))
         return fact, levels, bounds[1:]
 
     def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
@@ -99,19 +101,19 @@ class StatPruner(Pruner):
                 raise RankError(
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
-        o_weight = self._corrected(attn.o.weight, scores.extra["attn"], k_attn)
+        o_weight = self._corrected(attn.o.weight, scores.heavy["attn"], k_attn)
         if o_weight is not None:  # columns follow the factor's order; put them in kept-head order
-            kept = scores.extra["attn"].perm[:k_attn]
-            where = {int(c): i for i, c in enumerate(kept)}
+            kept = scores.heavy["attn"].perm[:k_attn].tolist()
+            where = {c: i for i, c in enumerate(kept)}
             o_weight = o_weight[:, [where[int(c)] for c in head_channels(level.heads, attn.head_dim)]]
         prune_attention(adapter, layer, level, o_weight)
         keep = scores.ffn_order[: plan.neurons]
-        prune_ffn(adapter, layer, keep, self._corrected(ffn.down.weight, scores.extra["ffn"], plan.neurons))
+        prune_ffn(adapter, layer, keep, self._corrected(ffn.down.weight, scores.heavy["ffn"], plan.neurons))
 
     def _corrected(self, weight: torch.Tensor, fact: Factorization, k: int) -> torch.Tensor | None:
         """W[:, kept] + W[:, removed] T^T, the output weights with the removed units folded in."""
         if not self.correction or k >= weight.shape[1]:
             return None
-        W = weight.detach().double().cpu()
+        W = weight.detach().double().to(fact.R.device)
         kept, removed = fact.perm[:k], fact.perm[k:]
         return (W[:, kept] + W[:, removed] @ fact.correction(k).T).to(weight.dtype)
