@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
-from stat_exp.models import get_adapter
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
+from stat_exp.models import get_adapter
 from stat_exp.offload import open_model
 from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
@@ -142,4 +142,3 @@ def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.d
             raise ConfigError(f"eval.{name} writes metrics another evaluator already wrote: {', '.join(clash)}")
         metrics.update(result)
     return metrics
-
