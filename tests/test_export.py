@@ -17,8 +17,9 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceCl
 from stat_exp.data.text import load_text
 from stat_exp.eval.latency import LatencyEval
 from stat_exp.eval.tasks import prepare_tasks
-from stat_exp.export.load import CheckpointError, load_model, load_pruned
-from stat_exp.export.save import MODELING_FILE, save_pruned
+from stat_exp.export import load_pruned, save_pruned
+from stat_exp.export.load import CheckpointError, load_model
+from stat_exp.export.save import MODELING_FILE
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.pipeline import run_pipeline
@@ -207,11 +208,15 @@ def test_several_evaluators_run_on_one_pruned_model(tmp_path, dense_folder, text
 
 
 def test_an_interrupted_save_leaves_no_folder_that_looks_complete(tmp_path, monkeypatch):
+    first, second = stat_pruned(tiny_llama()), stat_pruned(tiny_llama(), 0.5)
+    save_pruned(first, tiny_tokenizer(), tmp_path / "kept", "causal_lm")
     tokenizer = tiny_tokenizer()
     monkeypatch.setattr(type(tokenizer), "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
-        save_pruned(stat_pruned(tiny_llama()), tokenizer, tmp_path / "model", "causal_lm")
-    assert not (tmp_path / "model").exists()
+    for name in ("new", "kept"):
+        with pytest.raises(KeyboardInterrupt):
+            save_pruned(second, tokenizer, tmp_path / name, "causal_lm")
+    assert not (tmp_path / "new").exists()
+    assert_same_logits(load_pruned(tmp_path / "kept"), first)  # the folder it was replacing, whole
 
 
 # ----------------------------------------------------------------------------- bad folders

@@ -2,8 +2,9 @@
 
 The folder holds safetensors weights in the model's dtype, the tokenizer, and the config.json
 that stat_exp.export.record writes (plus the shipped modeling file where layers differ). It is
-written under a temporary name and renamed when complete, so an interrupted save never leaves
-a folder that looks like a model.
+written under a temporary name (`<name>.partial`) and renamed when complete, and a folder it
+replaces is first renamed away whole, so an interrupted save never leaves a folder named like the
+model that holds half of one.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ def save_pruned(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str 
     if needs_code:
         shutil.copyfile(modeling_stat_pruned.__file__, tmp / MODELING_FILE)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
+    replaced = path.with_name(path.name + ".replaced")  # an old folder leaves whole, by rename
+    shutil.rmtree(replaced, ignore_errors=True)
+    if path.exists():
+        path.rename(replaced)
     tmp.rename(path)
+    shutil.rmtree(replaced, ignore_errors=True)
     return path
