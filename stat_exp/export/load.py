@@ -30,6 +30,7 @@ def _first_line(err: Exception) -> str:
 
 
 def read_config(path: Path) -> PretrainedConfig:
+    """The folder's config, or one line saying why the folder is not a model."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a folder")
     if not (path / "config.json").is_file():
@@ -44,7 +45,10 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """{tensor name: shape} from the safetensors headers (no data read); None for non-safetensors folders.
     A truncated or corrupt file fails here, before any weight loads."""
     if (path / INDEX_FILE).is_file():
-        files = sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{path}: {INDEX_FILE} cannot be read ({_first_line(e)})") from None
     elif (path / WEIGHTS_FILE).is_file():
         files = [WEIGHTS_FILE]
     else:
@@ -55,6 +59,8 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
             with safe_open(path / name, framework="pt") as f:
                 for key in f.keys():
                     shapes[key] = tuple(f.get_slice(key).get_shape())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: {name} is missing") from None
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{path}: {name} is truncated or corrupt ({_first_line(e)})") from None
     return shapes

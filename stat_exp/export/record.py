@@ -32,8 +32,8 @@ MODELING_MODULE = "modeling_stat_pruned"
 FORMAT = 1
 # Config keys that set the per-layer counts, by family (attribute_map covers aliases such as GPT-2's n_head).
 HEAD_KEYS = ("num_attention_heads",)
-KV_HEAD_KEYS = ("num_key_value_heads",)
-FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "hidden_dim")
+KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads")
+FFN_KEYS = ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner", "hidden_dim")
 _SCALARS = (bool, int, float, str, type(None))
 _MISSING = object()
 
