@@ -28,7 +28,7 @@ from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.run import CONF_DIR
 from tests.test_cli import ENV, _run
-from tests.tiny import VOCAB, batches, clone, tiny_bert_classifier, tiny_llama, tiny_opt, tiny_tokenizer
+from tests.tiny import VOCAB, batches, tiny_bert_classifier, tiny_llama, tiny_opt, tiny_tokenizer
 
 CPU = torch.device("cpu")
 
