@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -193,9 +194,11 @@ def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def free_memory_mb(device: torch.device, declared_device_mb: float | None = None) -> tuple[float, float]:
-    """(host MB available, device MB free); on the CPU both are the host's. Planning for a GPU this
-    machine does not have needs the device's memory declared."""
-    host = _mem_available_mb()
+    """(host MB, device MB) a run may plan with: the host's physical memory (not what happens to be
+    free at this moment: the same config must make the same choices on the same machine), and the
+    device's free memory (another process may hold part of a GPU). On the CPU both are the host's.
+    Planning for a GPU this machine does not have needs the device's memory declared."""
+    host = _mem_total_mb()
     if device.type == "cpu":
         return host, host
     if declared_device_mb is not None:
@@ -207,28 +210,21 @@ def free_memory_mb(device: torch.device, declared_device_mb: float | None = None
     return host, free / MB
 
 
-def _mem_available_mb() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import psutil  # not Linux
-
-    return psutil.virtual_memory().available / MB
+def _mem_total_mb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MB
 
 
 def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux), else its peak so far."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import psutil
+    from stat_exp.track.results import peak_rss_mb
 
-    return psutil.Process().memory_info().rss / MB
+    return peak_rss_mb()
 
 
 def make_plan(cfg, device: torch.device, run_dir: Path | None = None, prunes: bool = True) -> Plan:
@@ -328,17 +324,15 @@ def render(plan: Plan) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m stat_exp.plan <overrides>`: the table, then one JSON line."""
-    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from stat_exp.device import resolve_device
-    from stat_exp.run import CONF_DIR
+    from stat_exp.config.cli import compose_config
+    from stat_exp.config.validate import checked_config
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        device = _plan_device(cfg.device)
-        plan = make_plan(cfg, device)
+        cfg = OmegaConf.create(checked_config(compose_config(overrides)))
+        plan = make_plan(cfg, _plan_device(cfg.device))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -23,6 +23,7 @@ from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.kwon import KwonPruner, mask_gradients, rearranged
 from stat_exp.prune.random import RandomPruner
 from stat_exp.prune.budget import FlopsModel
+from stat_exp.config.signature import check_node
 from stat_exp.errors import ConfigError
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.runner import PruneRunner, shapes_of
@@ -282,4 +283,4 @@ def test_a_pruner_can_fix_its_allocation(batches):
     assert fixed.structure == uniform.structure
     assert len(set(fixed.structure["neurons"])) == 1
     with pytest.raises(ConfigError, match="pruner.allocation='layerwise'; allowed: budget, global, uniform"):
-        WandaPruner(allocation="layerwise")
+        check_node("pruner", {"_target_": "stat_exp.prune.wanda.WandaPruner", "allocation": "layerwise"})

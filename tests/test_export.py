@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+from stat_exp.config.cli import compose_config
+from stat_exp.config.validate import checked_config
 from stat_exp.data.text import load_text
+from stat_exp.errors import ConfigError
 from stat_exp.eval.latency import LatencyEval
 from stat_exp.eval.tasks import prepare_tasks
 from stat_exp.export import load_pruned, save_pruned
@@ -26,8 +28,7 @@ from stat_exp.pipeline import run_pipeline
 from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
-from stat_exp.run import CONF_DIR
-from tests.test_cli import ENV, _run
+from tests.jobs import ENV, run_cli
 from tests.tiny import VOCAB, batches, tiny_bert_classifier, tiny_llama, tiny_opt, tiny_tokenizer
 
 CPU = torch.device("cpu")
@@ -157,11 +158,10 @@ def text_file(tmp_path) -> Path:
 
 
 def job(source: Path, run_dir: Path, text: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"model.source={source}", "model.name=tiny", f"calib.source={text}", "calib.num_examples=16",
-            "calib.seq_len=32", "budget.seq_len=32", f"eval.perplexity.text_file={text}", "eval.perplexity.seq_len=32",
-            "eval.perplexity.max_tokens=1024", "logger=none", "progress=false", "device=cpu", *overrides])
+    cfg = compose_config([f"model.source={source}", "model.name=tiny", f"calib.source={text}", "calib.num_examples=16",
+                          "calib.seq_len=32", "budget.seq_len=32", f"eval.perplexity.text_file={text}",
+                          "eval.perplexity.seq_len=32", "eval.perplexity.max_tokens=1024", "logger=none", "progress=false",
+                          "device=cpu", *overrides])
     return run_pipeline(cfg, run_dir)
 
 
@@ -274,9 +274,9 @@ def test_latency_reports_positive_finite_speeds(build, keys):
     assert all(v > 0 for k, v in metrics.items() if not k.endswith("_iqr"))
 
 
-def test_latency_rejects_bad_settings():
-    with pytest.raises(ValueError, match=r"eval.latency.repeats=0 must be an integer >= 1"):
-        LatencyEval(repeats=0)
+def test_latency_settings_are_checked_before_anything_loads():
+    with pytest.raises(ConfigError, match=r"^eval.latency.repeats=0; must be greater than 0"):
+        checked_config(compose_config(["eval=latency", "eval.latency.repeats=0"]))
 
 
 # ----------------------------------------------------------------------------- the ecosystem, end to end
@@ -301,11 +301,11 @@ def test_a_saved_smollm2_evaluates_the_same_in_a_second_job(tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text(load_text("wiki_eval")[:20_000])
     common = ["eval=perplexity", f"eval.perplexity.text_file={text}", "eval.perplexity.max_tokens=1024", "logger=none"]
-    first = _run(["pruner=flap", "budget.flops=0.7", "calib.num_examples=8", "calib.seq_len=128", *common,
+    first = run_cli(["pruner=flap", "budget.flops=0.7", "calib.num_examples=8", "calib.seq_len=128", *common,
                   "save_model=true", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "a" / "model" / MODELING_FILE).exists()
-    second = _run([f"model.source={tmp_path / 'a' / 'model'}", "pruner=none", *common,
+    second = run_cli([f"model.source={tmp_path / 'a' / 'model'}", "pruner=none", *common,
                    f"hydra.run.dir={tmp_path / 'b'}"], tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in "ab")

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from stat_exp.assets import corpus_path, model_path
 from stat_exp.data.text import encode
+from stat_exp.config.signature import check_node
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.lm_eval_bridge import TABLE_FILE, LMEvalEval, metrics_of
 from stat_exp.eval.perplexity import make_chunks, perplexity
@@ -136,10 +137,11 @@ def test_standard_task_offline_and_unknown_task_are_one_line(monkeypatch, tmp_pa
 def test_bad_options():
     with pytest.raises(ConfigError, match="exclude each other"):
         LMEvalEval(["stat_pang_lee"], limit=4, samples={"stat_pang_lee": [0]})
-    with pytest.raises(ConfigError, match="eval.lm_eval.tasks is empty"):
-        LMEvalEval([])
-    with pytest.raises(ConfigError, match="eval.lm_eval.limit"):
-        LMEvalEval(["stat_pang_lee"], limit=0)
+    target = "stat_exp.eval.lm_eval_bridge.LMEvalEval"
+    with pytest.raises(ConfigError, match="eval.lm_eval.tasks=\\[\\]; must be"):
+        check_node("eval.lm_eval", {"_target_": target, "tasks": []})
+    with pytest.raises(ConfigError, match="eval.lm_eval.limit=0; must be greater than 0"):
+        check_node("eval.lm_eval", {"_target_": target, "tasks": ["stat_pang_lee"], "limit": 0})
 
 
 def test_prepared_tasks_use_absolute_data_paths():

@@ -192,17 +192,18 @@ def test_kwon_refuses_offloaded_blocks():
 
 
 def _config(tmp_path: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
+    """The checked run config of a tiny saved Llama (as the pipeline sees it)."""
+    from omegaconf import OmegaConf
 
-    from stat_exp.run import CONF_DIR
+    from stat_exp.config.cli import compose_config
+    from stat_exp.config.validate import checked_config
 
     folder = tmp_path / "model"
     if not folder.exists():
         tiny_llama(layers=2).save_pretrained(folder)
         AutoTokenizer.from_pretrained(_tokenizer_folder()).save_pretrained(folder)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"model.source={folder}", "calib.num_examples=4", "calib.seq_len=32",
-                                            "budget.seq_len=32", *overrides])
+    return OmegaConf.create(checked_config(compose_config(
+        [f"model.source={folder}", "calib.num_examples=4", "calib.seq_len=32", "budget.seq_len=32", *overrides])))
 
 
 def test_plan_resolves_auto_to_the_fast_path_for_small_models(tmp_path):
@@ -232,7 +233,9 @@ def test_planning_a_gpu_without_one_needs_its_memory(tmp_path):
 
 def test_bad_execution_values_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="execution.offload='tape'"):
-        make_plan(_config(tmp_path, "execution.offload=tape"), CPU, tmp_path)
+        _config(tmp_path, "execution.offload=tape")
+    with pytest.raises(ConfigError, match="execution.tflops=0; must be greater than 0"):
+        _config(tmp_path, "execution.tflops=0")
     with pytest.raises(ConfigError, match="execution.stream=model needs"):
         make_plan(_config(tmp_path, "execution.offload=cpu", "execution.stream=model"), CPU, tmp_path)
 

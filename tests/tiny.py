@@ -72,3 +72,13 @@ def clone(model: torch.nn.Module) -> torch.nn.Module:
     copy = type(model)(model.config).eval()
     copy.load_state_dict(model.state_dict())
     return copy
+
+
+def save_tiny_causal_lm(folder, tokenizer) -> None:
+    """A tiny random Llama saved with `tokenizer` (vocabulary sized to it), loadable by model.source=folder:
+    for command-line tests that must not spend their time loading a real model."""
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.errors import ConfigError
+from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.eval.base import Evaluator
 
 
@@ -74,13 +74,9 @@ class LatencyEval(Evaluator):
 
     name = "latency"
 
-    def __init__(self, batch_size: int = 1, seq_len: int = 256, decode_tokens: int = 32, warmup: int = 1,
-                 repeats: int = 5, threads: int | None = None, seed: int = 0):
-        for key, value, least in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
-                                  ("decode_tokens", decode_tokens, 1), ("warmup", warmup, 0), ("repeats", repeats, 1),
-                                  ("threads", 1 if threads is None else threads, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ConfigError(f"eval.latency.{key}={value!r} must be an integer >= {least}")
+    def __init__(self, batch_size: PositiveInt = 1, seq_len: PositiveInt = 256, decode_tokens: PositiveInt = 32,
+                 warmup: NonNegativeInt = 1, repeats: PositiveInt = 5, threads: PositiveInt | None = None, seed: int = 0):
+        """`threads`: CPU threads while timing (None: torch's current count)."""
         self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
         self.warmup, self.repeats, self.threads, self.seed = warmup, repeats, threads, seed
 

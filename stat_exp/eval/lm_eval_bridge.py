@@ -16,13 +16,15 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
+from annotated_types import Gt, Lt, MinLen
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from transformers import GenerationMixin, PreTrainedTokenizerBase
 
+from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.base import Evaluator
 from stat_exp.eval.tasks import TASK_NAMES, prepare_tasks, write_atomic
@@ -43,16 +45,20 @@ class LMEvalEval(Evaluator):
 
     def __init__(
         self,
-        tasks: Sequence[TaskSpec] | str,
-        batch_size: int | str = 8,
-        limit: int | float | None = None,
-        samples: Mapping[str, Sequence[int]] | None = None,
-        bootstrap_iters: int = 1000,
+        tasks: Annotated[Sequence[TaskSpec], MinLen(1)] | str,
+        batch_size: PositiveInt | Literal["auto"] = 8,
+        limit: PositiveInt | Annotated[float, Gt(0), Lt(1)] | None = None,
+        samples: Mapping[str, Sequence[NonNegativeInt]] | None = None,
+        bootstrap_iters: NonNegativeInt = 1000,
         output_dir: str | Path | None = None,
     ):
+        """`batch_size="auto"`: lm-eval finds the largest that fits. `limit`: documents per task, a
+        count or a fraction (testing only); `samples`: {task: [document indices]} instead of limit;
+        `bootstrap_iters=0`: no stderrs. `output_dir`: where lm_eval.md goes (None: not written)."""
         self.specs = _plain_specs(tasks)
         self.samples = _plain(samples)
-        _check_options(limit, self.samples, bootstrap_iters)
+        if limit is not None and self.samples is not None:
+            raise ConfigError("eval.lm_eval.limit and eval.lm_eval.samples exclude each other: set one of them to null")
         self.batch_size, self.limit, self.bootstrap_iters = batch_size, limit, bootstrap_iters
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self._manager, self._tasks = load_tasks(self.specs)
@@ -161,19 +167,4 @@ def _plain(value: Any) -> Any:
 
 
 def _plain_specs(tasks: Sequence[TaskSpec] | str) -> list[TaskSpec]:
-    specs = [tasks] if isinstance(tasks, str) else [_plain(t) for t in tasks]
-    if not specs:
-        raise ConfigError(f"eval.lm_eval.tasks is empty; give task names, e.g. [{', '.join(TASK_NAMES)}]")
-    for spec in specs:
-        if not isinstance(spec, (str, dict)):
-            raise ConfigError(f"eval.lm_eval.tasks entry {spec!r} must be a task name or an lm-eval task config (a dict)")
-    return specs
-
-
-def _check_options(limit: int | float | None, samples: Mapping | None, bootstrap_iters: int) -> None:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
-        raise ConfigError(f"eval.lm_eval.limit={limit!r} must be null, a positive count, or a fraction in (0, 1)")
-    if limit is not None and samples is not None:
-        raise ConfigError("eval.lm_eval.limit and eval.lm_eval.samples exclude each other: set one of them to null")
-    if not isinstance(bootstrap_iters, int) or bootstrap_iters < 0:
-        raise ConfigError(f"eval.lm_eval.bootstrap_iters={bootstrap_iters!r} must be a non-negative integer (0: no stderr)")
+    return [tasks] if isinstance(tasks, str) else [_plain(t) for t in tasks]

@@ -23,6 +23,10 @@ class RankError(UserError, ValueError):
     """Calibration statistics cannot support the requested rank."""
 
 
+class NonFiniteError(UserError, FloatingPointError):
+    """Calibration activations with inf or nan: bad input (a dtype too narrow, broken data), one line."""
+
+
 @dataclass
 class Factorization:
     """Column-pivoted factor of A diag(weights): A[:, perm] diag(w[perm]) = Q R."""
@@ -199,7 +203,7 @@ class Accumulator(ABC):
 
     def _check_finite(self) -> None:
         if not torch.isfinite(self.statistic()).all():
-            raise FloatingPointError("calibration activations are not finite (inf or nan): "
+            raise NonFiniteError("calibration activations are not finite (inf or nan): "
                                      "check the model dtype (model.dtype=float32) and the calibration data")
 
     @abstractmethod

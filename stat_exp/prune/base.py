@@ -6,7 +6,7 @@ layer's statistics into LayerScores, and applies a plan to that layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -14,10 +14,13 @@ from torch import nn
 
 from stat_exp.calibrate import LayerStats
 from stat_exp.models.base import ModelAdapter
-from stat_exp.errors import ConfigError
-from stat_exp.prune.budget import ALLOCATIONS, BudgetSpec, FlopsModel, LayerPlan, LayerShape
-from stat_exp.prune.scores import GQA_MODES, LayerScores, attention_levels, attention_units
+from stat_exp.prune.budget import Allocation, BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import prune_attention, prune_ffn
+
+
+# "budget": follow budget.allocation; "global" or "uniform": a pruner that fixes its own.
+AllocationChoice = Literal["budget"] | Allocation
 
 
 class Pruner(ABC):
@@ -31,13 +34,11 @@ class Pruner(ABC):
     needs_whole_model: ClassVar[bool] = False  # runs the whole model at once (gradients): no offloading
     prunes: ClassVar[bool] = True
 
-    def __init__(self, gqa: str = "per_group", allocation: str = "budget"):
-        """`allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
-        pruner (the baselines whose scores do not compare across layers were published uniform)."""
-        if gqa not in GQA_MODES:
-            raise ValueError(f"pruner.gqa={gqa!r}; allowed: {', '.join(GQA_MODES)}")
-        if allocation not in ("budget", *ALLOCATIONS):
-            raise ConfigError(f"pruner.allocation={allocation!r}; allowed: budget, {', '.join(ALLOCATIONS)}")
+    def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget"):
+        """`gqa`: per_group keeps the same query heads per KV group; whole_groups removes KV groups whole.
+        `allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
+        pruner (the baselines whose scores do not compare across layers were published uniform).
+        Values are checked against these hints before a job starts (stat_exp.config)."""
         self.gqa, self.allocation = gqa, allocation
 
     def allocation_under(self, budget_allocation: str) -> str:

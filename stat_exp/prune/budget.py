@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
+from stat_exp.config.types import Fraction, PositiveInt
 from stat_exp.errors import UserError
 from stat_exp.models.base import AttentionParts, FFNParts
 from stat_exp.prune.scores import LayerScores
 
-ALLOCATIONS = ("global", "uniform")
+Allocation = Literal["global", "uniform"]
+ALLOCATIONS = get_args(Allocation)
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
 
@@ -67,10 +70,10 @@ class FlopsModel:
 class BudgetSpec:
     """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
 
-    flops: float = 1.0
-    seq_len: int = 256
-    allocation: str = "global"
-    round_to: int = 1
+    flops: Fraction = 1.0
+    seq_len: PositiveInt = 256
+    allocation: Allocation = "global"
+    round_to: PositiveInt = 1
 
 
 @dataclass

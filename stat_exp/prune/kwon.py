@@ -32,12 +32,13 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import LABELS, LayerStats, model_inputs
+from stat_exp.config.types import PositiveFloat
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
-from stat_exp.prune.base import Pruner
+from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.global_rank import Increments
-from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_units
+from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
 JITTER = 1e-10  # relative ridge on the least-squares normal equations
@@ -47,8 +48,11 @@ class KwonPruner(Pruner):
     name = "kwon"
     needs_whole_model = True
 
-    def __init__(self, gqa: str = "per_group", rearrange: bool = True, tune: bool = True, max_scale: float = 10.0,
-                 allocation: str = "budget"):
+    def __init__(self, gqa: GqaMode = "per_group", rearrange: bool = True, tune: bool = True,
+                 max_scale: PositiveFloat = 10.0, allocation: AllocationChoice = "budget"):
+        """`rearrange`: the greedy rearrangement of which units are kept (counts fixed); `tune`: per-layer
+        least-squares rescaling of kept units; a layer whose fitted scales leave [-max_scale, max_scale]
+        keeps unscaled weights."""
         super().__init__(gqa, allocation)
         self.rearrange, self.tune, self.max_scale = rearrange, tune, max_scale
         self.needs_factorization = tune  # the Gram matrices are needed for the least squares only

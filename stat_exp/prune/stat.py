@@ -20,9 +20,9 @@ from torch import nn
 from stat_exp.calibrate import LayerStats
 from stat_exp.factorize.base import Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.base import Pruner
+from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import LayerPlan
-from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
+from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
 JITTER = 1e-10  # smallest relative ridge on the head Gram, for heads whose outputs are collinear
@@ -45,7 +45,9 @@ class StatPruner(Pruner):
     name = "stat"
     needs_factorization = True
 
-    def __init__(self, gqa: str = "per_group", correction: bool = True, allocation: str = "budget"):
+    def __init__(self, gqa: GqaMode = "per_group", correction: bool = True,
+                 allocation: AllocationChoice = "budget"):
+        """`correction=False`: the ablation "same selection, no correction"."""
         super().__init__(gqa, allocation)
         self.correction = correction
 
