@@ -2,9 +2,10 @@
 
     python -m benchmarks.gpu_check            # on a machine with a GPU; one table, exit 1 on a parity failure
 
-Needs, besides the package: torch and transformers (tested floor: torch 2.4, transformers 4.48),
-numpy, safetensors, tqdm (transformers brings them) and the pure-Python `threadpoolctl`; scipy is
-used when present (LAPACK on the CPU side), else the torch factorizations run on the CPU too. No
+Needs, besides the package: torch and transformers (its smoke test, `--small`, passes with
+transformers 4.48.3 and 5.23.0 on torch 2.13), numpy, safetensors and tqdm (transformers brings
+them), and one pure-Python package to carry: `annotated-types`. scipy (with `threadpoolctl`) is used
+when present, for LAPACK on the CPU side; without it the torch factorizations run there too. No
 network, no model files: models are built from configs with random weights.
 
 (a) Parity: a SmolLM2-135M-shaped Llama (30 blocks, 9 query / 3 KV heads, FFN 1536), STAT at 0.7

@@ -19,7 +19,7 @@ from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
-from stat_exp.models import get_adapter
+from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.offload import open_model
 from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
@@ -77,6 +77,7 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             device = resolve_device(cfg.device)
             pruner: Pruner = instantiate(cfg.pruner)
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            user_adapter = adapter_from_config(cfg.model.get("adapter"))
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
             evaluators = make_evaluators(cfg.eval, run_dir)
@@ -91,7 +92,7 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 torch.cuda.reset_peak_memory_stats(device)
             with timings("load"):
                 model, tokenizer, store = open_model(cfg.model.source, cfg.model.task, cfg.model.dtype, device,
-                                                     plan.execution.offload, work_dir / "blocks")
+                                                     plan.execution.offload, work_dir / "blocks", user_adapter)
             log.info("loaded %s in %.1f s (%s)", cfg.model.source, timings.seconds["load"], plan.execution.describe())
             try:
                 adapter = get_adapter(model)

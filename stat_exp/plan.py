@@ -26,7 +26,7 @@ from torch import nn
 
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.execution import ExecutionSpec, Resolved
-from stat_exp.models import get_adapter
+from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.prune.budget import FlopsModel
 from stat_exp.prune.runner import shapes_of
 
@@ -133,7 +133,9 @@ def job_of(cfg, prunes: bool = True) -> Job:
     calib = cfg.calib
     evals = list(cfg.eval.values()) if cfg.get("eval") else []
     first = evals[0] if evals else {}
-    return Job(model=meta_model(cfg.model.source, cfg.model.task, cfg.model.dtype), pruner=pruner, backend=backend,
+    model = meta_model(cfg.model.source, cfg.model.task, cfg.model.dtype)
+    get_adapter(model, adapter_from_config(cfg.model.get("adapter")))  # the configured adapter stays the model's
+    return Job(model=model, pruner=pruner, backend=backend,
                dtype=getattr(torch, cfg.model.dtype), sequences=int(calib.num_examples),
                seq_len=int(calib.get("seq_len") or calib.get("max_length")), batch_size=int(calib.batch_size),
                eval_batch=int(first.get("batch_size", 8) or 8), eval_len=int(first.get("seq_len", 256) or 256),

@@ -29,7 +29,7 @@ from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from tests.jobs import ENV, run_cli
-from tests.tiny import VOCAB, batches, tiny_bert_classifier, tiny_llama, tiny_opt, tiny_tokenizer
+from tests.tiny import VOCAB, batches, tiny_bert, tiny_llama, tiny_opt, tiny_tokenizer
 
 CPU = torch.device("cpu")
 
@@ -102,7 +102,7 @@ def test_opt_with_uniformly_cut_heads_keeps_the_modeling_file(tmp_path):
 
 
 def test_bert_classifier_reloads_with_its_head_and_as_a_bare_encoder(tmp_path):
-    model = stat_pruned(tiny_bert_classifier(), 0.6)
+    model = stat_pruned(tiny_bert(), 0.6)
     save_pruned(model, tiny_tokenizer(), tmp_path / "model", "sequence_classification")
     assert_same_logits(AutoModelForSequenceClassification.from_pretrained(tmp_path / "model", trust_remote_code=True), model)
     assert_same_logits(load_pruned(tmp_path / "model"), model)
@@ -265,7 +265,7 @@ def test_a_plain_folder_whose_config_contradicts_its_weights_fails_before_loadin
 
 @pytest.mark.parametrize("build,keys", [
     (tiny_llama, {"prefill_tokens_per_s", "prefill_tokens_per_s_iqr", "decode_ms_per_token", "decode_ms_per_token_iqr"}),
-    (tiny_bert_classifier, {"prefill_tokens_per_s", "prefill_tokens_per_s_iqr"}),
+    (tiny_bert, {"prefill_tokens_per_s", "prefill_tokens_per_s_iqr"}),
 ])
 def test_latency_reports_positive_finite_speeds(build, keys):
     metrics = LatencyEval(batch_size=2, seq_len=16, decode_tokens=3, warmup=1, repeats=3)(build(), None, CPU)

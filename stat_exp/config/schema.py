@@ -23,6 +23,9 @@ class ModelConfig:
     glue_task: str | None = None  # eval=glue and calib=glue take their task from here
     label_map: list[NonNegativeInt] | None = None  # label_map[i]: the model's output index for dataset label i
     round_to: PositiveInt = 1  # budget.round_to's default: GPU model configs keep neuron counts in multiples of 64
+    # an adapter of your own, {_target_: your_module.YourAdapter, _partial_: true, ...options}; `_target_: null`
+    # (the default): the explicit adapter of config.model_type, else discovery
+    adapter: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ class Signature:
 
 
 def is_target_node(value: Any) -> bool:
-    return isinstance(value, Mapping) and "_target_" in value
+    """A node Hydra instantiates (`_target_: null` marks an optional plug-in left unset)."""
+    return isinstance(value, Mapping) and value.get("_target_") is not None
 
 
 def locate(key: str, node: Mapping) -> Any:

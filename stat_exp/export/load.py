@@ -75,7 +75,7 @@ def model_class(config: PretrainedConfig, task: str) -> type:
         raise CheckpointError(f"model type {config.model_type!r} has no {TASKS[task].__name__} (model.task={task})")
     record = getattr(config, RECORD_KEY, None) or {}
     stock = mapping[type(config)]
-    return pruned_class(stock) if record.get("parameters") or record.get("attributes") else stock
+    return pruned_class(stock) if any(record.get(k) for k in ("parameters", "attributes", "configs")) else stock
 
 
 def _by_base_name(names_shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
@@ -123,7 +123,7 @@ def check_folder(path: str | Path, task: str) -> tuple[PretrainedConfig, type]:
 
 
 def load_model(source: str, task: str = "causal_lm", dtype: str = "float32", device: torch.device | str = "cpu",
-               attn_implementation: str | None = "sdpa") -> tuple[nn.Module, PreTrainedTokenizerBase]:
+               attn_implementation: str | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """`model.source`: a local folder is checked and loaded with its recorded structure (a pruned
     export or a plain checkpoint); embedded names and hub ids load as usual."""
     if not Path(source).is_dir():

@@ -56,37 +56,66 @@ def stock_model(model: nn.Module, config: PretrainedConfig) -> nn.Module:
         return stock_class(model)(config)
 
 
-def _scalars(module: nn.Module) -> dict[str, Any]:
-    return {k: v for k, v in vars(module).items()
+def _scalars(obj: Any) -> dict[str, Any]:
+    return {k: v for k, v in vars(obj).items()
             if not k.startswith("_") and k != "training" and isinstance(v, _SCALARS)}
 
 
-def differences(model: nn.Module, reference: nn.Module) -> tuple[dict[str, list[int]], dict[str, dict[str, Any]]]:
-    """(parameters, attributes) of `model`'s base model that differ from `reference`'s: shapes of
-    resized or created parameters, and changed plain attributes, by name relative to the base model."""
+def _config_overrides(module: nn.Module, shared: PretrainedConfig) -> dict[str, Any]:
+    """The values of a per-layer config view (which pruning gives a module whose forward reads
+    head counts from the config) that differ from the shared model config."""
+    config = vars(module).get("config")
+    if config is None or config is shared or not hasattr(config, "model_type"):
+        return {}
+    return {k: getattr(config, k) for k, v in _scalars(shared).items() if getattr(config, k, v) != v}
+
+
+@dataclasses.dataclass
+class Differences:
+    """What pruning changed in a model against the stock model of its config, by name relative to
+    the base model: state-dict tensor shapes, plain module attributes, per-module config values."""
+
+    parameters: dict[str, list[int]]
+    attributes: dict[str, dict[str, Any]]
+    configs: dict[str, dict[str, Any]]
+
+    def __bool__(self) -> bool:
+        return bool(self.parameters or self.attributes or self.configs)
+
+
+def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Shapes as saved: the state dict (a module may keep a weight transposed, e.g. Conv1D as Linear)."""
+    return {n: tuple(t.shape) for n, t in module.state_dict(keep_vars=True).items()}
+
+
+def differences(model: nn.Module, reference: nn.Module) -> Differences:
+    """How `model`'s base model differs from `reference`'s (the stock model of a config)."""
     base, ref = model.base_model, reference.base_model
-    ref_params = {n: p.shape for n, p in ref.named_parameters(remove_duplicate=False)}
-    own = dict(base.named_parameters(remove_duplicate=False))
-    dropped = sorted(set(ref_params) - set(own))
+    own, ref_shapes = _shapes(base), _shapes(ref)
+    dropped = sorted(set(ref_shapes) - set(own))
     if dropped:
-        raise ExportError(f"parameters removed by pruning cannot be exported: {', '.join(dropped[:3])}")
-    parameters = {n: list(p.shape) for n, p in own.items() if ref_params.get(n) != p.shape}
+        raise ExportError(f"tensors removed by pruning cannot be exported: {', '.join(dropped[:3])}")
+    parameters = {n: list(shape) for n, shape in own.items() if ref_shapes.get(n) != shape}
     ref_modules = dict(ref.named_modules())
-    attributes = {}
+    attributes, configs = {}, {}
     for name, module in base.named_modules():
         if name not in ref_modules:
             raise ExportError(f"module {name!r} is not part of the stock {type(reference).__name__}; cannot export it")
-        theirs = _scalars(ref_modules[name])
-        changed = {k: v for k, v in _scalars(module).items() if k not in theirs or theirs[k] != v}
-        if changed:
-            attributes[name] = changed
+        stock = ref_modules[name]
+        if isinstance(module, type(stock)):  # a module converted to another class keeps its own bookkeeping
+            theirs = _scalars(stock)
+            changed = {k: v for k, v in _scalars(module).items() if theirs.get(k, _MISSING) != v}
+            if changed:
+                attributes[name] = changed
+        if overrides := _config_overrides(module, model.config):
+            configs[name] = overrides
     if model is not base:
         prefix = model.base_model_prefix + "."
-        ref_all = {n: p.shape for n, p in reference.named_parameters()}
-        outside = [n for n, p in model.named_parameters() if not n.startswith(prefix) and ref_all.get(n) != p.shape]
+        ref_all = _shapes(reference)
+        outside = [n for n, shape in _shapes(model).items() if not n.startswith(prefix) and ref_all.get(n) != shape]
         if outside:
-            raise ExportError(f"pruned parameters outside the base model cannot be exported: {', '.join(outside[:3])}")
-    return parameters, attributes
+            raise ExportError(f"pruned tensors outside the base model cannot be exported: {', '.join(outside[:3])}")
+    return Differences(parameters, attributes, configs)
 
 
 def uniform_config(config: PretrainedConfig, structure: dict[str, list[int]], head_dim: int) -> PretrainedConfig | None:
@@ -139,27 +168,32 @@ def recorded_origin(model: nn.Module) -> DenseOrigin | None:
 
 
 def expresses(model: nn.Module, candidate: PretrainedConfig, dense: nn.Module) -> bool:
-    """Whether the stock model of `candidate` is the pruned model: the same parameter shapes, no
-    attribute pruning set that the candidate sets otherwise, and the same outputs with the pruned
-    weights (shared, not copied) on a few random tokens. Attributes pruning left stale (e.g. an
-    MLP's intermediate_size that its forward never reads) may differ; the outputs decide."""
+    """Whether the stock model of `candidate` is the pruned model: the same tensor shapes, no
+    attribute pruning set that the candidate sets otherwise, per-layer config values the candidate
+    holds for every layer, and the same outputs
+    with the pruned weights (shared, not copied) on a few random tokens. Attributes pruning left
+    stale (e.g. an MLP's intermediate_size that its forward never reads) may differ; the outputs decide."""
     twin = stock_model(model, candidate)
-    parameters, attributes = differences(model, twin)
+    diff = differences(model, twin)
     dense_modules = dict(dense.base_model.named_modules())
-    touched = [k for name, changed in attributes.items() for k, v in changed.items()
+    touched = [k for name, changed in diff.attributes.items() for k, v in changed.items()
                if _scalars(dense_modules[name]).get(k, _MISSING) != v]
-    return not parameters and not touched and _same_outputs(model, twin)
+    layer_values_differ = any(getattr(candidate, k, _MISSING) != v for values in diff.configs.values()
+                              for k, v in values.items())
+    return not diff.parameters and not layer_values_differ and not touched and _same_outputs(model, twin)
 
 
 def _same_outputs(model: nn.Module, twin: nn.Module) -> bool:
-    """Give the meta-built twin the model's own tensors, then compare outputs on 8 random tokens."""
-    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-    for name, tensor in tensors:
-        owner_name, _, attr = name.rpartition(".")
-        owner = twin.get_submodule(owner_name)
-        (owner._parameters if attr in owner._parameters else owner._buffers)[attr] = tensor
-    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(tensors[0][1].device)
+    """Give the meta-built twin the model's own tensors (its state dict, and the buffers that are
+    not in it), then compare outputs on 8 random tokens."""
+    state = model.state_dict(keep_vars=True)
+    twin.load_state_dict(state, strict=False, assign=True)
+    for name, buffer in model.named_buffers():
+        if name not in state:
+            owner_name, _, attr = name.rpartition(".")
+            twin.get_submodule(owner_name)._buffers[attr] = buffer
+    device = next(iter(state.values())).device
+    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     training = model.training
     try:
         with torch.no_grad():
@@ -178,17 +212,18 @@ def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
     for key in (RECORD_KEY, "auto_map"):
         if hasattr(config, key):
             delattr(config, key)
-    dense = stock_model(model, config)  # pruning never edits the config: this is the model before pruning
-    origin = recorded_origin(model) or DenseOrigin.of(dense)
+    # pruning never edits the config: its stock model is the model before pruning
+    origin = recorded_origin(model) or DenseOrigin.of(stock_model(model, config))
+    dense = stock_model(model, config)  # a separate twin: adapters may convert the modules of the one they see
     record = {"format": FORMAT, "task": task, "structure": structure, "dense": origin.to_dict()}
-    parameters, attributes = differences(model, dense)
-    needs_code = bool(parameters or attributes)
+    diff = differences(model, dense)
+    needs_code = bool(diff)
     if needs_code:
         candidate = uniform_config(config, structure, adapter.attention(adapter.layers()[0]).head_dim)
         if candidate is not None and expresses(model, candidate, dense):
             config, needs_code = candidate, False
         else:
-            record.update(parameters=parameters, attributes=attributes)
+            record.update(dataclasses.asdict(diff))
             config.auto_map = auto_map(config)
     setattr(config, RECORD_KEY, record)
     return config, needs_code

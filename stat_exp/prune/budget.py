@@ -36,12 +36,12 @@ class LayerShape:
     num_heads: int
     num_kv_heads: int
     ffn_width: int
-    ffn_matrices: int  # 2 for up/down, 3 when gated
+    ffn_matrices: int  # 2 for up/down, 3 when gated (a fused gate_up is still two matrices' work)
 
     @classmethod
     def of(cls, attn: AttentionParts, ffn: FFNParts) -> "LayerShape":
         return cls(hidden=attn.o.out_features, head_dim=attn.head_dim, num_heads=attn.num_heads,
-                   num_kv_heads=attn.num_kv_heads, ffn_width=ffn.width, ffn_matrices=len(ffn.inputs) + 1)
+                   num_kv_heads=attn.num_kv_heads, ffn_width=ffn.width, ffn_matrices=ffn.matrices)
 
 
 @dataclass(frozen=True)

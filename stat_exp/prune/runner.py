@@ -44,8 +44,7 @@ def prunable_params(adapter: ModelAdapter) -> int:
     """Parameters of the projections pruning can cut (attention and FFN of every block)."""
     total = 0
     for layer in adapter.layers():
-        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        for lin in (attn.q, attn.k, attn.v, attn.o, ffn.down, *ffn.inputs):
+        for lin in (*adapter.attention(layer).projections, *adapter.ffn(layer).projections):
             total += sum(p.numel() for p in lin.parameters())
     return total
 
