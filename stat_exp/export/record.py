@@ -1,13 +1,16 @@
 """What config.json says about a pruned model, so that stock loaders rebuild it.
 
-Pruning changes parameter shapes and a few plain module attributes (head counts, KV groups,
-Linear.out_features); the config is never touched. Comparing the pruned model with the stock
-model its config builds finds every change, whatever the family, and decides the export:
+Pruning changes tensor shapes, a few plain module attributes (head counts, KV groups,
+Linear.out_features) and, for modules whose forward reads head counts from the model config
+(Phi-3), gives them a per-layer config view; the shared config is never touched. Comparing the
+pruned model with the stock model its config builds finds every change, whatever the family,
+and decides the export:
 - nothing changed: the config as it is;
 - every layer keeps the same counts and a config with those counts builds exactly the pruned
-  shapes and attributes: that stock config (no custom code, no trust_remote_code);
-- else: the config plus the changes (`parameters`, `attributes`) and an auto_map to the shipped
-  modeling file, which applies them after building the stock model.
+  model (checked on shapes, attributes, and outputs with the pruned weights): that stock config
+  (no custom code, no trust_remote_code);
+- else: the config plus the changes (`parameters`, `attributes`, `configs`) and an auto_map to
+  the shipped modeling file, which applies them after building the stock model.
 Every export also records the task, the per-layer structure and the dense model's layer shapes
 (carried over from a pruned input), so later runs report fractions against the dense model.
 """
