@@ -238,8 +238,8 @@ def open_model(source: str, task: str, dtype: str, device: torch.device, offload
     """(model, tokenizer, store) with block weights where `offload` says; everything outside the
     blocks on the device. `work_dir`: where a disk store writes pruned blocks. `adapter_factory`:
     the configured adapter (`model.adapter`), None for the default."""
+    from stat_exp.export.load import load_model
     from stat_exp.models import get_adapter
-    from stat_exp.models.loading import load_model
 
     if offload == "disk":
         return _open_on_disk(source, task, dtype, device, work_dir, adapter_factory)
@@ -261,9 +261,10 @@ def _open_on_disk(source: str, task: str, dtype: str, device: torch.device,
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoTokenizer
 
+    from stat_exp.export.load import model_class
     from stat_exp.models import get_adapter
     from stat_exp.models.conv1d import TransposedLinear
-    from stat_exp.models.loading import TASKS, resolve_source
+    from stat_exp.models.loading import resolve_source
 
     folder = Path(resolve_source(source))
     if not folder.is_dir():
@@ -276,7 +277,7 @@ def _open_on_disk(source: str, task: str, dtype: str, device: torch.device,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with init_empty_weights(include_buffers=False):
-        model = TASKS[task].from_config(config, dtype=torch_dtype)  # transformers picks the attention
+        model = model_class(config, task)._from_config(config, dtype=torch_dtype)  # transformers picks the attention
     adapter = get_adapter(model, adapter_factory)
     if any(isinstance(m, TransposedLinear) for layer in adapter.layers() for m in layer.modules()):
         raise OffloadError("offload=disk reads block weights by name, and Conv1D checkpoints (GPT-2) store them "

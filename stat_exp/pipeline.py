@@ -6,7 +6,6 @@ adds Hydra around it.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from stat_exp.config.validate import checked_config
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
+from stat_exp.export.lineage import against_dense
+from stat_exp.export.save import save_pruned
 from stat_exp.models import adapter_from_config, get_adapter
-from stat_exp.models.saving import save_pruned
 from stat_exp.offload import open_model
 from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
@@ -107,14 +107,15 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 outcome = runner.run(model, adapter, batches, device, store)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
-                record.achieved, record.structure = outcome.achieved, outcome.structure
-                log.info("pruned: %s", outcome.achieved)
+                record.achieved = against_dense(model, adapter, outcome.achieved, budget)
+                record.structure = outcome.structure
+                log.info("pruned: %s", record.achieved)
                 store.prepare_for_eval()
                 with timings("eval"):
                     record.metrics = evaluate(evaluators, model, tokenizer, device)
                 log.info("metrics: %s", record.metrics)
                 if cfg.save_model:
-                    _save(model, tokenizer, run_dir / "model", cfg.model.task)
+                    save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
             finally:
                 store.close()
                 if device.type == "cuda":
@@ -157,12 +158,3 @@ def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.d
             raise ConfigError(f"eval.{name} writes metrics another evaluator already wrote: {', '.join(clash)}")
         metrics.update(result)
     return metrics
-
-
-def _save(model, tokenizer, path: Path, task: str) -> None:
-    """Write the model folder next to results.json, replacing it whole (never half of it)."""
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pruned(model, tokenizer, tmp, task)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)

@@ -113,14 +113,15 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
     """The model on the meta device: shapes without weights."""
     from transformers import AutoConfig
 
-    from stat_exp.models.loading import TASKS, resolve_source
+    from stat_exp.export.load import model_class
+    from stat_exp.models.loading import resolve_source
 
     try:
         config = AutoConfig.from_pretrained(resolve_source(source))
     except OSError as e:
         raise UserError(f"cannot read the config of model {source!r}: {str(e).splitlines()[0]}") from e
     with torch.device("meta"):
-        return TASKS[task].from_config(config, dtype=getattr(torch, dtype))
+        return model_class(config, task)._from_config(config, dtype=getattr(torch, dtype))
 
 
 def job_of(cfg, prunes: bool = True) -> Job:

@@ -7,7 +7,8 @@ in test_adapters.py, defining `build`).
 - STAT through the runner reaches the budget and the model runs (and generates, for decoders);
 - the FLOPs model matches torch's count of the executed matmuls, block by block;
 - both grouped-query modes give valid layouts where KV heads are fewer than heads;
-- a pruned model saved with the project's saving functions reloads with the same outputs.
+- a pruned model saved with stat_exp.export reloads with the same outputs (load_pruned, and
+  from_pretrained with trust_remote_code).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.models.saving import load_pruned, save_pruned
+from stat_exp.models.loading import TASKS
+from stat_exp.export import load_pruned, save_pruned
 from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerShape
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
@@ -145,9 +147,10 @@ class AdapterContract:
         stat(model, 0.6)
         x = batches(1, pad_last=5)[0]
         save_pruned(model, tokenizer, tmp_path, self.task)
-        reloaded = load_pruned(tmp_path)
-        assert get_adapter(reloaded).structure() == get_adapter(model).structure()
-        torch.testing.assert_close(output(reloaded, x), output(model, x), rtol=1e-5, atol=1e-5)
+        # stat-exp's loader, and transformers' with the modeling file the folder ships
+        for reloaded in (load_pruned(tmp_path), TASKS[self.task].from_pretrained(tmp_path, trust_remote_code=True)):
+            assert get_adapter(reloaded).structure() == get_adapter(model).structure()
+            torch.testing.assert_close(output(reloaded, x), output(model, x), rtol=1e-5, atol=1e-5)
 
     def _runs(self, model: nn.Module) -> None:
         """Decoders also generate (the KV cache holds per-layer head counts)."""

@@ -56,13 +56,6 @@ class TestGPTNeoX(AdapterContract):  # query_key_value interleaved per head, par
     def build(self):
         return tiny_gpt_neox()
 
-    @pytest.mark.xfail(strict=True, raises=ValueError,
-                       reason="save_pretrained writes the LM head as embed_out.weight (transformers' key conversion), "
-                              "models.saving.load_pruned loads by module names (lm_head.weight): the saving rewrite "
-                              "(issue 11) has to apply the conversion")
-    def test_saved_pruned_model_reloads(self, model, tmp_path, tokenizer):
-        super().test_saved_pruned_model_reloads(model, tmp_path, tokenizer)
-
 
 class TestGemma2(AdapterContract):  # sliding + global layers, post-norms, head_dim 16 != 32 / 4
     def build(self):

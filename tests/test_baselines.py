@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast
 from stat_exp.calibrate import LayerStream
 from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.models.saving import load_pruned, save_pruned
+from stat_exp.export.load import load_pruned
+from stat_exp.export.save import save_pruned
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.kwon import KwonPruner, mask_gradients, rearranged
 from stat_exp.prune.random import RandomPruner
@@ -201,9 +202,9 @@ def test_flap_save_load_round_trip(batches, tmp_path):
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")))
     save_pruned(model, tokenizer, tmp_path / "model", "causal_lm")
-    structure = json.loads((tmp_path / "model" / "structure.json").read_text())
-    assert structure["added_biases"] == sorted(f"model.layers.{i}.{m}" for i in range(2)
-                                               for m in ("self_attn.o_proj", "mlp.down_proj"))
+    recorded = json.loads((tmp_path / "model" / "config.json").read_text())["stat_exp_pruning"]["parameters"]
+    assert sorted(n for n in recorded if n.endswith(".bias")) == sorted(
+        f"layers.{i}.{m}.bias" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj"))
     loaded = load_pruned(tmp_path / "model")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batches[0]).logits, model(**batches[0]).logits)

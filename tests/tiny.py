@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig, DistilBertModel, FalconConfig,
                           FalconForCausalLM, Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel,
                           GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, RobertaConfig, RobertaModel)
+                          MistralForCausalLM, OPTConfig, OPTForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                          RobertaConfig, RobertaModel)
 
 VOCAB = 97
 
@@ -109,6 +113,13 @@ def tiny_roberta(vocab: int = VOCAB) -> RobertaModel:
 def tiny_distilbert(vocab: int = VOCAB) -> DistilBertModel:
     return DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                             pad_token_id=1)).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Words "t0".."t96" are the token ids (t0 doubles as unknown, padding and end of text)."""
+    tokenizer = Tokenizer(WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="t0", pad_token="t0", eos_token="t0")
 
 
 def batches(n: int = 4, batch: int = 4, seq: int = 32, pad_last: int = 0, seed: int = 0) -> list[dict[str, torch.Tensor]]:

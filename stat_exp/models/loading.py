@@ -26,10 +26,11 @@ def resolve_source(source: str) -> str:
 
 
 def load_model(source: str, task: str = "causal_lm", dtype: str = "float32",
-               device: torch.device | str = "cpu", attn_implementation: str | None = None
-               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+               device: torch.device | str = "cpu", attn_implementation: str | None = None,
+               model_class: type | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """The model (eval mode, on `device`) and its tokenizer. `attn_implementation` None lets
-    transformers choose: SDPA where the architecture supports it, else eager (Gemma 2)."""
+    transformers choose: SDPA where the architecture supports it, else eager (Gemma 2).
+    `model_class`: the class to load with instead of the task's Auto class."""
     if task not in TASKS:
         raise ConfigError(f"model.task={task!r}; allowed: {', '.join(TASKS)}")
     if dtype not in DTYPES:
@@ -45,7 +46,7 @@ def load_model(source: str, task: str = "causal_lm", dtype: str = "float32",
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = TASKS[task].from_pretrained(path, **kwargs)
+        model = (model_class or TASKS[task]).from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
         raise UserError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from e
