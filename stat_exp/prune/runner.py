@@ -2,7 +2,9 @@
 
 The order of these steps depends on where the budget is decided: `uniform` decides each layer on
 its own, `global` needs every layer's scores first. With `calib.propagate=pruned` and a global
-budget, a first dense pass decides the counts and a second pass prunes in order.
+budget, a first dense pass decides the counts and a second pass prunes in order. A pruner with
+several `stages` (FFN neurons first, then heads) gets one such pass per stage, each on the model
+the previous stages left.
 """
 from __future__ import annotations
 
@@ -90,6 +92,12 @@ class PruneRunner:
         return allocate(scores, shapes, self.flops, b.flops, b.allocation, b.round_to)
 
     def _prune(self, model, adapter, batches, device) -> None:
+        for stage in self.pruner.stages:
+            self.pruner.begin_stage(stage)
+            self._prune_stage(model, adapter, batches, device)
+
+    def _prune_stage(self, model, adapter, batches, device) -> None:
+        """One pass: stream, score, allocate and apply, on the model as earlier stages left it."""
         shapes = shapes_of(adapter)
         if not self.pruner.needs_calibration:
             scores = [self.pruner.score(adapter, i, l, None) for i, l in enumerate(adapter.layers())]
