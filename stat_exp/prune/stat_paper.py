@@ -45,7 +45,8 @@ folds into the next weights are `StatPruner.apply`'s.
    (`headsWeight`/`neuronWeight`, set by hand) come here from the FLOPs model at `budget.seq_len`
    (for BERT exactly Kwon et al.'s 6144 / (9216 + 2s)); with uniform layers the arithmetic is theirs.
    Their cutoffs: prune_bert.py keeps heads with error >= the (head*L)-th largest, prune_opt.py those
-   > the (head*L+1)-th; neurons in both > the (N*L+1)-th.
+   > the (head*L+1)-th; neurons in both > the (N*L+1)-th (where every neuron fits, their indexing
+   fails; all are kept here).
 6. Folds (FFN loop and "HEADS BLOCK"): keep the pivoted neurons, W2 <- W2 T^T with T from R11^-1 R12
    un-scaled by the output-weight norms; keep the pivoted heads' Q/K/V rows, W_O <- W_O T^T with T the
    block least-squares map R1_11^-1 R1_12 from the kept heads' channels to the removed ones (their
