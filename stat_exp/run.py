@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from stat_exp.dry_run import describe
 from stat_exp.errors import UserError
 from stat_exp.pipeline import run_pipeline
 
@@ -53,6 +54,9 @@ def _job(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     try:
+        if cfg.get("dry_run"):
+            print(describe(cfg, run_dir, hc.runtime.choices), flush=True)
+            return
         run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
     except Exception as e:
         user = _user_error(e)

@@ -21,6 +21,8 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Never raises: a broken report must not hide the results the sweep's jobs already wrote."""
+        if OmegaConf.select(config, "dry_run"):
+            return  # nothing ran
         try:
             sweep_dir = Path(config.hydra.sweep.dir)
             paths = write_report(sweep_dir, self.metric)
