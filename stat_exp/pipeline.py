@@ -64,12 +64,12 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             device = resolve_device(cfg.device)
             pruner: Pruner = instantiate(cfg.pruner)
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            evaluators = make_evaluators(cfg.eval, run_dir)
             with timings("load"):
                 model, tokenizer = load_model(cfg.model.source, cfg.model.task, cfg.model.dtype, device)
             adapter = get_adapter(model)
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
-            evaluators = make_evaluators(cfg.eval, run_dir)
             calibration = instantiate(cfg.calib)
             prunes = pruner.prunes and cfg.budget.flops < 1
             batches = []
