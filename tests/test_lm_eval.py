@@ -169,44 +169,13 @@ def test_llama2_7b_paper_experiment_composes():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=llama2_7b_paper"], return_hydra_config=True)
     assert cfg.model.name == "llama2_7b" and cfg.device == "cuda"
-    assert cfg.pruner._target_ == "stat_exp.prune.stat.StatPruner"
+    assert cfg.pruner._target_ == "stat_exp.prune.stat_paper.StatPaperPruner"
     assert cfg.calib.source.startswith("hf:") and "wikitext" in cfg.calib.source
-    assert cfg.eval.lm_eval._target_ == "stat_exp.eval.lm_eval_bridge.LMEvalEval"
-    assert list(cfg.eval.lm_eval.tasks) == ["wikitext", "piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
-    assert [float(f) for f in cfg.hydra.sweeper.params["budget.flops"].split(",")] == [0.9, 0.8, 0.7, 0.6, 0.5]
-
-
-def test_num_fewshot_seeds_and_chat_template_pass_through_and_results_json_is_written(tiny, tokenizer, tmp_path):
-    evaluator = LMEvalEval(["stat_pang_lee"], batch_size=4, limit=2, num_fewshot=2, seed=7,
-                           apply_chat_template=True, output_dir=tmp_path)
-    results = evaluator.results(tiny, tokenizer, CPU, log_samples=True)
-    prompt = results["samples"]["stat_pang_lee"][0]["arguments"][0][0]  # (context, continuation) of choice 0
-    assert prompt.count("Review:") == 3  # two shots and the question
-    assert prompt.count("<|im_start|>user") == 3  # SmolLM2's chat template, shots as turns
-    evaluator(tiny, tokenizer, CPU)
-    saved = json.loads((tmp_path / RESULTS_FILE).read_text())
-    assert saved["n-shot"] == {"stat_pang_lee": 2} and saved["versions"] == {"stat_pang_lee": 1.0}
-    assert [saved["config"][k] for k in ("random_seed", "numpy_seed", "torch_seed", "fewshot_seed")] == [7] * 4
-    assert "samples" not in saved and "stat_pang_lee" in saved["results"]
-
-
-def test_default_seeds_are_lm_evals_and_bad_values_are_config_errors(tmp_path):
-    assert LMEvalEval(["stat_pang_lee"]).seeds == (0, 1234, 1234, 1234)
-    assert LMEvalEval(["stat_pang_lee"], seed=[1, None, 2, 3]).seeds == (1, None, 2, 3)
-    assert LMEvalEval(["stat_pang_lee"], use_cache="answers", output_dir=tmp_path).cache["use_cache"] == str(tmp_path / "answers")
-    with pytest.raises(ConfigError, match=r"eval.lm_eval.num_fewshot=-1 must be null .* or an integer >= 0"):
-        LMEvalEval(["stat_pang_lee"], num_fewshot=-1)
-    with pytest.raises(ConfigError, match=r"eval.lm_eval.seed=\[1, 2\] must be an integer or a list of 4"):
-        LMEvalEval(["stat_pang_lee"], seed=[1, 2])
-
-
-def test_negative_num_fewshot_exits_2_before_the_model_loads(tmp_path):
-    from tests.test_cli import _run
-
-    proc = _run(["eval=lm_eval", "eval.lm_eval.num_fewshot=-1", "pruner=none", "logger=none",
-                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert proc.returncode == 2
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "eval.lm_eval.num_fewshot=-1" in errors[0] and "Traceback" not in proc.stderr
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["status"] == "failed" and "load" not in results["timing_s"]
+    # the standard WikiText-2 protocol: the test split joined with blank lines, 2,048-token windows, all of it
+    assert cfg.eval.perplexity.text_file == "hf:Salesforce/wikitext/wikitext-2-raw-v1/test"
+    assert cfg.eval.perplexity.seq_len == 2048 and cfg.eval.perplexity.max_tokens is None
+    assert cfg.eval.lm_eval._target_ == "stat_exp.eval.lm_eval_bridge.LMEvalEval" and cfg.eval.lm_eval.num_fewshot == 0
+    assert list(cfg.eval.lm_eval.tasks) == ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
+    grids = cfg.hydra.sweeper.grids
+    assert [float(f) for f in grids.pruned["budget.flops"].split(",")] == [0.9, 0.8, 0.7, 0.6, 0.5]
+    assert grids.dense == {"budget.flops": 1.0, "pruner": "none"}

@@ -21,9 +21,9 @@ from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.scores import AttentionLevel
-from stat_exp.prune.stat_paper import StatPaperPruner, paper_plans, weighted_errors
+from stat_exp.prune.stat_paper import StatPaperPruner, paper_plans, raw_unit_gram, weighted_errors
 from stat_exp.prune.surgery import prune_attention, prune_ffn
-from tests.tiny import VOCAB, batches, clone, tiny_opt
+from tests.tiny import VOCAB, batches, clone, tiny_llama, tiny_opt
 
 CPU = torch.device("cpu")
 SEQ_LEN = 16  # FLOPs model
@@ -332,3 +332,18 @@ def test_runner_runs_each_stage_on_the_model_the_previous_stage_left():
     PruneRunner(pruner, BudgetSpec(0.9, SEQ_LEN), None, progress=False).run(model, get_adapter(model), data(), CPU)
     assert pruner.log == ["first", (0, 64), (1, 64), "second", (0, 32), (1, 64)]
     assert get_adapter(model).structure()["neurons"] == [16, 64]
+
+
+@pytest.mark.parametrize("gqa", ["per_group", "whole_groups"])
+def test_grouped_query_attention_ranks_raw_outputs_and_stays_valid(gqa):
+    """A unit's column stacks its heads' raw outputs; the pruned GQA model keeps a valid layout."""
+    O = torch.randn(50, 4 * 3, dtype=torch.float64)  # 4 heads of dim 3
+    units = [[0, 1], [2, 3]]
+    columns = torch.stack([torch.cat([O[:, h * 3:(h + 1) * 3].reshape(-1) for h in u]) for u in units], 1)
+    torch.testing.assert_close(raw_unit_gram(O.T @ O, units, 3), columns.T @ columns)
+    model = tiny_llama(heads=8, kv_heads=2, layers=3)
+    out = PruneRunner(StatPaperPruner(gqa=gqa), BudgetSpec(0.5, 32), GramBackend(), progress=False).run(
+        model, get_adapter(model), batches(), CPU)
+    for heads, kv in zip(out.structure["heads"], out.structure["kv_heads"]):
+        assert heads % kv == 0 and (kv == 2 if gqa == "per_group" else heads == 4 * kv)
+    assert out.achieved["flops_fraction"] <= 0.52 and torch.isfinite(model(**batches(1)[0]).logits).all()

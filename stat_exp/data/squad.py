@@ -12,6 +12,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -171,7 +172,7 @@ class SquadCalibration:
     window of their contexts, with their answer spans (`pruner=kwon` takes its Fisher information
     from the QA loss; the layer stream ignores them)."""
 
-    version: str = "1.1"
+    version: Literal["1.1", "2.0"] = "1.1"
     data_file: str | None = None
     num_examples: int = 512
     max_length: int = 384

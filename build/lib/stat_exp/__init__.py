@@ -1,0 +1,1 @@
+"""stat-exp: prune trained transformers without fine-tuning (STAT and baselines)."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, lm_eval bridge, GLUE-style tasks, embedding benchmarks, latency."""

@@ -1,0 +1,103 @@
+"""Perplexity of a causal LM on a text, by the standard fixed-window protocol.
+
+Protocol (as in GPTQ / SparseGPT / SliceGPT / Wanda, except for special tokens):
+- tokenize the whole text once, with no special tokens at all (no BOS is prepended, even for
+  tokenizers that have one, so every model and tokenizer is treated the same way);
+- keep at most `max_tokens` tokens, cut them into non-overlapping chunks of `seq_len` tokens and
+  drop the ragged tail;
+- each chunk is an independent sequence: it predicts its last seq_len - 1 tokens;
+- perplexity = exp(mean negative log-likelihood over all predicted tokens).
+The loss is computed here from `.logits` in float32, so any Hugging Face causal LM works, whatever
+its own loss function or dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stat_exp.data.text import DataError, encode, load_text
+from stat_exp.eval.base import Evaluator
+
+
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    seq_len: int,
+    max_tokens: int | None,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> dict[str, float]:
+    """{"ppl", "nll" (mean per predicted token, nats), "tokens" (number of predicted tokens)}."""
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2 to predict anything, got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive or None, got {max_tokens}")
+    chunks = make_chunks(encode(tokenizer, text), seq_len, max_tokens)
+    total, count = _sum_nll(model, chunks, batch_size, torch.device(device), progress)
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count}
+
+
+def make_chunks(ids: torch.Tensor, seq_len: int, max_tokens: int | None) -> torch.Tensor:
+    """(n_chunks, seq_len) non-overlapping chunks of the first max_tokens ids; tail dropped."""
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n_chunks = ids.numel() // seq_len
+    if n_chunks == 0:
+        raise DataError(
+            f"evaluation text has {ids.numel()} tokens (after max_tokens), fewer than one chunk of seq_len={seq_len}"
+        )
+    return ids[: n_chunks * seq_len].view(n_chunks, seq_len)
+
+
+def _sum_nll(
+    model, chunks: torch.Tensor, batch_size: int, device: torch.device, progress: bool
+) -> tuple[float, int]:
+    """Summed float64 NLL and the number of predicted tokens, in eval mode (restored after)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.inference_mode():
+            batches = chunks.split(batch_size)
+            for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+                batch = batch.to(device)
+                logits = model(input_ids=batch, attention_mask=torch.ones_like(batch), use_cache=False).logits
+                total += _batch_nll(logits, batch)
+                count += batch.shape[0] * (batch.shape[1] - 1)
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def _batch_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Summed NLL of a batch; one row at a time to bound the float32 copy of the logits."""
+    total = 0.0
+    for row_logits, row_ids in zip(logits, batch):
+        nll = F.cross_entropy(row_logits[:-1].float(), row_ids[1:], reduction="sum")
+        total += float(nll.double())
+    return total
+
+
+class PerplexityEval(Evaluator):
+    """`eval=perplexity`: perplexity on a local text file, or on the embedded wiki evaluation split."""
+
+    name = "perplexity"
+
+    def __init__(self, text_file: str | None = None, seq_len: int = 256, max_tokens: int | None = 16384,
+                 batch_size: int = 8, progress: bool = True):
+        self.source = text_file or "wiki_eval"
+        self.seq_len, self.max_tokens, self.batch_size, self.progress = seq_len, max_tokens, batch_size, progress
+
+    def __call__(self, model, tokenizer, device) -> dict[str, float]:
+        result = perplexity(model, tokenizer, load_text(self.source), self.seq_len, self.max_tokens,
+                            self.batch_size, device, self.progress)
+        return {f"{self.name}/{k}": v for k, v in result.items()}

@@ -1,0 +1,61 @@
+"""`sketch`: randomized ID. Token rows are compressed by a random sketch S while streaming; the
+pivoted QR then runs on S A (rows x units), whose size does not depend on the token count.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stat_exp.factorize.base import Accumulator, Backend, Factorization, pivoted_qr
+
+SKETCH_KINDS = ("gaussian", "countsketch")
+
+
+class SketchAccumulator(Accumulator):
+    def __init__(self, dim: int, device: torch.device, rows: int, kind: str, generator: torch.Generator):
+        super().__init__(dim, device)
+        self.kind = kind
+        self.rows = rows
+        self.gen = generator
+        self.Y = torch.zeros(rows, dim, dtype=torch.float64, device=device)
+
+    def _update(self, x: torch.Tensor) -> None:
+        x = x.to(self.device, torch.float64)
+        n = x.shape[0]
+        if self.kind == "gaussian":
+            S = torch.randn(self.rows, n, generator=self.gen, dtype=torch.float64) / math.sqrt(self.rows)
+            self.Y += S.to(self.device) @ x
+        else:  # countsketch: every token row lands in one bucket with a random sign
+            bucket = torch.randint(self.rows, (n,), generator=self.gen)
+            sign = torch.randint(2, (n, 1), generator=self.gen, dtype=torch.float64) * 2 - 1
+            self.Y.index_add_(0, bucket.to(self.device), x * sign.to(self.device))
+
+    def statistic(self) -> torch.Tensor:
+        return self.Y
+
+    def _gram(self) -> torch.Tensor:
+        Y = self.Y.cpu()
+        return Y.T @ Y
+
+    def _factorize(self, w: torch.Tensor) -> Factorization:
+        perm, R = pivoted_qr(self.Y.cpu() * w)
+        return Factorization(perm=perm, R=R, weights=w)
+
+
+class SketchBackend(Backend):
+    name = "sketch"
+
+    def __init__(self, device: str | torch.device = "cpu", kind: str = "gaussian",
+                 rows_per_unit: float = 1.5, seed: int = 0):
+        super().__init__(device)
+        if kind not in SKETCH_KINDS:
+            raise ValueError(f"factorization.kind={kind!r}; allowed: {', '.join(SKETCH_KINDS)}")
+        if rows_per_unit < 1:
+            raise ValueError(f"factorization.rows_per_unit={rows_per_unit} must be >= 1 (rows >= units)")
+        self.kind = kind
+        self.rows_per_unit = rows_per_unit
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def accumulator(self, dim: int) -> SketchAccumulator:
+        return SketchAccumulator(dim, self.device, math.ceil(self.rows_per_unit * dim), self.kind, self.gen)

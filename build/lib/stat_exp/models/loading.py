@@ -1,0 +1,56 @@
+"""Load a model and its tokenizer from an embedded asset name, a local folder or a hub id."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                          AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase)
+
+from stat_exp import assets
+from stat_exp.errors import ConfigError, UserError
+
+TASKS = {
+    "causal_lm": AutoModelForCausalLM,
+    "encoder": AutoModel,
+    "sequence_classification": AutoModelForSequenceClassification,
+    "question_answering": AutoModelForQuestionAnswering,
+}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_source(source: str) -> str:
+    """Embedded asset name -> its folder; a local path stays; anything else is a hub id."""
+    if source in assets.MODEL_NAMES:
+        return str(assets.model_path(source))
+    if source == "minilm_l6_polarity":  # minilm_l6 fine-tuned once on Pang & Lee
+        from stat_exp.finetune import ensure_polarity_model  # lazy: finetune imports this module
+        return str(ensure_polarity_model())
+    return source
+
+
+def load_model(source: str, task: str = "causal_lm", dtype: str = "float32",
+               device: torch.device | str = "cpu", attn_implementation: str | None = "sdpa"
+               ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    if task not in TASKS:
+        raise ConfigError(f"model.task={task!r}; allowed: {', '.join(TASKS)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r}; allowed: {', '.join(DTYPES)}")
+    path = resolve_source(source)
+    local = Path(path).exists()
+    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise UserError(f"model {source!r} is neither an embedded model ({', '.join(assets.MODEL_NAMES)}) nor a "
+                        f"local folder, and the hub is offline (HF_HUB_OFFLINE=1)")
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = TASKS[task].from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise UserError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(device).eval(), tokenizer

@@ -1,0 +1,1 @@
+"""Pruners, the FLOPs budget and the surgery that slices a model to a plan."""

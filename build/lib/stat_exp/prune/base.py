@@ -1,0 +1,94 @@
+"""The pruner interface: a pruner scores units from statistics and, optionally, corrects.
+
+Calibration, the FLOPs budget and the surgery belong to the runner; a pruner only turns one
+layer's statistics into LayerScores, and applies a plan to that layer.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from stat_exp.calibrate import LayerStats
+from stat_exp.models.base import ModelAdapter
+from stat_exp.errors import ConfigError
+from stat_exp.prune.budget import ALLOCATIONS, BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.scores import GQA_MODES, LayerScores, attention_levels, attention_units
+from stat_exp.prune.surgery import prune_attention, prune_ffn
+
+
+class Pruner(ABC):
+    """Base class. Subclasses set `name` and which statistics they need: calibration data at all,
+    factorizations, channel moments."""
+
+    name: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = True
+    needs_factorization: ClassVar[bool] = False
+    needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
+    prunes: ClassVar[bool] = True
+    # The passes over the calibration data, in order: each stage is streamed, scored, allocated and
+    # applied on the model the previous stages left (one stage for most pruners).
+    stages: tuple[str, ...] = ("prune",)
+
+    def __init__(self, gqa: str = "per_group", allocation: str = "budget"):
+        """`allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
+        pruner (the baselines whose scores do not compare across layers were published uniform)."""
+        if gqa not in GQA_MODES:
+            raise ValueError(f"pruner.gqa={gqa!r}; allowed: {', '.join(GQA_MODES)}")
+        if allocation not in ("budget", *ALLOCATIONS):
+            raise ConfigError(f"pruner.allocation={allocation!r}; allowed: budget, {', '.join(ALLOCATIONS)}")
+        self.gqa, self.allocation = gqa, allocation
+
+    def allocation_under(self, budget_allocation: str) -> str:
+        """The allocation this pruner runs with when the budget asks for `budget_allocation`."""
+        return budget_allocation if self.allocation == "budget" else self.allocation
+
+    @property
+    def variant(self) -> str:
+        """A short label for non-default settings that change the method (empty by default)."""
+        return ""
+
+    def begin_stage(self, stage: str) -> None:
+        """Called by the runner before each of `stages`; pruners with one stage need nothing here."""
+
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
+        """Whole-model work before the layer stream (e.g. gradients); most pruners need none."""
+
+    @abstractmethod
+    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+        """Rank this layer's heads and neurons and price each keep-count."""
+
+    def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
+                    flops: FlopsModel, budget: BudgetSpec) -> list[LayerPlan] | None:
+        """Plans the pruner decides itself for these layers (copied counts, its own search), or
+        None to use the shared allocation. Called wherever the runner would allocate."""
+        return None
+
+    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+              stats: LayerStats | None) -> None:
+        """Slice the layer to the plan, keeping the best-ranked units. Correcting pruners override."""
+        prune_attention(adapter, layer, scores.attn_levels[plan.attn_level])
+        prune_ffn(adapter, layer, scores.ffn_order[: plan.neurons])
+
+    def ranked(self, adapter: ModelAdapter, layer: nn.Module, channel_scores: torch.Tensor,
+               neuron_scores: torch.Tensor) -> LayerScores:
+        """LayerScores from additive importance scores (higher = keep).
+
+        Heads (or KV groups) score the sum of their channels; the cost of a keep-count is the
+        summed score of what it removes.
+        """
+        attn = adapter.attention(layer)
+        units = attention_units(attn.num_heads, attn.num_kv_heads, self.gqa)
+        head = channel_scores.double().view(attn.num_heads, attn.head_dim).sum(1)
+        unit_scores = torch.stack([head[u].sum() for u in units])
+        unit_order = torch.argsort(unit_scores, descending=True, stable=True).tolist()
+        levels = attention_levels(unit_order, attn.num_heads, attn.num_kv_heads, self.gqa)
+        total = float(head.sum())
+        attn_cost = np.array([total - float(head[list(lv.heads)].sum()) for lv in levels])
+        order = torch.argsort(neuron_scores.double(), descending=True, stable=True)
+        kept = torch.cat([neuron_scores.double().new_zeros(1), torch.cumsum(neuron_scores.double()[order], 0)])
+        return LayerScores(ffn_order=order, ffn_cost=(kept[-1] - kept).cpu().numpy(),
+                           attn_levels=levels, attn_cost=attn_cost)

@@ -1,0 +1,219 @@
+"""`kwon`: Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers".
+
+1. Fisher importance (`prepare`): masks m = 1 multiply each head's output (input of O) and each
+   FFN neuron (input of down) through forward pre-hooks; the gradient of the model's loss with
+   respect to the masks is taken per calibration batch, and I = sum over batches of (dL/dm)^2.
+   The loss is the task loss when the calibration batches carry labels (a GLUE task model with
+   calib=glue, the paper's setting), else a causal LM's own loss (labels = input_ids, padding -100).
+2. Mask search (`budget.allocation=global`): as the published MAC search, for every number of
+   attention increments kept globally (best Fisher first), the remaining FLOPs go to the best
+   neurons globally, and the split with the largest total Fisher importance wins. FLOPs come from
+   the shared FlopsModel; every layer keeps at least its smallest attention level and `round_to`
+   neurons (the paper may drop a whole layer); under grouped-query attention heads are added in
+   the levels of `pruner.gqa` (a level's importance is the sum over the heads it adds). With
+   `budget.allocation=uniform` the shared uniform allocation keeps each layer's best units.
+3. Mask rearrangement (`rearrange`): the paper's greedy, per layer with the kept counts fixed:
+   which units are pruned is re-picked so that the summed per-batch gradient of the pruned units
+   is short (the block-diagonal Fisher estimate of the loss increase). Under `per_group` GQA it
+   runs within each KV group (same number of heads per group), the other groups' pruned heads
+   held fixed.
+4. Mask tuning (`tune`): per layer, the kept heads' columns of W_O and the kept neurons' columns
+   of W_down are rescaled by the least-squares fit of the dense module output from the kept units'
+   contributions. The normal equations come from the calibration Gram matrix of the module input
+   (the configured factorization backend): A = (W^T W) * G summed per unit pair, solve
+   A_KK s = A_K,all 1. Simplified from the paper: the fit uses the dense model's inputs (the
+   paper uses the pruned model's), has no intercept term, and a layer whose scales leave
+   [-max_scale, max_scale] keeps its unscaled weights (the paper stops tuning altogether).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from stat_exp.calibrate import LABELS, LayerStats, model_inputs
+from stat_exp.errors import ConfigError
+from stat_exp.models.base import AttentionParts, ModelAdapter
+from stat_exp.prune.base import Pruner
+from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.global_rank import Increments
+from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_units
+from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
+
+JITTER = 1e-10  # relative ridge on the least-squares normal equations
+
+
+class KwonPruner(Pruner):
+    name = "kwon"
+
+    def __init__(self, gqa: str = "per_group", rearrange: bool = True, tune: bool = True, max_scale: float = 10.0,
+                 allocation: str = "budget"):
+        super().__init__(gqa, allocation)
+        self.rearrange, self.tune, self.max_scale = rearrange, tune, max_scale
+        self.needs_factorization = tune  # the Gram matrices are needed for the least squares only
+        self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def variant(self) -> str:
+        return ", ".join(p for p, on in (("no rearrangement", not self.rearrange), ("no tuning", not self.tune)) if on)
+
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
+        if not adapter.causal and not all(LABELS in b for b in batches):
+            raise ConfigError("pruner=kwon needs a loss: a causal LM, or a task model calibrated on labelled "
+                              "data (calib=glue)")
+        self.grads = mask_gradients(model, adapter, batches)
+
+    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+        attn = adapter.attention(layer)
+        head_grads, neuron_grads = self.grads[index]
+        heads, neurons = head_grads.square().sum(0), neuron_grads.square().sum(0)
+        scores = self.ranked(adapter, layer, (heads / attn.head_dim).repeat_interleave(attn.head_dim), neurons)
+        scores.extra["fisher"] = (heads, neurons)
+        scores.extra["grads"] = (head_grads, neuron_grads)
+        if self.tune:
+            scores.extra["gram"] = (stats.attn_factor.gram(), stats.ffn_factor.gram())
+        return scores
+
+    def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
+                    flops: FlopsModel, budget: BudgetSpec) -> list[LayerPlan] | None:
+        if budget.allocation != "global":
+            return None
+        inc = Increments.build(scores, shapes, flops, budget.round_to, [sc.extra["fisher"] for sc in scores], "sum")
+        return inc.plans(mac_search(inc, inc.headroom(budget.flops)))
+
+    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+              stats: LayerStats | None) -> None:
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        level = scores.attn_levels[plan.attn_level]
+        neurons = scores.ffn_order[: plan.neurons].sort().values
+        head_grads, neuron_grads = scores.extra["grads"]
+        if self.rearrange:
+            level = self._rearranged_level(attn, level, head_grads)
+            neurons = rearranged(neuron_grads, neurons, [list(range(ffn.width))])
+        o_weight = down_weight = None
+        if self.tune:
+            attn_gram, ffn_gram = scores.extra["gram"]
+            o_weight = self._tuned(attn.o, attn_gram, head_channels(level.heads, attn.head_dim), attn.head_dim)
+            down_weight = self._tuned(ffn.down, ffn_gram, neurons, 1)
+        prune_attention(adapter, layer, level, o_weight)
+        prune_ffn(adapter, layer, neurons, down_weight)
+
+    def _rearranged_level(self, attn: AttentionParts, level: AttentionLevel, head_grads: torch.Tensor) -> AttentionLevel:
+        """The level's counts with the units re-picked by the greedy rearrangement."""
+        units = attention_units(attn.num_heads, attn.num_kv_heads, self.gqa)
+        unit_grads = torch.stack([head_grads[:, u].sum(1) for u in units], 1)
+        kept_units = torch.tensor([i for i, u in enumerate(units) if u[0] in level.heads])
+        blocks = [list(range(len(units)))]
+        if len(units) == attn.num_heads and attn.group_size > 1:  # per_group: the same count in every KV group
+            blocks = [list(range(g * attn.group_size, (g + 1) * attn.group_size)) for g in range(attn.num_kv_heads)]
+        kept = rearranged(unit_grads, kept_units, blocks).tolist()
+        heads = sorted(h for i in kept for h in units[i])
+        return AttentionLevel(tuple(heads), tuple(sorted({h // attn.group_size for h in heads})))
+
+    def _tuned(self, linear: nn.Linear, gram: torch.Tensor, kept: torch.Tensor, unit_size: int) -> torch.Tensor | None:
+        """W[:, kept] with each kept unit's columns scaled by the least-squares fit of the dense output."""
+        if len(kept) == linear.in_features:
+            return None
+        W = linear.weight.detach().double().cpu()
+        contrib = (W.T @ W) * gram  # <X_a W_a^T, X_b W_b^T> for channels a, b
+        units = contrib.shape[0] // unit_size
+        A = contrib.view(units, unit_size, units, unit_size).sum((1, 3))
+        kept_units = kept.cpu()[::unit_size] // unit_size
+        A_kk = A[kept_units][:, kept_units]
+        A_kk = A_kk + JITTER * float(A_kk.trace()) / len(kept_units) * torch.eye(len(kept_units), dtype=A.dtype)
+        scale = torch.linalg.solve(A_kk, A[kept_units].sum(1))
+        if not torch.isfinite(scale).all() or float(scale.abs().max()) > self.max_scale:
+            return None
+        return (W[:, kept.cpu()] * scale.repeat_interleave(unit_size)).to(linear.weight.dtype)
+
+
+def mac_search(inc: Increments, left: float) -> np.ndarray:
+    """For each number of attention increments (best first), fill the rest with the best neurons;
+    keep the split with the largest summed importance."""
+    attn, ffn = inc.ranking(inc.is_attn), inc.ranking(~inc.is_attn)
+    attn_flops, ffn_flops = (np.concatenate([[0.0], np.cumsum(inc.flops[o])]) for o in (attn, ffn))
+    attn_score, ffn_score = (np.concatenate([[0.0], np.cumsum(inc.score[o])]) for o in (attn, ffn))
+    best, choice = -np.inf, (0, 0)
+    for n in range(len(attn) + 1):
+        if attn_flops[n] > left:
+            break
+        m = int(np.searchsorted(ffn_flops, left - attn_flops[n], side="right")) - 1
+        if attn_score[n] + ffn_score[m] > best:
+            best, choice = attn_score[n] + ffn_score[m], (n, m)
+    taken = np.zeros(len(inc.score), dtype=bool)
+    taken[attn[: choice[0]]] = taken[ffn[: choice[1]]] = True
+    return taken
+
+
+def rearranged(grads: torch.Tensor, kept: torch.Tensor, blocks: list[list[int]]) -> torch.Tensor:
+    """Kwon et al.'s greedy rearrangement of a layer's mask, the number kept in each block fixed.
+
+    grads: (batches, units) per-batch mask gradients. Within a block, units are visited by
+    increasing Fisher importance: the least important ones start pruned; each next one joins the
+    pruned set, and then the member whose return to the kept set leaves the shortest summed
+    pruned gradient S (other blocks' pruned units included) is returned; ||S - g_j||^2 is
+    ranked as ||g_j||^2 - 2 g_j.S. Returns the kept units, sorted.
+    """
+    pruned_mask = torch.ones(grads.shape[1], dtype=torch.bool)
+    pruned_mask[kept.cpu()] = False
+    g = grads.double().cpu().T  # (units, batches)
+    for block in blocks:
+        members = torch.tensor(block)
+        n_pruned = int(pruned_mask[members].sum())
+        if n_pruned in (0, len(block)):
+            continue
+        gb = g[members]
+        norms = gb.square().sum(1)
+        visit = torch.argsort(norms, stable=True)
+        pruned = torch.zeros(len(block), dtype=torch.bool)
+        pruned[visit[:n_pruned]] = True
+        total = g[pruned_mask].sum(0) - g[members][pruned_mask[members]].sum(0) + gb[pruned].sum(0)
+        for unit in visit[n_pruned:].tolist():
+            pruned[unit] = True
+            total += gb[unit]
+            back = int(torch.argmin((norms - 2 * gb @ total).masked_fill(~pruned, float("inf"))))
+            pruned[back] = False
+            total -= gb[back]
+        pruned_mask[members] = pruned
+    return torch.nonzero(~pruned_mask).flatten()
+
+
+def mask_gradients(model: nn.Module, adapter: ModelAdapter,
+                   batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: (batches x heads, batches x neurons) gradients of the loss w.r.t. unit masks."""
+    param = next(model.parameters())
+    masks, handles = [], []
+    for layer in adapter.layers():
+        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+        for linear, width, size in ((attn.o, attn.num_heads, attn.head_dim), (ffn.down, ffn.width, 1)):
+            mask = torch.ones(width, dtype=param.dtype, device=param.device, requires_grad=True)
+            handles.append(linear.register_forward_pre_hook(_masking(mask, size)))
+            masks.append(mask)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    grads: list[list[torch.Tensor]] = [[] for _ in masks]
+    try:
+        with torch.enable_grad():
+            for batch in batches:
+                inputs = model_inputs(batch, param.device)
+                labels = (batch[LABELS] if LABELS in batch
+                          else inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
+                targets = labels if isinstance(labels, dict) else {"labels": labels}  # QA: start/end positions
+                loss = model(**inputs, **{k: v.to(param.device) for k, v in targets.items()}, use_cache=False).loss
+                for acc, grad in zip(grads, torch.autograd.grad(loss, masks)):
+                    acc.append(grad.detach().double().cpu())
+    finally:
+        for h in handles:
+            h.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+    stacked = [torch.stack(g) for g in grads]
+    return list(zip(stacked[0::2], stacked[1::2]))
+
+
+def _masking(mask: torch.Tensor, size: int):
+    """A pre-hook multiplying the input's channels by `mask`, each entry covering `size` channels."""
+    def hook(module, args):
+        return (args[0] * mask.repeat_interleave(size).to(args[0].dtype), *args[1:])
+    return hook

@@ -1,0 +1,1 @@
+"""Experiment tracking: the results.json contract, W&B logging and sweep reports."""

@@ -1,0 +1,185 @@
+"""Sweep reports: every job's results.json gathered into one table, a plot, and optionally a W&B run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from stat_exp.track.published import COLUMNS as PUBLISHED, published_columns
+from stat_exp.track.results import RESULTS_FILE
+from stat_exp.track.wandb_logger import make_logger, to_plain
+
+DENSE = "none"
+
+
+def collect(sweep_dir: Path) -> list[dict]:
+    """Load every results.json below sweep_dir, failed jobs included; "run_dir" says where each was."""
+    records = []
+    for path in sorted(Path(sweep_dir).rglob(RESULTS_FILE)):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        record["run_dir"] = str(path.parent.relative_to(sweep_dir))
+        record["published"] = published_columns(record, path.parent)
+        records.append(record)
+    return records
+
+
+def label(record: Mapping[str, Any]) -> str:
+    """The pruner's name, with its variant when the run has one: "stat (no correction)"."""
+    variant = record.get("variant")
+    return f"{record['pruner']} ({variant})" if variant else record["pruner"]
+
+
+def _short(key: str) -> str:
+    return key.removesuffix("_fraction")
+
+
+def _row(record: Mapping[str, Any]) -> dict[str, Any]:
+    achieved = record.get("achieved") or {}
+    timing = record.get("timing_s") or {}
+    row = {"pruner": label(record), "model": record.get("model")}
+    row |= {f"target_{_short(k)}": v for k, v in (record.get("target") or {}).items()}
+    row |= {f"achieved_{_short(k)}": achieved.get(k) for k in ("flops_fraction", "params_fraction")}
+    row |= record.get("metrics") or {}
+    row |= record.get("published") or {}
+    row |= {"prune_s": timing.get("prune"), "total_s": timing.get("total")}
+    row |= {"status": record.get("status"), "error": record.get("error"), "run_dir": record.get("run_dir")}
+    return row
+
+
+def to_table(records: list[dict], metric: str | None = None) -> pd.DataFrame:
+    """One row per job, sorted by pruner then target descending; `metric` becomes the first metric column."""
+    df = pd.DataFrame([_row(r) for r in records])
+    if df.empty:
+        return df
+    targets = sorted(c for c in df.columns if c.startswith("target_"))
+    metrics = _metric_names(records)
+    if metric in metrics:
+        metrics.remove(metric)
+        metrics.insert(0, metric)
+    fixed = ["pruner", "model", *targets, "achieved_flops", "achieved_params"]
+    published = [c for c in PUBLISHED if c in df.columns]
+    df = df[[*fixed, *metrics, *published, "prune_s", "total_s", "status", "error", "run_dir"]]
+    return df.sort_values(
+        ["pruner", *targets], ascending=[True, *[False] * len(targets)], kind="stable", na_position="last"
+    ).reset_index(drop=True)
+
+
+def _metric_names(records: list[dict], status: str | None = None) -> list[str]:
+    """Metric names in order of first appearance, over all records or those with the given status."""
+    chosen = [r for r in records if status is None or r.get("status") == status]
+    return list(dict.fromkeys(k for r in chosen for k in r.get("metrics") or {}))
+
+
+def choose_metric(records: list[dict]) -> str | None:
+    """The metric to plot when none is named: the ok runs' first perplexity, else their first metric."""
+    names = _metric_names(records, "ok")
+    return next((k for k in names if k.endswith("/ppl")), names[0] if names else None)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("\n", " ")
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A GitHub markdown table, without depending on tabulate."""
+
+    def line(cells) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [line(df.columns), "|" + "---|" * len(df.columns)]
+    lines += [line(_cell(v) for v in row) for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(df: pd.DataFrame, metric: str, path: Path) -> None:
+    """The metric against achieved FLOPs, one line per pruner, the dense model as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogFormatter
+
+    ok = df[(df["status"] == "ok") & df[metric].notna()]
+    several_models = ok["model"].nunique() > 1
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (pruner, model), group in ok.groupby(["pruner", "model"], sort=True):
+        name = "dense" if pruner == DENSE else pruner
+        name = f"{name} [{model}]" if several_models else name
+        if pruner == DENSE:
+            ax.axhline(group[metric].mean(), linestyle="--", color="gray", label=name)
+        else:
+            group = group.sort_values("achieved_flops")
+            ax.plot(group["achieved_flops"], group[metric], marker="o", label=name)
+    if any(word in metric.lower() for word in ("ppl", "perplexity")):
+        ax.set_yscale("log")
+        # Plain numbers (20, 30, 40) read better than 2x10^1 on the short ranges of perplexity.
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    ax.set_xlabel("achieved FLOPs fraction")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
+    """Write report.csv, report.md and report.png (when there is a metric to plot) into sweep_dir."""
+    sweep_dir = Path(sweep_dir)
+    records = collect(sweep_dir)
+    if not records:
+        raise FileNotFoundError(f"no {RESULTS_FILE} below {sweep_dir}")
+    available = _metric_names(records, "ok")
+    if metric is not None and metric not in available:
+        raise ValueError(f"metric {metric!r} is in no ok run; available: {', '.join(available) or 'none'}")
+    metric = metric or choose_metric(records)
+    df = to_table(records, metric)
+    paths = {"csv": sweep_dir / "report.csv", "md": sweep_dir / "report.md"}
+    df.to_csv(paths["csv"], index=False)
+    heading = f"# Sweep report: {sweep_dir.name}\n\nPlotted metric: {metric or 'none'}\n\n"
+    paths["md"].write_text(heading + to_markdown(df), encoding="utf-8")
+    if metric is not None:
+        paths["png"] = sweep_dir / "report.png"
+        plot(df, metric, paths["png"])
+    return paths
+
+
+def print_table(df: pd.DataFrame) -> None:
+    """Show the report at the end of a sweep; off a terminal (a log file), wide lines, not folded cells."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_lines=False)
+    for column in df.columns:
+        table.add_column(column, overflow="fold")
+    for row in df.itertuples(index=False):
+        table.add_row(*(Text(_cell(v)) for v in row))  # Text: an error's "[...]" is not markup
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 240))
+    console.print(table)
+
+
+def log_report_to_wandb(sweep_dir: Path, paths: Mapping[str, Path], logger_cfg: Mapping | None) -> None:
+    """One extra W&B run (job_type "report") in the sweep's group, holding the table and the plot."""
+    cfg = to_plain(logger_cfg)
+    if cfg.get("name", "none") == "none":
+        return
+    sweep_dir = Path(sweep_dir)
+    config = {"sweep_dir": str(sweep_dir.resolve())}
+    logger = make_logger(cfg, sweep_dir, config, sweep_dir=sweep_dir, job_name="report", job_type="report")
+    with logger as run:
+        run.log_table("report", pd.read_csv(paths["csv"]))
+        if "png" in paths:
+            run.log_image("report_plot", paths["png"])
