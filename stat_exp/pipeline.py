@@ -78,9 +78,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             pruner: Pruner = instantiate(cfg.pruner)
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
             user_adapter = adapter_from_config(cfg.model.get("adapter"))
+            evaluators = make_evaluators(cfg.eval, run_dir)
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
-            evaluators = make_evaluators(cfg.eval, run_dir)
             calibration = instantiate(cfg.calib)
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from stat_exp.config.cli import CONF_DIR, CONFIG_NAME, check_overrides, command_line
 from stat_exp.config.resolvers import register_resolvers
+from stat_exp.dry_run import describe
 from stat_exp.errors import UserError, one_line
 from stat_exp.pipeline import run_pipeline
 from stat_exp.track.callbacks import SweepReport
@@ -49,6 +50,9 @@ def _job(cfg: DictConfig) -> float | None:
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     try:
+        if cfg.get("dry_run"):
+            print(describe(cfg, run_dir, hc.runtime.choices), flush=True)
+            return None
         record = run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
     except Exception as e:
         trace.info("job failed", exc_info=e)

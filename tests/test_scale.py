@@ -22,6 +22,7 @@ from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.kwon import KwonPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
+from stat_exp.prune.stat_paper import StatPaperPruner
 from tests.tiny import VOCAB, batches, clone, tiny_llama
 
 CPU = torch.device("cpu")
@@ -30,8 +31,8 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the 
 
 
 def _run(model, store=None, stream="block", factors="hold", spill_dir=None, flops=0.6, propagate="dense",
-         backend=None, device=CPU):
-    runner = PruneRunner(StatPruner(), BudgetSpec(flops=flops, seq_len=32), backend or GramBackend(block_dtype="float64"),
+         backend=None, device=CPU, pruner=None):
+    runner = PruneRunner(pruner or StatPruner(), BudgetSpec(flops=flops, seq_len=32), backend or GramBackend(block_dtype="float64"),
                          propagate, progress=False, stream=stream, factors=factors, spill_dir=spill_dir)
     return runner.run(model, get_adapter(model), batches(pad_last=4), device, store)
 
@@ -97,6 +98,22 @@ def test_disk_offload_prunes_like_resident_weights_and_writes_pruned_blocks(tmp_
     torch.testing.assert_close(model(**x).logits, reference(**x).logits, rtol=1e-5, atol=1e-5)
     store.close()
     assert not (tmp_path / "work").exists()
+
+
+def test_a_two_stage_pruner_restreams_the_blocks_it_pruned_from_disk(tmp_path):
+    """stat_paper prunes the FFNs, then streams the FFN-pruned blocks again for the heads: with the
+    blocks on disk the second stage reads the pruned block files."""
+    base = tiny_llama(layers=3)
+    folder = _saved(tmp_path, base)
+    reference = clone(base)
+    expected = _run(reference, stream="model", pruner=StatPaperPruner())
+    model, _, store = _open_disk(folder, tmp_path)
+    got = _run(model, store=store, pruner=StatPaperPruner())
+    assert got.structure == expected.structure != _run(clone(base), stream="model").structure
+    store.prepare_for_eval()
+    x = batches(1, seed=5)[0]
+    torch.testing.assert_close(model(**x).logits, reference(**x).logits, rtol=1e-5, atol=1e-5)
+    store.close()
 
 
 def _open_disk(folder: Path, tmp_path: Path):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, PreTrainedTokenizerBase)
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
+                          AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase)
 
 from stat_exp import assets
 from stat_exp.errors import ConfigError, UserError
@@ -16,6 +16,7 @@ TASKS = {
     "causal_lm": AutoModelForCausalLM,
     "encoder": AutoModel,
     "sequence_classification": AutoModelForSequenceClassification,
+    "question_answering": AutoModelForQuestionAnswering,
 }
 DTYPES = ("float32", "float16", "bfloat16")
 

@@ -33,6 +33,9 @@ class Pruner(ABC):
     needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
     needs_whole_model: ClassVar[bool] = False  # runs the whole model at once (gradients): no offloading
     prunes: ClassVar[bool] = True
+    # The passes over the calibration data, in order: each stage is streamed, scored, allocated and
+    # applied on the model the previous stages left (one stage for most pruners).
+    stages: tuple[str, ...] = ("prune",)
 
     def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget"):
         """`gqa`: per_group keeps the same query heads per KV group; whole_groups removes KV groups whole.
@@ -49,6 +52,9 @@ class Pruner(ABC):
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""
         return ""
+
+    def begin_stage(self, stage: str) -> None:
+        """Called by the runner before each of `stages`; pruners with one stage need nothing here."""
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
         """Whole-model work before the layer stream (e.g. gradients); most pruners need none."""

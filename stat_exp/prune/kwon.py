@@ -204,9 +204,10 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
         with torch.enable_grad():
             for batch in batches:
                 inputs = model_inputs(batch, param.device)
-                labels = (batch[LABELS].to(param.device) if LABELS in batch
+                labels = (batch[LABELS] if LABELS in batch
                           else inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
-                loss = model(**inputs, labels=labels, use_cache=False).loss
+                targets = labels if isinstance(labels, dict) else {"labels": labels}  # QA: start/end positions
+                loss = model(**inputs, **{k: v.to(param.device) for k, v in targets.items()}, use_cache=False).loss
                 for acc, grad in zip(grads, torch.autograd.grad(loss, masks)):
                     acc.append(grad.detach().double().cpu())
     finally:

@@ -22,7 +22,7 @@ from stat_exp.factorize.base import Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import LayerPlan
-from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
+from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
 JITTER = 1e-10  # smallest relative ridge on the head Gram, for heads whose outputs are collinear
@@ -39,6 +39,21 @@ def _ridged_cholesky(G: torch.Tensor) -> torch.Tensor:
         if int(info) == 0:
             return L
         eps *= 100
+
+
+def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: int
+                       ) -> tuple[Factorization, list[int]]:
+    """Factor of the head-channel Gram `G` with channels in the levels' nested head order, so that
+    every level's corrected error is a suffix sum; and the kept channel count of each level."""
+    order, bounds, seen = [], [], set()
+    for lv in levels:
+        order += [h for h in lv.heads if h not in seen]
+        seen.update(lv.heads)
+        bounds.append(len(order) * head_dim)
+    perm = head_channels(order, head_dim).to(G.device)
+    R = _ridged_cholesky(G[perm][:, perm]).T
+    weights = torch.ones(len(perm), dtype=torch.float64, device=G.device)
+    return Factorization(perm=perm, R=R, weights=weights), bounds
 
 
 class StatPruner(Pruner):
@@ -82,15 +97,8 @@ class StatPruner(Pruner):
         eye = torch.eye(len(units), dtype=C.dtype, device=C.device)
         unit_order, _ = pivoted_cholesky(C + JITTER * float(C.trace()) * eye)
         levels = attention_levels(unit_order.tolist(), attn.num_heads, attn.num_kv_heads, self.gqa)
-        order, bounds, seen = [], [0], set()
-        for lv in levels:
-            order += [h for h in lv.heads if h not in seen]
-            seen.update(lv.heads)
-            bounds.append(len(order) * attn.head_dim)
-        perm = head_channels(order, attn.head_dim).to(G.device)
-        R = _ridged_cholesky(G[perm][:, perm]).T
-        fact = Factorization(perm=perm, R=R, weights=torch.ones(len(perm), dtype=torch.float64, device=G.device))
-        return fact, levels, bounds[1:]
+        fact, bounds = nested_head_factor(levels, G, attn.head_dim)
+        return fact, levels, bounds
 
     def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:

@@ -27,6 +27,8 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Never raises: a broken report must not hide the results the sweep's jobs already wrote."""
+        if OmegaConf.select(config, "dry_run"):
+            return  # nothing ran
         sweep_dir = Path(config.hydra.sweep.dir)
         SweepReport.last = outcome(sweep_dir)
         try:

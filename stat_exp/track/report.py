@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from stat_exp.track.logger import make_logger
+from stat_exp.track.published import COLUMNS as PUBLISHED, published_columns
 from stat_exp.track.results import RESULTS_FILE
 
 DENSE = "none"
@@ -25,6 +26,7 @@ def collect(sweep_dir: Path) -> list[dict]:
     for path in sorted(Path(sweep_dir).rglob(RESULTS_FILE)):
         record = json.loads(path.read_text(encoding="utf-8"))
         record["run_dir"] = str(path.parent.relative_to(sweep_dir))
+        record["published"] = published_columns(record, path.parent)
         records.append(record)
     return records
 
@@ -46,6 +48,7 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
     row |= {f"target_{_short(k)}": v for k, v in (record.get("target") or {}).items()}
     row |= {f"achieved_{_short(k)}": achieved.get(k) for k in ("flops_fraction", "params_fraction")}
     row |= record.get("metrics") or {}
+    row |= record.get("published") or {}
     row |= {"prune_s": timing.get("prune"), "total_s": timing.get("total")}
     row |= {"status": record.get("status"), "error": record.get("error"), "run_dir": record.get("run_dir")}
     return row
@@ -62,7 +65,8 @@ def to_table(records: list[dict], metric: str | None = None) -> pd.DataFrame:
         metrics.remove(metric)
         metrics.insert(0, metric)
     fixed = ["pruner", "model", *targets, "achieved_flops", "achieved_params"]
-    df = df[[*fixed, *metrics, "prune_s", "total_s", "status", "error", "run_dir"]]
+    published = [c for c in PUBLISHED if c in df.columns]
+    df = df[[*fixed, *metrics, *published, "prune_s", "total_s", "status", "error", "run_dir"]]
     return df.sort_values(
         ["pruner", *targets], ascending=[True, *[False] * len(targets)], kind="stable", na_position="last"
     ).reset_index(drop=True)
