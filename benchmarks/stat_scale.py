@@ -1,7 +1,7 @@
 """Scale on the CPU: memory per block, the planner against measured peaks, and prune time against
 one dense forward pass, on randomly initialised Llamas with Llama-2-7B block shapes.
 
-    python -m benchmarks.stat_scale [--depths 2 3] [--sequences 16]
+    python -m benchmarks.stat_scale [--depths 2 3] [--sequences 44]
     python -m benchmarks.stat_scale --embedded   # SmolLM2: the bounded path prunes like the fast one
 
 Models with hidden 4096, FFN 11008 and 32 heads (Llama-2-7B's blocks) and `depth` blocks are
@@ -122,7 +122,8 @@ def _subprocess(*args: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 3])
-    parser.add_argument("--sequences", type=int, default=16)
+    # 44 x 256 = 11,264 tokens: more than the FFN width (11,008), so any kept neuron count can be corrected
+    parser.add_argument("--sequences", type=int, default=44)
     parser.add_argument("--one", nargs=3, metavar=("DEPTH", "OFFLOAD", "FACTORS"))
     parser.add_argument("--forward", type=int, metavar="DEPTH")
     parser.add_argument("--embedded", action="store_true", help="only the embedded model: both paths side by side")
