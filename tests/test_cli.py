@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,8 @@ def _closed_choices() -> list[tuple[str, dict, object, str, list]]:
                 schema = get_object(node["_target_"]) if "_target_" in node else SCHEMAS[group]
                 for param, hint in signature_of(schema).hints.items():
                     if closed_choices(hint) and param not in SUPPLIED.get(group, ()):
-                        found.append((f"{group}.{name}" if name else group, node, schema, param, closed_choices(hint)))
+                        allowed = closed_choices(hint) + (["null"] if type(None) in typing.get_args(hint) else [])
+                        found.append((f"{group}.{name}" if name else group, node, schema, param, allowed))
     return found
 
 
@@ -76,7 +78,7 @@ def test_every_closed_choice_rejects_other_values_naming_the_allowed_ones():
     assert {"pruner.gqa", "factorization.kind", "factorization.block_dtype", "calib.propagate", "logger.mode",
             "model.dtype", "budget.allocation", "eval.embedding.benchmarks"} <= {f"{k}.{p}" for k, _, _, p, _ in found}
     for key, node, schema, param, allowed in found:
-        sequence = isinstance(node[param], list)
+        sequence = isinstance(node.get(param), list)
         with pytest.raises(ConfigError) as err:
             check_node(key, {**node, param: ["not_allowed"] if sequence else "not_allowed"}, schema)
         shown = f"{key}.{param}[0]" if sequence else f"{key}.{param}"

@@ -95,3 +95,13 @@ def test_optuna_search_uses_the_returned_metric(tiny_job, tmp_path):
     ppls = [json.loads(p.read_text())["metrics"]["perplexity/ppl"] for p in sweep.rglob("results.json")]
     assert len(ppls) == 2 and best["best_value"] == pytest.approx(min(ppls))
     assert set(best["best_params"]) == {"calib.num_examples", "calib.seq_len", "budget.allocation"}
+
+
+def test_sweeps_over_experiments_get_the_experiment_sweeper_and_one_experiment_keeps_its_own():
+    from stat_exp.config.cli import command_line
+
+    assert command_line(["-m", "experiment=glob(*paper)"])[-1] == "hydra/sweeper=experiment"
+    assert command_line(["-m", "pruner=stat,none"])[-1] == "hydra/sweeper=experiment"
+    assert "hydra/sweeper=experiment" not in command_line(["-m", "experiment=search_stat"])  # optuna, its own
+    assert "hydra/sweeper=experiment" not in command_line(["-m", "experiment=demo,compare_pruners", "hydra/sweeper=basic"])
+    assert "hydra/sweeper=experiment" not in command_line(["pruner=stat"])

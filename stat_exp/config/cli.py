@@ -86,6 +86,22 @@ def check_overrides(argv: Sequence[str]) -> None:
                 raise UserError(f"unknown {group} {choice!r}; valid: {', '.join(valid)}")
 
 
+def _sweeper_for(argv: Sequence[str]) -> list[str]:
+    """`hydra/sweeper=experiment` for a sweep over experiments (or over no experiment): the config
+    Hydra composes before such a sweep chose no experiment, so no experiment's own sweeper can be in
+    it. A sweep of one experiment uses the sweeper that experiment selects (search_stat: optuna)."""
+    args = _args(argv)
+    if not args.multirun:
+        return []
+    overrides = OverridesParser.create().parse_overrides(list(args.overrides))
+    if any(o.key_or_group == "hydra/sweeper" for o in overrides):
+        return []
+    chosen = [o for o in overrides if o.key_or_group == "experiment"]
+    if chosen and not chosen[-1].is_sweep_override():
+        return []
+    return ["hydra/sweeper=experiment"]
+
+
 def overridable(overrides: Sequence[str]) -> list[str]:
     """Plain `a.b=value` overrides as `++a.b=value` (add when the config file leaves the key to the
     class default); hydra keys, groups and explicit +/++/~ overrides stay as they are."""
@@ -99,10 +115,11 @@ def _leaves_default(override: Override) -> bool:
 
 
 def command_line(argv: Sequence[str]) -> list[str]:
-    """argv with its overrides made overridable (see `overridable`), flags untouched."""
+    """argv with its overrides made overridable (see `overridable`), flags untouched, and the
+    experiment sweeper for sweeps that need it (see `_sweeper_for`)."""
     overrides = _args(argv).overrides
     rewritten = dict(zip(overrides, overridable(overrides)))
-    return [rewritten.get(arg, arg) for arg in argv]
+    return [rewritten.get(arg, arg) for arg in argv] + _sweeper_for(argv)
 
 
 def compose_config(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:
