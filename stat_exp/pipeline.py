@@ -42,8 +42,9 @@ def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
     """What distinguishes this job from the default protocol (for tables and plots): the pruner's
     own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
     allocation = pruner.allocation_under(cfg.budget.allocation)
+    propagate = pruner.propagate_under(cfg.calib.propagate)
     parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
-                         "propagate pruned" if cfg.calib.propagate != "dense" else "") if p]
+                         f"propagate {propagate}" if propagate != "dense" else "") if p]
     return ", ".join(parts) or None
 
 
@@ -72,15 +73,17 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             evaluators = make_evaluators(cfg.eval, run_dir)
             calibration = instantiate(cfg.calib)
             prunes = pruner.prunes and cfg.budget.flops < 1
-            batches = []
+            batches, examples = [], None
             if prunes and pruner.needs_calibration:
                 with timings("calibrate"):
                     batches = calibration.batches(tokenizer)
+                    if pruner.prepare_examples:
+                        examples = calibration.batches(tokenizer, num_examples=pruner.prepare_examples)
             budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
                                 cfg.budget.allocation, cfg.budget.round_to)
             runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
                                  cfg.progress)
-            outcome = runner.run(model, adapter, batches, device)
+            outcome = runner.run(model, adapter, batches, device, examples)
             for key, seconds in outcome.timing_s.items():
                 timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
             record.achieved, record.structure = outcome.achieved, outcome.structure

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import LayerStats
+from stat_exp.calibrate import PROPAGATE_MODES, LayerStats
 from stat_exp.models.base import ModelAdapter
 from stat_exp.errors import ConfigError
 from stat_exp.prune.budget import ALLOCATIONS, BudgetSpec, FlopsModel, LayerPlan, LayerShape
@@ -28,28 +28,40 @@ class Pruner(ABC):
     needs_calibration: ClassVar[bool] = True
     needs_factorization: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
+    needs_layer_stream: ClassVar[bool] = True  # False: scores need no layer statistics (data only in prepare)
     prunes: ClassVar[bool] = True
+    prepare_examples: int | None = None  # calibration examples `prepare` draws for itself (None: the batches)
 
-    def __init__(self, gqa: str = "per_group", allocation: str = "budget"):
+    def __init__(self, gqa: str = "per_group", allocation: str = "budget", propagate: str = "calib"):
         """`allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
-        pruner (the baselines whose scores do not compare across layers were published uniform)."""
+        pruner (the baselines whose scores do not compare across layers were published uniform).
+        `propagate`: "calib" follows calib.propagate; "dense" or "pruned" fixes what each block is
+        fed while pruning (as a method was published)."""
         if gqa not in GQA_MODES:
             raise ValueError(f"pruner.gqa={gqa!r}; allowed: {', '.join(GQA_MODES)}")
         if allocation not in ("budget", *ALLOCATIONS):
             raise ConfigError(f"pruner.allocation={allocation!r}; allowed: budget, {', '.join(ALLOCATIONS)}")
-        self.gqa, self.allocation = gqa, allocation
+        if propagate not in ("calib", *PROPAGATE_MODES):
+            raise ConfigError(f"pruner.propagate={propagate!r}; allowed: calib, {', '.join(PROPAGATE_MODES)}")
+        self.gqa, self.allocation, self.propagate = gqa, allocation, propagate
 
     def allocation_under(self, budget_allocation: str) -> str:
         """The allocation this pruner runs with when the budget asks for `budget_allocation`."""
         return budget_allocation if self.allocation == "budget" else self.allocation
+
+    def propagate_under(self, calib_propagate: str) -> str:
+        """What each block is fed while pruning when the calibration asks for `calib_propagate`."""
+        return calib_propagate if self.propagate == "calib" else self.propagate
 
     @property
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""
         return ""
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
-        """Whole-model work before the layer stream (e.g. gradients); most pruners need none."""
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                examples: list[dict[str, torch.Tensor]] | None = None) -> None:
+        """Whole-model work before the layer stream (e.g. gradients); most pruners need none.
+        `examples`: the `prepare_examples` calibration examples, when the pruner asks for them."""
 
     @abstractmethod
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:

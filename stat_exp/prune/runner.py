@@ -56,17 +56,18 @@ class PruneRunner:
                  propagate: str = "dense", progress: bool = True):
         budget = replace(budget, allocation=pruner.allocation_under(budget.allocation))
         self.pruner, self.budget, self.backend = pruner, budget, backend
-        self.propagate, self.progress = propagate, progress
+        self.propagate, self.progress = pruner.propagate_under(propagate), progress
         self.flops = FlopsModel(budget.seq_len)
         self._streamed = 0.0  # seconds spent streaming calibration batches through blocks
 
     def run(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
-            device: torch.device) -> PruneOutcome:
+            device: torch.device, examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
+        """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any."""
         dense_flops, dense_params = model_flops(adapter, self.flops), prunable_params(adapter)
         timing: dict[str, float] = {}
         if self.pruner.prunes:
             start = time.perf_counter()
-            self.pruner.prepare(model, adapter, batches)
+            self.pruner.prepare(model, adapter, batches, examples)
             self._streamed = 0.0
             self._prune(model, adapter, batches, device)
             timing["calibrate"] = self._streamed
@@ -91,7 +92,7 @@ class PruneRunner:
 
     def _prune(self, model, adapter, batches, device) -> None:
         shapes = shapes_of(adapter)
-        if not self.pruner.needs_calibration:
+        if not (self.pruner.needs_calibration and self.pruner.needs_layer_stream):
             scores = [self.pruner.score(adapter, i, l, None) for i, l in enumerate(adapter.layers())]
             self.apply_plans(adapter, [(sc, None) for sc in scores], self._allocate(scores, shapes))
             return
