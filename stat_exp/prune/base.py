@@ -6,6 +6,7 @@ layer's statistics into LayerScores, and applies a plan to that layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import PROPAGATE_MODES, LayerStats
+from stat_exp.factorize.base import Accumulator, Backend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.errors import ConfigError
 from stat_exp.prune.budget import ALLOCATIONS, BudgetSpec, FlopsModel, LayerPlan, LayerShape
@@ -57,6 +59,10 @@ class Pruner(ABC):
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""
         return ""
+
+    def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
+        """How this pruner's layer statistics accumulate: the backend's own by default."""
+        return backend.accumulator
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                 examples: list[dict[str, torch.Tensor]] | None = None) -> None:

@@ -72,3 +72,44 @@ class HeldOutGram:
     held_out_sums: torch.Tensor | None = None
     n_fit: int = 0
     n_held_out: int = 0
+
+
+@dataclass
+class ModuleGrams:
+    """One prunable input's calibration statistics: the Gram over all tokens (and channel sums for
+    an intercept), and, when a choice needs validation, the same split into fit and held-out parts."""
+
+    full: torch.Tensor
+    n: int
+    sums: torch.Tensor | None = None
+    fit: torch.Tensor | None = None
+    held_out: torch.Tensor | None = None
+    held_out_sums: torch.Tensor | None = None
+    n_held_out: int = 0
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        return None if self.sums is None else self.sums / max(self.n, 1)
+
+    def centred(self) -> "ModuleGrams":
+        """The same statistics about the fit's means (the held-out part about the fit part's mean)."""
+        if self.sums is None:
+            return self
+        full = centred(self.full, self.sums, self.n)
+        if self.fit is None:
+            return ModuleGrams(full, self.n, self.sums)
+        fit_sums, n_fit = self.sums - self.held_out_sums, self.n - self.n_held_out
+        fit_mean = fit_sums / max(n_fit, 1)
+        return ModuleGrams(full, self.n, self.sums, centred(self.fit, fit_sums, n_fit),
+                           centred(self.held_out, self.held_out_sums, self.n_held_out, fit_mean),
+                           self.held_out_sums, self.n_held_out)
+
+    def scaled(self, w: torch.Tensor, perm: torch.Tensor) -> "ModuleGrams":
+        """Column weights w, then units in the order perm (sums follow)."""
+        def f(G):
+            return None if G is None else (G * w[:, None] * w[None, :])[perm][:, perm]
+
+        def v(s):
+            return None if s is None else (s * w)[perm]
+        return ModuleGrams(f(self.full), self.n, v(self.sums), f(self.fit), f(self.held_out), v(self.held_out_sums),
+                           self.n_held_out)

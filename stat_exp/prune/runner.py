@@ -67,7 +67,10 @@ class PruneRunner:
         timing: dict[str, float] = {}
         if self.pruner.prunes:
             start = time.perf_counter()
-            self.pruner.prepare(model, adapter, batches, examples)
+            if examples is None:
+                self.pruner.prepare(model, adapter, batches)
+            else:
+                self.pruner.prepare(model, adapter, batches, examples)
             self._streamed = 0.0
             self._prune(model, adapter, batches, device)
             timing["calibrate"] = self._streamed
@@ -126,7 +129,7 @@ class PruneRunner:
 
     def _stream(self, model, adapter, batches, device, propagate: str):
         """Iterate the layer stream, adding its forward time to the calibration time."""
-        make = self.backend.accumulator if self.pruner.needs_factorization and self.backend else None
+        make = self.pruner.accumulator(self.backend) if self.pruner.needs_factorization and self.backend else None
         model_major = not (self.backend and self.backend.holds_activations and make)
         stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major,
                              moments=self.pruner.needs_moments)

@@ -3,69 +3,130 @@
 FFN: a column-pivoted factor of the hidden activations, columns weighted by the norms of their
 output weights, ranks the neurons; the removed neurons are reconstructed from the kept ones,
 Z_removed ~= Z_kept T, and T is folded into the down projection.
-Heads: whole heads (or KV groups) are ranked by pivoting on their contributions after W_O; the
+Heads: whole heads (or KV groups) are ranked by pivoting on their contributions after W_O
+(`heads=pivot`) or removed greedily by the corrected error they add (`heads=greedy`); the
 least-squares map from the kept head channels to the removed ones is folded into W_O.
 The cost of a keep-count is the exact output error the corrected layer adds, relative to the
 typical energy of the residual stream it is added to (n_tokens x the median token's squared norm),
 so costs compare across layers. The median matters: from some block on, a few tokens carry massive
 activations that dominate the summed energy (100x in SmolLM2 from block 12) and would make every
 later block look cheap to prune.
+
+Options (each measured in benchmarks/stat_quality.py): `ridge` shrinks the correction toward plain
+slicing, a fixed strength or `auto` (chosen per keep-count on held-out calibration batches);
+`intercept` adds a mean term folded into the output bias; `costs=held_out` prices keep-counts by
+the error on held-out calibration batches instead of on the tokens the correction was fitted to.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import LayerStats
-from stat_exp.factorize.base import Factorization, RankError, pivoted_cholesky
+from stat_exp.calibrate import ChannelMoments, LayerStats
+from stat_exp.errors import ConfigError
+from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import LayerPlan
-from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
+from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
+from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
+from stat_exp.prune.held_out import HeldOutAccumulator
+from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
-JITTER = 1e-10  # smallest relative ridge on the head Gram, for heads whose outputs are collinear
+RIDGES = (0.0, 0.03, 0.1, 0.3, 1.0)  # the strengths `ridge=auto` chooses from (relative to each unit's energy)
 
 
-def _ridged_cholesky(G: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of G + eps I with the smallest eps (from JITTER up) that makes it succeed:
-    a rank-deficient Gram (few tokens, dead heads, float32 blocks) still gets a stable factor."""
-    scale = max(float(G.diagonal().mean()), 1e-300)
-    eye = torch.eye(G.shape[0], dtype=G.dtype)
-    eps = JITTER
-    while True:
-        L, info = torch.linalg.cholesky_ex(G + eps * scale * eye)
-        if int(info) == 0:
-            return L
-        eps *= 100
+def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: int
+                       ) -> tuple[Factorization, list[int]]:
+    """Factor of the head-channel Gram `G` with channels in the levels' nested head order, so that
+    every level's corrected error is a suffix sum; and the kept channel count of each level."""
+    order, bounds, seen = [], [], set()
+    for lv in levels:
+        order += [h for h in lv.heads if h not in seen]
+        seen.update(lv.heads)
+        bounds.append(len(order) * head_dim)
+    perm = head_channels(order, head_dim)
+    R = ridged_cholesky(G[perm][:, perm])
+    return Factorization(perm=perm, R=R, weights=torch.ones(len(perm), dtype=torch.float64)), bounds
 
 
 class StatPruner(Pruner):
     name = "stat"
     needs_factorization = True
 
-    def __init__(self, gqa: str = "per_group", correction: bool = True, allocation: str = "budget"):
+    def __init__(self, gqa: Literal["per_group", "whole_groups"] = "per_group", correction: bool = True,
+                 allocation: Literal["budget", "global", "uniform"] = "budget",
+                 ridge: float | Literal["auto"] = 0.0, validation: float = 0.25,
+                 heads: Literal["pivot", "greedy"] = "pivot", intercept: bool = False,
+                 costs: Literal["fit", "held_out"] = "fit"):
+        """`ridge`: strength of the ridge on the correction, relative to each kept unit's energy
+        (0: plain least squares), or `auto`: chosen from RIDGES for every keep-count by the error
+        on held-out calibration batches. `validation`: the share of calibration batches held out
+        for `ridge=auto` and `costs=held_out` (all batches still make the final fit)."""
         super().__init__(gqa, allocation)
-        self.correction = correction
+        if ridge != "auto" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0):
+            raise ConfigError(f"pruner.ridge={ridge!r} must be a number >= 0 or auto")
+        if not isinstance(validation, (int, float)) or not 0 < validation < 1:
+            raise ConfigError(f"pruner.validation={validation!r} must be in (0, 1): the share of calibration "
+                              f"batches held out (1 or more would leave nothing to fit)")
+        for key, value, allowed in (("heads", heads, ("pivot", "greedy")), ("costs", costs, ("fit", "held_out"))):
+            if value not in allowed:
+                raise ConfigError(f"pruner.{key}={value!r}; allowed: {', '.join(allowed)}")
+        self.correction, self.ridge, self.validation = correction, ridge, validation
+        self.heads, self.intercept, self.costs = heads, intercept, costs
+        self.needs_moments = intercept  # channel sums for the mean term
 
     @property
     def variant(self) -> str:
-        return "" if self.correction else "no correction"
+        parts = ["" if self.correction else "no correction", f"ridge {self.ridge}" if self.ridge else "",
+                 "greedy heads" if self.heads == "greedy" else "", "intercept" if self.intercept else "",
+                 "held-out costs" if self.costs == "held_out" else ""]
+        return ", ".join(p for p in parts if p)
+
+    @property
+    def _held_out(self) -> bool:
+        return self.ridge == "auto" or self.costs == "held_out"
+
+    @property
+    def _plain(self) -> bool:
+        """Today's method exactly: one pivoted factor per module, costs and folds from it."""
+        return not (self.ridge or self.intercept or self._held_out or self.heads == "greedy")
+
+    def accumulator(self, backend: Backend):
+        if not self._held_out:
+            return backend.accumulator
+        return lambda dim: HeldOutAccumulator(backend.accumulator(dim), backend.accumulator(dim), self.validation)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double().cpu()
-        ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
-        attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
-        return LayerScores(
-            ffn_order=ffn_fact.perm,
-            ffn_cost=(ffn_fact.output_error(W2) / scale).numpy(),
-            attn_levels=levels,
-            attn_cost=(attn_fact.output_error(attn.o.weight.detach().double().cpu())[bounds] / scale).numpy(),
-            extra={"ffn": ffn_fact, "attn": attn_fact, "attn_bounds": bounds, "n_tokens": stats.n_tokens},
-        )
+        W_O = attn.o.weight.detach().double().cpu()
+        extra = {"n_tokens": stats.n_tokens}
+        if self._plain:
+            ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
+            attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
+            extra |= {"ffn": ffn_fact, "attn": attn_fact, "attn_bounds": bounds}
+            ffn_order, ffn_cost = ffn_fact.perm, ffn_fact.output_error(W2)
+            attn_cost = attn_fact.output_error(W_O)[bounds]
+        else:
+            ffn_fold, ffn_cost = self._ffn_fold(W2, self._grams(stats.ffn_factor, stats.ffn))
+            levels, attn_cost, attn_folds = self._head_folds(attn, self._grams(stats.attn_factor, stats.attn))
+            extra |= {"ffn_fold": ffn_fold, "attn_folds": attn_folds}
+            ffn_order = ffn_fold.perm
+        return LayerScores(ffn_order=ffn_order, ffn_cost=(torch.as_tensor(ffn_cost) / scale).numpy(),
+                           attn_levels=levels, attn_cost=(torch.as_tensor(attn_cost) / scale).numpy(), extra=extra)
+
+    def _grams(self, acc: Accumulator, moments: ChannelMoments | None) -> ModuleGrams:
+        grams = ModuleGrams(acc.gram(), acc.n_tokens, moments.sum.double().cpu() if self.intercept else None)
+        if isinstance(acc, HeldOutAccumulator):
+            grams.fit, grams.held_out = acc.parts()
+            grams.held_out_sums, grams.n_held_out = acc.held_out_sums, acc.held_out.n_tokens
+        return grams.centred()
 
     def _head_factorization(self, attn, G: torch.Tensor):
         """Rank heads (or KV groups) by pivoting on their contributions after W_O, then factor the
@@ -78,35 +139,85 @@ class StatPruner(Pruner):
         C = member.T @ ((W.T @ W) * G) @ member  # <O_a W_a^T, O_b W_b^T> summed per unit pair
         unit_order, _ = pivoted_cholesky(C + JITTER * float(C.trace()) * torch.eye(len(units), dtype=C.dtype))
         levels = attention_levels(unit_order.tolist(), attn.num_heads, attn.num_kv_heads, self.gqa)
-        order, bounds, seen = [], [0], set()
+        fact, bounds = nested_head_factor(levels, G, attn.head_dim)
+        return fact, levels, bounds
+
+    def _ffn_fold(self, W2: torch.Tensor, grams: ModuleGrams) -> tuple["NeuronFold", torch.Tensor]:
+        """Neuron order (pivoted on the weighted Gram), the fold of every keep-count, and its cost."""
+        w = W2.norm(dim=0)
+        w = w.clamp_min(float(w.max()) * 1e-12 if w.max() > 0 else 1.0)
+        perm, R0 = pivoted_cholesky(grams.full * w[:, None] * w[None, :])
+        g = grams.scaled(w, perm)
+        V = (W2 / w)[:, perm]
+        if self.ridge == "auto":
+            curves = torch.stack([error_curve(ridged_cholesky(g.fit, r), V, g.held_out) for r in RIDGES])
+            ridge_at = [RIDGES[i] for i in curves.argmin(0).tolist()]
+            held_out = curves.min(0).values
+        else:
+            ridge_at = [float(self.ridge)] * (len(perm) + 1)
+            held_out = error_curve(ridged_cholesky(g.fit, self.ridge), V, g.held_out) if self._held_out else None
+        if self.costs == "held_out":
+            cost = held_out * grams.n / grams.n_held_out
+        elif self.ridge and self.ridge != "auto":
+            cost = error_curve(ridged_cholesky(g.full, self.ridge), V, g.full)
+        else:  # the plain least squares on all tokens: suffix sums of its own factor
+            cost = Factorization(perm=torch.arange(len(perm)), R=R0, weights=torch.ones_like(w)).output_error(V)
+        return NeuronFold(perm, w, g.full, ridge_at, grams.mean), cost
+
+    def _head_folds(self, attn, grams: ModuleGrams):
+        """Levels (pivoted, or greedy where that pays less), each level's cost, and its fold ridge."""
+        W = attn.o.weight.detach().double().cpu()
+        _, levels, _ = self._head_factorization(attn, grams.full)
+        if self.heads == "greedy":
+            per_group = self.gqa == "per_group"
+            greedy, greedy_costs = greedy_levels(grams.full, W, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                                 per_group)
+            pivot_costs = [self._level_error(attn, grams.full, W, lv) for lv in levels]
+            levels = [g if gc < pc else p for g, gc, p, pc in zip(greedy, greedy_costs, levels, pivot_costs)]
+        costs, ridges = [], []
         for lv in levels:
-            order += [h for h in lv.heads if h not in seen]
-            seen.update(lv.heads)
-            bounds.append(len(order) * attn.head_dim)
-        perm = head_channels(order, attn.head_dim)
-        R = _ridged_cholesky(G[perm][:, perm]).T
-        fact = Factorization(perm=perm, R=R, weights=torch.ones(len(perm), dtype=torch.float64))
-        return fact, levels, bounds[1:]
+            kept, removed = _channels(attn, lv)
+            options = RIDGES if self.ridge == "auto" else (float(self.ridge),)
+            held = [corrected_error(grams.fit, W, kept, removed, r, grams.held_out) for r in options] \
+                if self._held_out else None
+            ridge = options[int(np.argmin(held))] if self.ridge == "auto" else options[0]
+            if self.costs == "held_out":
+                costs.append(min(held) * grams.n / grams.n_held_out)
+            else:
+                costs.append(corrected_error(grams.full, W, kept, removed, ridge))
+            ridges.append(ridge)
+        return levels, torch.tensor(costs, dtype=torch.float64), {"gram": grams.full, "ridges": ridges,
+                                                                   "mean": grams.mean}
+
+    def _level_error(self, attn, G, W, level: AttentionLevel) -> float:
+        kept, removed = _channels(attn, level)
+        return corrected_error(G, W, kept, removed)
 
     def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         n_tokens = scores.extra["n_tokens"]
         level = scores.attn_levels[plan.attn_level]
-        k_attn = scores.extra["attn_bounds"][plan.attn_level]
+        k_attn = level.num_heads * attn.head_dim
         for what, k in (("neurons", plan.neurons), ("head channels", k_attn)):
             if self.correction and k < (ffn.width if what == "neurons" else attn.o.in_features) and n_tokens < k:
                 raise RankError(
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
-        o_weight = self._corrected(attn.o.weight, scores.extra["attn"], k_attn)
-        if o_weight is not None:  # columns follow the factor's order; put them in kept-head order
-            kept = scores.extra["attn"].perm[:k_attn]
-            where = {int(c): i for i, c in enumerate(kept)}
-            o_weight = o_weight[:, [where[int(c)] for c in head_channels(level.heads, attn.head_dim)]]
-        prune_attention(adapter, layer, level, o_weight)
         keep = scores.ffn_order[: plan.neurons]
-        prune_ffn(adapter, layer, keep, self._corrected(ffn.down.weight, scores.extra["ffn"], plan.neurons))
+        if "ffn_fold" in scores.extra:
+            o_weight, o_bias = self._head_fold(attn, level, plan.attn_level, scores.extra["attn_folds"])
+            down_weight, down_bias = self._neuron_fold(ffn.down, scores.extra["ffn_fold"], plan.neurons)
+        else:
+            o_weight = self._corrected(attn.o.weight, scores.extra["attn"], k_attn)
+            if o_weight is not None:  # columns follow the factor's order; put them in kept-head order
+                kept = scores.extra["attn"].perm[:k_attn]
+                where = {int(c): i for i, c in enumerate(kept)}
+                o_weight = o_weight[:, [where[int(c)] for c in head_channels(level.heads, attn.head_dim)]]
+            o_bias = down_bias = None
+            down_weight = self._corrected(ffn.down.weight, scores.extra["ffn"], plan.neurons)
+        prune_attention(adapter, layer, level, o_weight, o_bias)
+        prune_ffn(adapter, layer, keep, down_weight, down_bias)
 
     def _corrected(self, weight: torch.Tensor, fact: Factorization, k: int) -> torch.Tensor | None:
         """W[:, kept] + W[:, removed] T^T, the output weights with the removed units folded in."""
@@ -115,3 +226,52 @@ class StatPruner(Pruner):
         W = weight.detach().double().cpu()
         kept, removed = fact.perm[:k], fact.perm[k:]
         return (W[:, kept] + W[:, removed] @ fact.correction(k).T).to(weight.dtype)
+
+    def _neuron_fold(self, down: nn.Linear, fold: "NeuronFold", k: int):
+        """(weight, bias) of the down projection keeping the first k neurons of the fold's order."""
+        if not self.correction or k >= down.in_features:
+            return None, None
+        W = down.weight.detach().double().cpu()
+        kept, removed = fold.perm[:k], fold.perm[k:]
+        T = fold.correction(k)
+        return (W[:, kept] + W[:, removed] @ T.T).to(down.weight.dtype), \
+            _folded_bias(down, W[:, removed], fold.mean, kept, removed, T)
+
+    def _head_fold(self, attn, level: AttentionLevel, index: int, folds: dict):
+        """(weight, bias) of O keeping the level's heads, the removed channels folded in."""
+        if not self.correction or level.num_heads == attn.num_heads:
+            return None, None
+        kept, removed = _channels(attn, level)
+        T = fold_map(folds["gram"], kept, removed, folds["ridges"][index])
+        W = attn.o.weight.detach().double().cpu()
+        return (W[:, kept] + W[:, removed] @ T.T).to(attn.o.weight.dtype), \
+            _folded_bias(attn.o, W[:, removed], folds["mean"], kept, removed, T)
+
+
+class NeuronFold:
+    """The FFN correction of every keep-count: unit order, column weights, the weighted Gram in that
+    order (centred with an intercept), the ridge chosen for each count, the channel means."""
+
+    def __init__(self, perm: torch.Tensor, weights: torch.Tensor, gram: torch.Tensor, ridge_at: list[float],
+                 mean: torch.Tensor | None):
+        self.perm, self.weights, self.gram, self.ridge_at, self.mean = perm, weights, gram, ridge_at, mean
+
+    def correction(self, k: int) -> torch.Tensor:
+        """T (k x m-k) in the original (unweighted) scale, with the ridge chosen for k."""
+        R = ridged_cholesky(self.gram, self.ridge_at[k])
+        return Factorization(perm=self.perm, R=R, weights=self.weights).correction(k)
+
+
+def _channels(attn, level: AttentionLevel) -> tuple[torch.Tensor, torch.Tensor]:
+    kept = head_channels(level.heads, attn.head_dim)
+    removed = head_channels(sorted(set(range(attn.num_heads)) - set(level.heads)), attn.head_dim)
+    return kept, removed
+
+
+def _folded_bias(linear: nn.Linear, W_removed: torch.Tensor, mean: torch.Tensor | None, kept: torch.Tensor,
+                 removed: torch.Tensor, T: torch.Tensor) -> torch.Tensor | None:
+    """b + W_r (mu_r - T^T mu_k): the intercept of the fit, or None without one."""
+    if mean is None:
+        return None
+    bias = W_removed @ (mean[removed] - T.T @ mean[kept])
+    return bias if linear.bias is None else bias + linear.bias.detach().double().cpu()
