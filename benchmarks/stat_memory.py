@@ -21,7 +21,7 @@ def measure(num_examples: int) -> dict:
     from stat_exp.factorize import GramBackend
     from stat_exp.models import get_adapter
     from stat_exp.prune.budget import BudgetSpec
-from stat_exp.prune.runner import PruneRunner
+    from stat_exp.prune.runner import PruneRunner
     from stat_exp.prune.stat import StatPruner
 
     model, _, batches = smollm2(num_examples)

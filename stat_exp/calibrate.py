@@ -1,8 +1,9 @@
-"""Layer-by-layer calibration: stream batches through one block at a time, accumulating statistics.
+"""Calibration: stream batches through the blocks, accumulating the statistics a pruner needs.
 
-Only the current block's inputs are held; the statistics a pruner needs (Gram matrices, sketches
-or channel moments) are accumulated while the batches stream, never the activations themselves
-(except with the `qr` backend, which needs them by definition).
+The statistics (Gram matrices, sketches or channel moments) are accumulated while the batches
+stream, never the activations themselves (except with the `qr` backend, which needs them by
+definition). Blocks are visited either all at once per batch, or one at a time over all batches
+with their weights moved to the device in turn (see `LayerStream`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
+from stat_exp.offload import BlockStore
 
 PROPAGATE_MODES = ("dense", "pruned")
 LABELS = "labels"  # batch key for task labels: used by loss-based pruners, never fed to the stream
@@ -93,43 +95,72 @@ class _StopForward(Exception):
 
 
 @dataclass
-class _BlockInput:
-    hidden: torch.Tensor
-    args: tuple  # positional arguments after the hidden states (some blocks take the mask so)
+class BlockCall:
+    """Everything a block is called with besides its hidden states, for one batch: masks, position
+    embeddings, cache positions, positional or keyword. Blocks of one model may differ (sliding and
+    global attention layers get different masks), so every block's own call is kept; blocks that
+    share a tensor (the same mask) share the object, so this costs no memory per block."""
+
+    args: tuple
     kwargs: dict
-    mask: torch.Tensor | None  # (batch, seq) bool: which tokens are real; None: all of them
+
+
+@dataclass
+class BlockBoundary:
+    """The calibration set at the current block boundary: one hidden-state tensor per batch (the only
+    thing that grows with the number of calibration tokens; it does not grow with depth), where the
+    tokens are real, and every block's own call arguments per batch."""
+
+    hidden: list[torch.Tensor]
+    masks: list[torch.Tensor | None]
+    calls: list[list[BlockCall]]  # [batch][block]
 
 
 def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
-                         device: torch.device) -> list[_BlockInput]:
-    """Run the model up to its first block and keep exactly what that block is called with.
+                         device: torch.device, home: torch.device | None = None) -> BlockBoundary:
+    """Run each batch through the model with every block replaced by a recorder of its arguments.
 
-    Every argument is kept generically (position embeddings, masks, ..., positional or keyword),
-    so changes in transformers' block signatures need no change here.
+    No block computes anything (their weights may be on the host, on disk or on the meta device):
+    each recorder keeps what its block is called with and passes the hidden states on unchanged,
+    and the forward pass stops after the last block. Block 0's hidden states are the calibration
+    inputs; they are kept on `home` (the host when blocks are offloaded) in the model dtype.
     """
-    captured: list[_BlockInput] = []
-    first = adapter.layers()[0]
-    current_mask: list[torch.Tensor] = []
+    layers = adapter.layers()
+    home = device if home is None else home
+    boundary = BlockBoundary([], [], [])
+    calls: list[BlockCall | None] = [None] * len(layers)
 
-    def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden, rest = (args[0], tuple(args[1:])) if args else (kwargs.pop("hidden_states"), ())
-        captured.append(_BlockInput(hidden.detach(), rest, kwargs, current_mask[0]))
-        raise _StopForward
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden, rest = (args[0], tuple(args[1:])) if args else (kwargs.pop("hidden_states"), ())
+            calls[i] = BlockCall(rest, dict(kwargs))
+            if i == 0:
+                boundary.hidden.append(hidden.detach().to(home))
+            if i == len(layers) - 1:
+                raise _StopForward
+            return hidden
+        return forward
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's dispatch hooks
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
     try:
         with torch.inference_mode():
             for batch in batches:
                 batch = model_inputs(batch, device)
-                current_mask[:] = [padding_mask(batch)]
                 try:
                     model(**batch, use_cache=False)
                 except _StopForward:
                     pass
+                boundary.masks.append(padding_mask(batch))
+                boundary.calls.append(list(calls))
     finally:
-        handle.remove()
-    return captured
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward  # the class's forward again
+            else:
+                layer.forward = forward
+    return boundary
 
 
 def _first_output(out):
@@ -139,19 +170,20 @@ def _first_output(out):
 class LayerStream:
     """Iterates blocks with their statistics; between two blocks the caller may prune the block.
 
+    Two orders. Model-major (`model_major=True`, dense propagation, blocks resident): every batch
+    runs through the whole model once with hooks on all blocks, so no hidden states are stored,
+    but every block's statistics are held at once. Block-major: the calibration set is kept at the
+    current block boundary (`BlockBoundary`) and one block at a time runs over all batches, so what
+    is held does not grow with depth; blocks are moved to the device by `store` in turn (weights on
+    the host or on disk, `offload=cpu|disk`) and written back as they finish.
     `propagate="dense"` feeds each block the original outputs of the previous one (the paper's
-    code). Then every block's statistics come from ordinary forward passes, batch by batch, with
-    hooks on all blocks at once: no hidden states are stored, so memory does not grow with the
-    number of calibration sequences. `"pruned"` feeds each block the outputs of the already-pruned
-    previous block, which needs the blocks one at a time and their inputs kept between them.
-    `model_major=False` forces the block-by-block order also for dense propagation (for backends
-    that hold activations, so that only one block's are held at a time).
+    code); `"pruned"` feeds it the outputs of the already-pruned previous block.
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, propagate: str = "dense",
                  make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True,
-                 model_major: bool = True, moments: bool = True):
+                 model_major: bool = True, moments: bool = True, store: BlockStore | None = None):
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"calib.propagate={propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
         self.model, self.adapter, self.batches = model, adapter, batches
@@ -160,14 +192,15 @@ class LayerStream:
         self.make_accumulator = make_accumulator
         self.moments = moments  # per-channel moments cost a pass over every activation: only on request
         self.progress = progress
-        self.model_major = model_major and propagate == "dense"
+        self.store = store or BlockStore(model, adapter, device)
+        self.model_major = model_major and propagate == "dense" and self.store.mode == "none"
         self.seconds = 0.0  # time spent running blocks and accumulating statistics
 
     def __iter__(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         if self.model_major:
             yield from self._model_major()
         else:
-            yield from self._layer_major()
+            yield from self._block_major()
 
     def _model_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
@@ -197,19 +230,24 @@ class LayerStream:
             yield i, layer, stats[i]
             stats[i] = None  # the caller holds what it still needs
 
-    def _layer_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
+    def _block_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
-        inputs = capture_block_inputs(self.model, self.adapter, self.batches, self.device)
-        layers = self.adapter.layers()
-        for i, layer in enumerate(tqdm(layers, desc="calibrate+prune", disable=not self.progress)):
+        home = torch.device("cpu") if self.store.mode != "none" else self.device
+        boundary = capture_block_inputs(self.model, self.adapter, self.batches, self.device, home)
+        n = len(self.adapter.layers())
+        for i in tqdm(range(n), desc="calibrate+prune", disable=not self.progress):
+            layer = self.store.onload(i)
+            before = _parameter_ids(layer)
             stats = self._new_stats(layer)
-            outputs = self._run(layer, inputs, stats)
+            outputs = self._run(layer, boundary, i, stats)
             self.seconds += time.perf_counter() - start
             yield i, layer, stats
             start = time.perf_counter()
-            if self.propagate == "pruned" and i + 1 < len(layers):
-                outputs = self._run(layer, inputs, None)
-            inputs = [_BlockInput(o, b.args, b.kwargs, b.mask) for o, b in zip(outputs, inputs)]
+            pruned = _parameter_ids(layer) != before  # surgery swaps Parameter objects
+            if self.propagate == "pruned" and pruned and i + 1 < n:
+                outputs = self._run(layer, boundary, i, None)
+            self.store.offload(i)
+            boundary.hidden = outputs
 
     def _new_stats(self, layer: nn.Module) -> LayerStats:
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
@@ -241,21 +279,30 @@ class LayerStream:
         return handles
 
     @torch.inference_mode()
-    def _run(self, layer: nn.Module, inputs: list[_BlockInput], stats: LayerStats | None) -> list[torch.Tensor]:
-        """Run one block over all batches; with `stats`, accumulate them."""
+    def _run(self, layer: nn.Module, boundary: BlockBoundary, index: int,
+             stats: LayerStats | None) -> list[torch.Tensor]:
+        """Run block `index` over all batches with its own call arguments; with `stats`, accumulate
+        them. Outputs go back where the boundary keeps its hidden states."""
         mask: list[torch.Tensor | None] = [None]
         handles = self._hooks(layer, stats, mask, energy=False) if stats is not None else []
         try:
             outputs = []
-            for b in inputs:
-                mask[0] = b.mask
+            for hidden, batch_mask, calls in zip(boundary.hidden, boundary.masks, boundary.calls):
+                mask[0] = batch_mask
+                hidden = hidden.to(self.device)
                 if stats is not None:
-                    _record_input(stats, b.hidden, b.mask)
-                outputs.append(_first_output(layer(b.hidden, *b.args, **b.kwargs)))
+                    _record_input(stats, hidden, batch_mask)
+                call = calls[index]
+                out = _first_output(layer(hidden, *call.args, **call.kwargs))
+                outputs.append(out.to(boundary.hidden[0].device))
             return outputs
         finally:
             for h in handles:
                 h.remove()
+
+
+def _parameter_ids(layer: nn.Module) -> set[int]:
+    return {id(p) for p in layer.parameters()}
 
 
 def padding_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ adds Hydra around it.
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -16,8 +17,9 @@ from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
 from stat_exp.models import get_adapter
-from stat_exp.models.loading import load_model
 from stat_exp.models.saving import save_pruned
+from stat_exp.offload import open_model
+from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
@@ -65,32 +67,44 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
             device = resolve_device(cfg.device)
             pruner: Pruner = instantiate(cfg.pruner)
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
-            with timings("load"):
-                model, tokenizer = load_model(cfg.model.source, cfg.model.task, cfg.model.dtype, device)
-            adapter = get_adapter(model)
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
             evaluators = make_evaluators(cfg.eval, run_dir)
             calibration = instantiate(cfg.calib)
             prunes = pruner.prunes and cfg.budget.flops < 1
-            batches, examples = [], None
-            if prunes and pruner.needs_calibration:
-                with timings("calibrate"):
-                    batches = calibration.batches(tokenizer)
-                    if pruner.prepare_examples:
-                        examples = calibration.batches(tokenizer, num_examples=pruner.prepare_examples)
-            budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
-                                cfg.budget.allocation, cfg.budget.round_to)
-            runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
-                                 cfg.progress)
-            outcome = runner.run(model, adapter, batches, device, examples)
-            for key, seconds in outcome.timing_s.items():
-                timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
-            record.achieved, record.structure = outcome.achieved, outcome.structure
-            with timings("eval"):
-                record.metrics = evaluate(evaluators, model, tokenizer, device)
-            if cfg.save_model:
-                _save(model, tokenizer, run_dir / "model", cfg.model.task)
+            plan = make_plan(cfg, device, run_dir, prunes)  # before any weight is read
+            record.execution, record.plan = asdict(plan.execution), plan.summary()
+            work_dir = Path(cfg.execution.dir) if cfg.execution.dir else run_dir / "offload"
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with timings("load"):
+                model, tokenizer, store = open_model(cfg.model.source, cfg.model.task, cfg.model.dtype, device,
+                                                     plan.execution.offload, work_dir / "blocks")
+            try:
+                adapter = get_adapter(model)
+                batches, examples = [], None
+                if prunes and pruner.needs_calibration:
+                    with timings("calibrate"):
+                        batches = calibration.batches(tokenizer)
+                        if pruner.prepare_examples:
+                            examples = calibration.batches(tokenizer, num_examples=pruner.prepare_examples)
+                budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
+                                    cfg.budget.allocation, cfg.budget.round_to)
+                runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
+                                     cfg.progress, plan.execution.stream, plan.execution.factors, work_dir / "factors")
+                outcome = runner.run(model, adapter, batches, device, store, examples)
+                for key, seconds in outcome.timing_s.items():
+                    timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
+                record.achieved, record.structure = outcome.achieved, outcome.structure
+                store.prepare_for_eval()
+                with timings("eval"):
+                    record.metrics = evaluate(evaluators, model, tokenizer, device)
+                if cfg.save_model:
+                    _save(model, tokenizer, run_dir / "model", cfg.model.task)
+            finally:
+                store.close()
+                if device.type == "cuda":
+                    record.peak_device_mb = torch.cuda.max_memory_allocated(device) / 2**20
         record.status = "ok"
     except BaseException as e:
         record.status, record.error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

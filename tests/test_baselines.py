@@ -219,8 +219,8 @@ def test_kwon_tuning_targets_teacher_output_minus_student_residual(batches):
     tuner = MaskTuner(model, adapter, batches, CPU, max_scale=10.0)
     kept_heads, kept = [0, 1, 2, 3], torch.arange(0, 128, 3)
     head_mask = _unit_mask(kept_heads, 8, 8)
-    _, ffn_targets, _ = tuner.teacher_pass(layer, None, None)
-    A, b = tuner.neuron_system(layer, head_mask, _unit_mask(kept, 128, 1), ffn_targets, kept)
+    _, ffn_targets, _ = tuner.teacher_pass(0, layer, None, None)
+    A, b = tuner.neuron_system(0, layer, head_mask, _unit_mask(kept, 128, 1), ffn_targets, kept)
     seen = {}  # the dense teacher's O inputs and FFN input/output
     handles = [layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.setdefault("o", []).append((a[0], o))),
                layer.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.setdefault("d", []).append((a[0], o)))]
@@ -358,7 +358,8 @@ def test_kwon_takes_its_fisher_information_from_its_own_examples(batches, tokeni
     model = llama()
     pruner = KwonPruner(fisher_examples=10)
     own = make_batches(n=5, batch=2, seq=24, seed=7)
-    PruneRunner(pruner, BudgetSpec(0.6, 64), None, progress=False).run(model, get_adapter(model), batches, CPU, own)
+    PruneRunner(pruner, BudgetSpec(0.6, 64), None, progress=False).run(model, get_adapter(model), batches, CPU,
+                                                                       examples=own)
     assert pruner.grads[0][0].shape[0] == len(own)  # one gradient per batch of its own examples
     with pytest.raises(ConfigError, match="pruner.fisher_examples=0 must be a positive integer or null"):
         KwonPruner(fisher_examples=0)

@@ -109,7 +109,7 @@ def test_auto_ridge_prices_every_count_by_its_best_held_out_error():
     Z = module_inputs(model, lambda a, l: a.ffn(l).down, data)
     fit, held = torch.cat([z for i, z in enumerate(Z) if i % 4 != 3]), torch.cat(Z[3::4])
     W = get_adapter(model).ffn(get_adapter(model).layers()[0]).down.weight.detach().double()
-    fold = sc.extra["ffn_fold"]
+    fold = sc.heavy["ffn_fold"]
     p, w = fold.perm, fold.weights
     n, n_held = sum(len(z) for z in Z), len(held)
     for k in (8, 30, 47):

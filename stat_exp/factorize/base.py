@@ -7,6 +7,8 @@ output-error curve below depend only on (perm, R), so they are shared by all bac
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +84,18 @@ def pivoted_cholesky(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _pivoted_cholesky_torch(G)
 
 
+@contextmanager
+def full_precision_matmul() -> Iterator[None]:
+    """float32 matmuls in full float32 (no TF32) inside: a float32 Gram accumulated with TF32's
+    10-bit mantissa would silently change which units are kept."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _pivoted_cholesky_torch(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-looking greedy pivoted Cholesky with torch ops, for accelerators."""
     m = G.shape[0]
@@ -108,13 +122,45 @@ def _pivoted_cholesky_torch(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 def pivoted_qr(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column-pivoted Householder QR (LAPACK ?geqp3), the paper's method; R padded to m x m."""
-    R, piv = scipy.linalg.qr(A.detach().cpu().double().numpy(), mode="r", pivoting=True,
-                             overwrite_a=True, check_finite=False)
+    """Column-pivoted Householder QR, the paper's method; R padded to m x m. LAPACK ?geqp3 on the
+    CPU; on other devices a Householder loop in torch (Businger-Golub pivoting), on that device."""
     m = A.shape[1]
+    if A.device.type != "cpu":
+        return _pivoted_qr_torch(A.double())
+    R, piv = scipy.linalg.qr(A.detach().double().numpy(), mode="r", pivoting=True,
+                             overwrite_a=True, check_finite=False)
     full = np.zeros((m, m))
     full[: R.shape[0]] = R[:m]
     return torch.from_numpy(piv.astype(np.int64)), torch.from_numpy(full)
+
+
+def _pivoted_qr_torch(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Householder QR with column pivoting by the largest remaining column norm, with torch ops."""
+    A = A.clone()
+    n, m = A.shape
+    perm = torch.arange(m, device=A.device)
+    norms = A.square().sum(0)
+    tol = RANK_RTOL**2 * float(norms.max()) if m and n else 0.0
+    for j in range(min(n, m)):
+        p = j + int(torch.argmax(norms[j:]))
+        if float(norms[p]) <= tol:
+            A[j:, j:] = 0.0
+            break
+        if p != j:
+            for t in (perm, norms):
+                t[[j, p]] = t[[p, j]]
+            A[:, [j, p]] = A[:, [p, j]]
+        x = A[j:, j]
+        alpha = -torch.copysign(torch.linalg.vector_norm(x), x[0])
+        v = x.clone()
+        v[0] -= alpha
+        v = v / torch.linalg.vector_norm(v).clamp_min(1e-300)
+        A[j:, j:] -= 2.0 * torch.outer(v, v @ A[j:, j:])
+        norms[j + 1:] = A[j + 1:, j + 1:].square().sum(0)  # recomputed: downdating loses digits
+    R = torch.zeros(m, m, dtype=A.dtype, device=A.device)
+    k = min(n, m)
+    R[:k] = torch.triu(A[:k])
+    return perm, R
 
 
 class Accumulator(ABC):
@@ -136,9 +182,9 @@ class Accumulator(ABC):
         return self._factorize(self._weights(weights))
 
     def gram(self) -> torch.Tensor:
-        """A^T A (exact or sketched), float64 on the CPU."""
+        """A^T A (exact or sketched), float64, on the accumulator's device."""
         self._check_finite()
-        return self._gram().cpu()
+        return self._gram()
 
     def _check_finite(self) -> None:
         if not torch.isfinite(self.statistic()).all():
@@ -160,8 +206,8 @@ class Accumulator(ABC):
 
     def _weights(self, weights: torch.Tensor | None) -> torch.Tensor:
         if weights is None:
-            return torch.ones(self.dim, dtype=torch.float64)
-        w = weights.detach().double().cpu()
+            return torch.ones(self.dim, dtype=torch.float64, device=self.device)
+        w = weights.detach().double().to(self.device)
         return w.clamp_min(float(w.max()) * 1e-12 if w.max() > 0 else 1.0)
 
 

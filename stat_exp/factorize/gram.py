@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from stat_exp.factorize.base import Accumulator, Backend, Factorization, pivoted_cholesky
+from stat_exp.factorize.base import Accumulator, Backend, Factorization, full_precision_matmul, pivoted_cholesky
 
 TILE_MIN = 192  # diagonal tiles at least twice this wide are split further
 
@@ -39,8 +39,9 @@ class GramAccumulator(Accumulator):
         # Each block's product may be formed in float32 (twice as fast); the running sum is
         # always float64, so rounding does not grow with the number of blocks.
         xb = x.to(self.device, self.block_dtype)
-        for rows, cols in self._tiles:
-            self.G[rows, cols] += xb[:, rows].T @ xb[:, cols]
+        with full_precision_matmul():
+            for rows, cols in self._tiles:
+                self.G[rows, cols] += xb[:, rows].T @ xb[:, cols]
 
     def statistic(self) -> torch.Tensor:
         return self.G
@@ -51,9 +52,8 @@ class GramAccumulator(Accumulator):
         return self.G
 
     def _factorize(self, w: torch.Tensor) -> Factorization:
-        w_dev = w.to(self.device)
-        perm, R = pivoted_cholesky(self._gram() * w_dev[:, None] * w_dev[None, :])
-        return Factorization(perm=perm.cpu(), R=R.cpu(), weights=w)
+        perm, R = pivoted_cholesky(self._gram() * w[:, None] * w[None, :])
+        return Factorization(perm=perm, R=R, weights=w)
 
 
 class GramBackend(Backend):

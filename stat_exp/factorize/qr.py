@@ -1,7 +1,7 @@
 """`qr`: column-pivoted QR (LAPACK geqp3) of the stored activation matrix, as in the paper's code.
 
-Holds every calibration activation of one layer until it is factorized; use `gram` when that
-does not fit.
+Holds every calibration activation of one layer (on the statistics' device) until it is
+factorized; use `gram` when that does not fit.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ class ActivationAccumulator(Accumulator):
         self.blocks: list[torch.Tensor] = []
 
     def _update(self, x: torch.Tensor) -> None:
-        self.blocks.append(x.detach().to("cpu", torch.float64))
+        self.blocks.append(x.detach().to(self.device, torch.float64))
 
     def matrix(self) -> torch.Tensor:
-        return torch.cat(self.blocks) if self.blocks else torch.zeros(0, self.dim, dtype=torch.float64)
+        return torch.cat(self.blocks) if self.blocks else torch.zeros(0, self.dim, dtype=torch.float64, device=self.device)
 
     def statistic(self) -> torch.Tensor:
         return self.matrix()

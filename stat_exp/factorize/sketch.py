@@ -24,22 +24,21 @@ class SketchAccumulator(Accumulator):
         x = x.to(self.device, torch.float64)
         n = x.shape[0]
         if self.kind == "gaussian":
-            S = torch.randn(self.rows, n, generator=self.gen, dtype=torch.float64) / math.sqrt(self.rows)
-            self.Y += S.to(self.device) @ x
+            S = torch.randn(self.rows, n, generator=self.gen, dtype=torch.float64, device=self.device)
+            self.Y += (S / math.sqrt(self.rows)) @ x
         else:  # countsketch: every token row lands in one bucket with a random sign
-            bucket = torch.randint(self.rows, (n,), generator=self.gen)
-            sign = torch.randint(2, (n, 1), generator=self.gen, dtype=torch.float64) * 2 - 1
-            self.Y.index_add_(0, bucket.to(self.device), x * sign.to(self.device))
+            bucket = torch.randint(self.rows, (n,), generator=self.gen, device=self.device)
+            sign = torch.randint(2, (n, 1), generator=self.gen, dtype=torch.float64, device=self.device) * 2 - 1
+            self.Y.index_add_(0, bucket, x * sign)
 
     def statistic(self) -> torch.Tensor:
         return self.Y
 
     def _gram(self) -> torch.Tensor:
-        Y = self.Y.cpu()
-        return Y.T @ Y
+        return self.Y.T @ self.Y
 
     def _factorize(self, w: torch.Tensor) -> Factorization:
-        perm, R = pivoted_qr(self.Y.cpu() * w)
+        perm, R = pivoted_qr(self.Y * w)
         return Factorization(perm=perm, R=R, weights=w)
 
 
@@ -55,7 +54,7 @@ class SketchBackend(Backend):
             raise ValueError(f"factorization.rows_per_unit={rows_per_unit} must be >= 1 (rows >= units)")
         self.kind = kind
         self.rows_per_unit = rows_per_unit
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator(device=self.device).manual_seed(seed)
 
     def accumulator(self, dim: int) -> SketchAccumulator:
         return SketchAccumulator(dim, self.device, math.ceil(self.rows_per_unit * dim), self.kind, self.gen)

@@ -28,7 +28,7 @@ def ridged_cholesky(G: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
     up that succeeds: a rank-deficient Gram (few tokens, dead units, float32 blocks) still factors."""
     scale = max(float(G.diagonal().mean()), 1e-300)
     A = G + torch.diag(ridge * G.diagonal()) if ridge else G
-    eye = torch.eye(G.shape[0], dtype=G.dtype)
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
     eps = JITTER
     while True:
         L, info = torch.linalg.cholesky_ex(A + eps * scale * eye)

@@ -49,8 +49,8 @@ def greedy_levels(G: torch.Tensor, W: torch.Tensor, num_heads: int, num_kv_heads
     group = num_heads // num_kv_heads
 
     def error(heads: list[int]) -> float:
-        kept = head_channels(sorted(heads), head_dim)
-        removed = head_channels(sorted(set(range(num_heads)) - set(heads)), head_dim)
+        kept = head_channels(sorted(heads), head_dim).to(G.device)
+        removed = head_channels(sorted(set(range(num_heads)) - set(heads)), head_dim).to(G.device)
         return corrected_error(G, W, kept, removed, ridge)
 
     def level(heads: list[int]) -> AttentionLevel:

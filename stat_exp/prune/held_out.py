@@ -22,14 +22,14 @@ class HeldOutAccumulator(Accumulator):
         super().__init__(fit.dim, fit.device)
         self.fit, self.held_out, self.share = fit, held_out, share
         self.updates = 0
-        self.held_out_sums = torch.zeros(fit.dim, dtype=torch.float64)
+        self.held_out_sums = torch.zeros(fit.dim, dtype=torch.float64, device=fit.device)
 
     def _update(self, x: torch.Tensor) -> None:
         i = self.updates
         held = math.floor((i + 1) * self.share) > math.floor(i * self.share)
         (self.held_out if held else self.fit).update(x)
         if held:
-            self.held_out_sums += x.detach().double().sum(0).cpu()
+            self.held_out_sums += x.detach().to(self.device, torch.float64).sum(0)
         self.updates += 1
 
     def parts(self) -> tuple[torch.Tensor, torch.Tensor]:

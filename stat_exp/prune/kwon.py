@@ -50,6 +50,7 @@ SCHEDULE_STEPS = 2  # their get_pruning_schedule(target, num_iter=2): the teache
 
 class KwonPruner(Pruner):
     name = "kwon"
+    needs_whole_model = True  # gradients through the whole model
     needs_layer_stream = False  # Fisher information and its own tuning streams; no layer statistics
 
     def __init__(self, gqa: Literal["per_group", "whole_groups"] = "per_group", rearrange: bool = True,
@@ -121,7 +122,7 @@ class KwonPruner(Pruner):
         prune_attention(adapter, layer, level, o_weight)
         prune_ffn(adapter, layer, neurons, down_weight)
         if self._tuner is not None:
-            self._tuner.advance(layer)
+            self._tuner.advance(scores.extra["index"], layer)
 
     def _rearranged_level(self, attn: AttentionParts, level: AttentionLevel, head_grads: torch.Tensor) -> AttentionLevel:
         """The level's counts with the units re-picked by the greedy rearrangement."""

@@ -46,9 +46,9 @@ class MaskTuner:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, max_scale: float):
         self.adapter, self.max_scale = adapter, max_scale
-        self.blocks = capture_block_inputs(model, adapter, batches, device)
-        self.teacher = [b.hidden for b in self.blocks]
-        self.student = [b.hidden for b in self.blocks]
+        self.boundary = capture_block_inputs(model, adapter, batches, device)
+        self.teacher = list(self.boundary.hidden)
+        self.student = list(self.boundary.hidden)
         self.stopped = False
 
     def tune(self, index: int, layer: nn.Module, teacher: tuple[torch.Tensor, torch.Tensor],
@@ -58,13 +58,13 @@ class MaskTuner:
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         head_mask = lambda heads: _unit_mask(heads, attn.num_heads, attn.head_dim)  # noqa: E731
         t_heads, t_neurons = head_mask(teacher[0]), _unit_mask(teacher[1], ffn.width, 1)
-        attn_targets, ffn_targets, self.teacher = self.teacher_pass(layer, t_heads, t_neurons)
+        attn_targets, ffn_targets, self.teacher = self.teacher_pass(index, layer, t_heads, t_neurons)
         if self.stopped:
             return None, None
         s_heads = head_mask(student[0])
         head_scales = None
         if index > 0 and len(student[0]) < attn.num_heads:
-            head_scales = self._solve(*self.head_system(layer, s_heads, attn_targets, student[0]))
+            head_scales = self._solve(*self.head_system(index, layer, s_heads, attn_targets, student[0]))
             head_scales = None if head_scales is None else head_scales[:-1]  # the intercept is discarded
         if head_scales is not None:
             s_heads = s_heads.clone()
@@ -72,40 +72,45 @@ class MaskTuner:
         neuron_scales = None
         if not self.stopped and len(student[1]) < ffn.width:
             neuron_mask = _unit_mask(student[1], ffn.width, 1)
-            neuron_scales = self._solve(*self.neuron_system(layer, s_heads, neuron_mask, ffn_targets, student[1]))
+            neuron_scales = self._solve(*self.neuron_system(index, layer, s_heads, neuron_mask, ffn_targets,
+                                                            student[1]))
         return head_scales, neuron_scales
 
-    def advance(self, layer: nn.Module) -> None:
+    def advance(self, index: int, layer: nn.Module) -> None:
         """Feed the (now pruned and tuned) student layer its inputs: the next layer's inputs."""
         with torch.inference_mode():
-            self.student = [_out(layer(h, *b.args, **b.kwargs)) for h, b in zip(self.student, self.blocks)]
+            self.student = [_out(layer(h, *calls[index].args, **calls[index].kwargs))
+                            for h, calls in zip(self.student, self.boundary.calls)]
 
-    def teacher_pass(self, layer, head_mask, neuron_mask):
+    def teacher_pass(self, index, layer, head_mask, neuron_mask):
         """Per batch: attention output + residual, FFN output + residual (real tokens), and the
         teacher's block outputs."""
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         attn_targets, ffn_targets, outputs = [], [], []
-        for hidden, b in zip(self.teacher, self.blocks):
-            seen = self._run(layer, hidden, b, head_mask, neuron_mask, stop_at_down=False)
-            attn_targets.append((real_tokens(seen["o_out"], b.mask) + real_tokens(hidden, b.mask)).double())
-            ffn_targets.append((real_tokens(seen["down_out"], b.mask) + real_tokens(seen["ffn_residual"], b.mask)).double())
+        for i, hidden in enumerate(self.teacher):
+            mask = self.boundary.masks[i]
+            seen = self._run(index, layer, i, hidden, head_mask, neuron_mask, stop_at_down=False)
+            attn_targets.append((real_tokens(seen["o_out"], mask) + real_tokens(hidden, mask)).double())
+            ffn_targets.append((real_tokens(seen["down_out"], mask) + real_tokens(seen["ffn_residual"], mask)).double())
             outputs.append(seen["block_out"])
         bias = lambda lin: 0.0 if lin.bias is None else lin.bias.detach().double()  # noqa: E731
         return ([t - bias(attn.o) for t in attn_targets], [t - bias(ffn.down) for t in ffn_targets], outputs)
 
-    def head_system(self, layer, head_mask, targets, kept_heads) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_system(self, index, layer, head_mask, targets, kept_heads) -> tuple[torch.Tensor, torch.Tensor]:
         """Normal equations of the kept heads' contributions after O (and an intercept column)
         against the targets minus the student's residual."""
         attn = self.adapter.attention(layer)
         W = attn.o.weight.detach().double()
-        channels = head_channels(kept_heads, attn.head_dim)
+        channels = head_channels(kept_heads, attn.head_dim).to(W.device)
         H, dh = len(kept_heads), attn.head_dim
-        A = torch.zeros(H + 1, H + 1, dtype=torch.float64)
-        b = torch.zeros(H + 1, dtype=torch.float64)
-        for hidden, blk, target in zip(self.student, self.blocks, targets):
-            seen = self._run(layer, hidden, blk, head_mask, None, stop_at_down=True)
-            X = real_tokens(seen["o_in"], blk.mask).double()[:, channels]  # kept heads' outputs
-            B = target - real_tokens(hidden, blk.mask).double()  # minus the student's residual
+        device = self.student[0].device
+        A = torch.zeros(H + 1, H + 1, dtype=torch.float64, device=device)
+        b = torch.zeros(H + 1, dtype=torch.float64, device=device)
+        for i, (hidden, target) in enumerate(zip(self.student, targets)):
+            mask = self.boundary.masks[i]
+            seen = self._run(index, layer, i, hidden, head_mask, None, stop_at_down=True)
+            X = real_tokens(seen["o_in"], mask).double()[:, channels]  # kept heads' outputs
+            B = target - real_tokens(hidden, mask).double()  # minus the student's residual
             Wk = W[:, channels]
             per_head = X.view(-1, H, dh)
             contrib = torch.einsum("thd,ohd->tho", per_head, Wk.view(-1, H, dh))  # (tokens, heads, d_out)
@@ -117,17 +122,19 @@ class MaskTuner:
         A[H, :H] = A[:H, H]
         return A, b
 
-    def neuron_system(self, layer, head_mask, neuron_mask, targets, kept) -> tuple[torch.Tensor, torch.Tensor]:
+    def neuron_system(self, index, layer, head_mask, neuron_mask, targets, kept) -> tuple[torch.Tensor, torch.Tensor]:
         """Normal equations of the kept neurons' contributions after down against the targets
         minus the student's FFN residual (with the layer's tuned attention)."""
         ffn = self.adapter.ffn(layer)
+        kept = torch.as_tensor(kept).to(ffn.down.weight.device)
         Wk = ffn.down.weight.detach().double()[:, kept]
-        A = torch.zeros(len(kept), len(kept), dtype=torch.float64)
-        b = torch.zeros(len(kept), dtype=torch.float64)
-        for hidden, blk, target in zip(self.student, self.blocks, targets):
-            seen = self._run(layer, hidden, blk, head_mask, neuron_mask, stop_at_down=True)
-            Z = real_tokens(seen["down_in"], blk.mask).double()[:, kept]
-            B = target - real_tokens(seen["ffn_residual"], blk.mask).double()
+        A = torch.zeros(len(kept), len(kept), dtype=torch.float64, device=Wk.device)
+        b = torch.zeros(len(kept), dtype=torch.float64, device=Wk.device)
+        for i, (hidden, target) in enumerate(zip(self.student, targets)):
+            mask = self.boundary.masks[i]
+            seen = self._run(index, layer, i, hidden, head_mask, neuron_mask, stop_at_down=True)
+            Z = real_tokens(seen["down_in"], mask).double()[:, kept]
+            B = target - real_tokens(seen["ffn_residual"], mask).double()
             A += Z.T @ Z
             b += (Z * (B @ Wk)).sum(0)
         A *= Wk.T @ Wk
@@ -135,6 +142,7 @@ class MaskTuner:
 
     def _solve(self, A: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
         """1 + lsmr(A, b - A 1, damp=1), or None (and tuning stops) when it fails or is out of range."""
+        A, b = A.cpu(), b.cpu()
         ones = torch.ones(A.shape[0], dtype=torch.float64)
         if A.shape[0] == 1:
             x, ok = (b - A @ ones) / A[0, 0], True
@@ -147,8 +155,8 @@ class MaskTuner:
             return None
         return scales
 
-    def _run(self, layer, hidden, blk, head_mask, neuron_mask, stop_at_down: bool) -> dict[str, torch.Tensor]:
-        """One block on one batch with unit masks (None: all kept), recording what the fits need."""
+    def _run(self, index, layer, batch: int, hidden, head_mask, neuron_mask, stop_at_down: bool) -> dict[str, torch.Tensor]:
+        """Block `index` on one batch with unit masks (None: all kept), recording what the fits need."""
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         seen: dict[str, torch.Tensor] = {}
 
@@ -172,7 +180,8 @@ class MaskTuner:
         try:
             with torch.inference_mode():
                 try:
-                    seen["block_out"] = _out(layer(hidden, *blk.args, **blk.kwargs))
+                    call = self.boundary.calls[batch][index]
+                    seen["block_out"] = _out(layer(hidden, *call.args, **call.kwargs))
                 except _Stop:
                     pass
         finally:

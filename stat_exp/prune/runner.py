@@ -2,23 +2,33 @@
 
 The order of these steps depends on where the budget is decided: `uniform` decides each layer on
 its own, `global` needs every layer's scores first. With `calib.propagate=pruned` and a global
-budget, a first dense pass decides the counts and a second pass prunes in order.
+budget, a first dense pass decides the counts and a second pass prunes in order. What waits for
+a global allocation is bounded: small cost curves are kept, the heavy per-block state is held,
+spilled to disk or recomputed (`factors`).
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from stat_exp.calibrate import LayerStats, LayerStream
+from stat_exp.errors import ConfigError
 from stat_exp.factorize.base import Backend
 from stat_exp.models.base import ModelAdapter
+from stat_exp.offload import BlockStore
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
+from stat_exp.prune.pending import Pending, SpilledPending
 from stat_exp.prune.scores import LayerScores
+
+STREAMS = ("model", "block")
+FACTOR_MODES = ("hold", "spill", "recompute")
 
 
 @dataclass
@@ -50,19 +60,40 @@ def model_flops(adapter: ModelAdapter, flops: FlopsModel) -> float:
 
 
 class PruneRunner:
-    """One pruning job: a pruner, a budget, a factorization backend and calibration batches."""
+    """One pruning job: a pruner, a budget, a factorization backend and calibration batches.
+
+    `stream`: "model" visits every block in one forward pass per batch (fast, every block's
+    statistics held at once); "block" visits one block at a time over all batches (what is held
+    does not grow with depth; required when blocks are offloaded). `factors`: under a global
+    allocation, where each block's heavy state (factorizations) waits for the allocation: "hold"
+    in memory, "spill" to files in `spill_dir`, or "recompute" (dropped, and the block scored
+    again in a second pass over the calibration set).
+    """
 
     def __init__(self, pruner: Pruner, budget: BudgetSpec, backend: Backend | None,
-                 propagate: str = "dense", progress: bool = True):
+                 propagate: str = "dense", progress: bool = True, stream: str = "model", factors: str = "hold",
+                 spill_dir: Path | None = None):
+        if stream not in STREAMS:
+            raise ConfigError(f"execution.stream={stream!r}; allowed: {', '.join(STREAMS)}")
+        if factors not in FACTOR_MODES:
+            raise ConfigError(f"execution.factors={factors!r}; allowed: {', '.join(FACTOR_MODES)}")
+        if factors == "spill" and spill_dir is None:
+            raise ConfigError("execution.factors=spill needs a folder for the spilled factors")
         budget = replace(budget, allocation=pruner.allocation_under(budget.allocation))
         self.pruner, self.budget, self.backend = pruner, budget, backend
         self.propagate, self.progress = pruner.propagate_under(propagate), progress
+        self.stream, self.factors, self.spill_dir = stream, factors, spill_dir
         self.flops = FlopsModel(budget.seq_len)
         self._streamed = 0.0  # seconds spent streaming calibration batches through blocks
 
     def run(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
-            device: torch.device, examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
+            device: torch.device, store: BlockStore | None = None,
+            examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
         """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any."""
+        store = store or BlockStore(model, adapter, device)
+        if store.mode != "none" and self.pruner.needs_whole_model:
+            raise ConfigError(f"pruner={self.pruner.name} runs the whole model at once (gradients); "
+                              f"it needs execution.offload=none, not {store.mode}")
         dense_flops, dense_params = model_flops(adapter, self.flops), prunable_params(adapter)
         timing: dict[str, float] = {}
         if self.pruner.prunes:
@@ -72,7 +103,7 @@ class PruneRunner:
             else:
                 self.pruner.prepare(model, adapter, batches, examples)
             self._streamed = 0.0
-            self._prune(model, adapter, batches, device)
+            self._prune(model, adapter, batches, device, store)
             timing["calibrate"] = self._streamed
             timing["prune"] = time.perf_counter() - start - self._streamed
         return PruneOutcome(
@@ -93,52 +124,76 @@ class PruneRunner:
         b = self.budget
         return allocate(scores, shapes, self.flops, b.flops, b.allocation, b.round_to)
 
-    def _prune(self, model, adapter, batches, device) -> None:
+    def _prune(self, model, adapter, batches, device, store: BlockStore) -> None:
         shapes = shapes_of(adapter)
         if not (self.pruner.needs_calibration and self.pruner.needs_layer_stream):
-            scores = [self.pruner.score(adapter, i, l, None) for i, l in enumerate(adapter.layers())]
-            self.apply_plans(adapter, [(sc, None) for sc in scores], self._allocate(scores, shapes))
+            scores = []
+            for i in range(len(shapes)):
+                with store.block(i) as layer:
+                    scores.append(self.pruner.score(adapter, i, layer, None))
+            self._apply_stored(adapter, store, lambda i: (scores[i], None), self._allocate(scores, shapes))
             return
-        per_layer = self.budget.allocation == "uniform"
-        plans = None
-        if not per_layer and self.propagate == "pruned":
-            plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device)], shapes)
-        deferred: list[tuple[LayerScores, LayerStats]] = []
-        for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate):
-            sc = self.pruner.score(adapter, i, layer, stats)
-            stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
-            if per_layer:
-                plan = self._allocate([sc], [shapes[i]], [i])[0]
-            elif plans is not None:
-                plan = plans[i]
-            else:
-                deferred.append((sc, stats))
-                continue
-            self.pruner.apply(adapter, layer, sc, plan, stats)
-        if deferred:
-            self.apply_plans(adapter, deferred, self._allocate([sc for sc, _ in deferred], shapes))
+        if self.budget.allocation == "uniform":  # each layer decided on its own, as it streams
+            for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
+                sc = self._score(adapter, i, layer, stats)
+                self.pruner.apply(adapter, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
+            return
+        if self.propagate == "pruned":  # counts from a dense pass, then prune in order
+            plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
+                                                                        keep_heavy=False)], shapes)
+            for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
+                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+            return
+        keep_heavy = self.factors != "recompute"
+        with self._pending() as pending:
+            for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
+                pending.put(i, self._score(adapter, i, layer, stats), stats, keep_heavy)
+            plans = self._allocate(pending.scores(), shapes)
+            if keep_heavy:
+                self._apply_stored(adapter, store, pending.take, plans)
+                return
+            for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
+                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
 
-    def score_layers(self, model, adapter, batches, device) -> list[tuple[LayerScores, LayerStats]]:
+    def _score(self, adapter, index: int, layer: nn.Module, stats: LayerStats) -> LayerScores:
+        sc = self.pruner.score(adapter, index, layer, stats)
+        stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
+        return sc
+
+    def _pending(self) -> Pending:
+        return SpilledPending(self.spill_dir) if self.factors == "spill" else Pending()
+
+    def score_layers(self, model, adapter, batches, device, store: BlockStore | None = None,
+                     keep_heavy: bool = True) -> list[tuple[LayerScores, LayerStats]]:
         """Every layer's scores and statistics from one dense pass, pruning nothing: for decisions
         that need all layers first, and for studies of several budgets on one calibration."""
         scored = []
-        for i, layer, stats in self._stream(model, adapter, batches, device, "dense"):
-            scored.append((self.pruner.score(adapter, i, layer, stats), stats))
-            stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
+        for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
+            sc = self._score(adapter, i, layer, stats)
+            if not keep_heavy:
+                sc.heavy = {}
+            scored.append((sc, stats))
         return scored
 
-    def _stream(self, model, adapter, batches, device, propagate: str):
+    def _stream(self, model, adapter, batches, device, propagate: str, store: BlockStore | None):
         """Iterate the layer stream, adding its forward time to the calibration time."""
         make = self.pruner.accumulator(self.backend) if self.pruner.needs_factorization and self.backend else None
-        model_major = not (self.backend and self.backend.holds_activations and make)
+        model_major = self.stream == "model" and not (self.backend and self.backend.holds_activations and make)
         stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major,
-                             moments=self.pruner.needs_moments)
+                             moments=self.pruner.needs_moments, store=store)
         yield from stream
         self._streamed += stream.seconds
 
-    def apply_plans(self, adapter: ModelAdapter, scored: list[tuple[LayerScores, LayerStats | None]],
+    def _apply_stored(self, adapter: ModelAdapter, store: BlockStore,
+                      scored: Callable[[int], tuple[LayerScores, LayerStats | None]], plans: list[LayerPlan]) -> None:
+        """Prune every block to its plan, each moved to the device in turn; `scored(i)` gives block
+        i's scores and statistics."""
+        for i in tqdm(range(len(plans)), desc="prune", disable=not self.progress):
+            sc, stats = scored(i)
+            with store.block(i) as layer:
+                self.pruner.apply(adapter, layer, sc, plans[i], stats)
+
+    def apply_plans(self, adapter: ModelAdapter, scored: Sequence[tuple[LayerScores, LayerStats | None]],
                     plans: list[LayerPlan]) -> None:
         """Prune every layer to its plan (the model behind `adapter` may be a copy of the scored one)."""
-        for layer, (sc, stats), plan in zip(tqdm(adapter.layers(), desc="prune", disable=not self.progress),
-                                            scored, plans):
-            self.pruner.apply(adapter, layer, sc, plan, stats)
+        self._apply_stored(adapter, BlockStore(adapter.model, adapter, torch.device("cpu")), scored.__getitem__, plans)

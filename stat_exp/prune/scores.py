@@ -35,7 +35,10 @@ class LayerScores:
 
     ffn_order: neuron indices, most important first. ffn_cost[k]: cost of keeping the first k
     (length width+1, 0 at the end). attn_levels / attn_cost: valid layouts and their costs.
-    `extra` carries pruner-private state from scoring to applying (e.g. a factorization).
+    `extra` carries small pruner-private state from scoring to allocating and applying; `heavy`
+    the large state only `apply` needs (factorizations, Gram matrices): under a global allocation
+    the runner may spill it to disk or drop it and score the block again, so that what waits for
+    the allocation does not grow with depth.
     """
 
     ffn_order: torch.Tensor
@@ -43,6 +46,7 @@ class LayerScores:
     attn_levels: list[AttentionLevel]
     attn_cost: np.ndarray
     extra: dict = field(default_factory=dict)
+    heavy: dict = field(default_factory=dict)
 
 
 def head_rounds(head_order: list[int], num_heads: int, num_kv_heads: int) -> list[int]:

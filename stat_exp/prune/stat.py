@@ -49,9 +49,10 @@ def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: 
         order += [h for h in lv.heads if h not in seen]
         seen.update(lv.heads)
         bounds.append(len(order) * head_dim)
-    perm = head_channels(order, head_dim)
+    perm = head_channels(order, head_dim).to(G.device)
     R = ridged_cholesky(G[perm][:, perm])
-    return Factorization(perm=perm, R=R, weights=torch.ones(len(perm), dtype=torch.float64)), bounds
+    ones = torch.ones(len(perm), dtype=torch.float64, device=G.device)
+    return Factorization(perm=perm, R=R, weights=ones), bounds
 
 
 class StatPruner(Pruner):
@@ -104,40 +105,44 @@ class StatPruner(Pruner):
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
-        W2 = ffn.down.weight.detach().double().cpu()
-        W_O = attn.o.weight.detach().double().cpu()
-        extra = {"n_tokens": stats.n_tokens}
+        W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
+        extra, heavy = {"n_tokens": stats.n_tokens}, {}
         if self._plain:
             ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
             attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
-            extra |= {"ffn": ffn_fact, "attn": attn_fact, "attn_bounds": bounds}
+            extra["attn_bounds"] = bounds
+            heavy |= {"ffn": ffn_fact, "attn": attn_fact}
             ffn_order, ffn_cost = ffn_fact.perm, ffn_fact.output_error(W2)
-            attn_cost = attn_fact.output_error(W_O)[bounds]
+            attn_cost = attn_fact.output_error(attn.o.weight.detach().double())[bounds]
         else:
-            ffn_fold, ffn_cost = self._ffn_fold(W2, self._grams(stats.ffn_factor, stats.ffn))
+            grams = self._grams(stats.ffn_factor, stats.ffn)
+            ffn_fold, ffn_cost = self._ffn_fold(W2.to(grams.full.device), grams)
             levels, attn_cost, attn_folds = self._head_folds(attn, self._grams(stats.attn_factor, stats.attn))
-            extra |= {"ffn_fold": ffn_fold, "attn_folds": attn_folds}
+            heavy |= {"ffn_fold": ffn_fold, "attn_folds": attn_folds}
             ffn_order = ffn_fold.perm
-        return LayerScores(ffn_order=ffn_order, ffn_cost=(torch.as_tensor(ffn_cost) / scale).numpy(),
-                           attn_levels=levels, attn_cost=(torch.as_tensor(attn_cost) / scale).numpy(), extra=extra)
+        return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(ffn_cost / scale).cpu().numpy(), attn_levels=levels,
+                           attn_cost=(attn_cost / scale).cpu().numpy(), extra=extra, heavy=heavy)
 
     def _grams(self, acc: Accumulator, moments: ChannelMoments | None) -> ModuleGrams:
-        grams = ModuleGrams(acc.gram(), acc.n_tokens, moments.sum.double().cpu() if self.intercept else None)
+        full = acc.gram()
+        sums = moments.sum.double().to(full.device) if self.intercept else None
+        grams = ModuleGrams(full, acc.n_tokens, sums)
         if isinstance(acc, HeldOutAccumulator):
             grams.fit, grams.held_out = acc.parts()
-            grams.held_out_sums, grams.n_held_out = acc.held_out_sums, acc.held_out.n_tokens
+            grams.held_out_sums, grams.n_held_out = acc.held_out_sums.to(full.device), acc.held_out.n_tokens
         return grams.centred()
 
     def _head_factorization(self, attn, G: torch.Tensor):
         """Rank heads (or KV groups) by pivoting on their contributions after W_O, then factor the
         head-channel Gram in that nested order so every level's corrected error is a suffix sum."""
-        W = attn.o.weight.detach().double().cpu()
+        W = attn.o.weight.detach().double().to(G.device)
         units = attention_units(attn.num_heads, attn.num_kv_heads, self.gqa)
-        member = torch.zeros(G.shape[0], len(units), dtype=G.dtype)  # channel -> its unit
+        member = torch.zeros(G.shape[0], len(units), dtype=G.dtype, device=G.device)  # channel -> its unit
         for j, u in enumerate(units):
-            member[head_channels(u, attn.head_dim), j] = 1.0
+            member[head_channels(u, attn.head_dim).to(G.device), j] = 1.0
         C = member.T @ ((W.T @ W) * G) @ member  # <O_a W_a^T, O_b W_b^T> summed per unit pair
-        unit_order, _ = pivoted_cholesky(C + JITTER * float(C.trace()) * torch.eye(len(units), dtype=C.dtype))
+        eye = torch.eye(len(units), dtype=C.dtype, device=C.device)
+        unit_order, _ = pivoted_cholesky(C + JITTER * float(C.trace()) * eye)
         levels = attention_levels(unit_order.tolist(), attn.num_heads, attn.num_kv_heads, self.gqa)
         fact, bounds = nested_head_factor(levels, G, attn.head_dim)
         return fact, levels, bounds
@@ -161,12 +166,13 @@ class StatPruner(Pruner):
         elif self.ridge and self.ridge != "auto":
             cost = error_curve(ridged_cholesky(g.full, self.ridge), V, g.full)
         else:  # the plain least squares on all tokens: suffix sums of its own factor
-            cost = Factorization(perm=torch.arange(len(perm)), R=R0, weights=torch.ones_like(w)).output_error(V)
+            cost = Factorization(perm=torch.arange(len(perm), device=w.device), R=R0,
+                                 weights=torch.ones_like(w)).output_error(V)
         return NeuronFold(perm, w, g.full, ridge_at, grams.mean), cost
 
     def _head_folds(self, attn, grams: ModuleGrams):
         """Levels (pivoted, or greedy where that pays less), each level's cost, and its fold ridge."""
-        W = attn.o.weight.detach().double().cpu()
+        W = attn.o.weight.detach().double().to(grams.full.device)
         _, levels, _ = self._head_factorization(attn, grams.full)
         if self.heads == "greedy":
             per_group = self.gqa == "per_group"
@@ -176,7 +182,7 @@ class StatPruner(Pruner):
             levels = [g if gc < pc else p for g, gc, p, pc in zip(greedy, greedy_costs, levels, pivot_costs)]
         costs, ridges = [], []
         for lv in levels:
-            kept, removed = _channels(attn, lv)
+            kept, removed = _channels(attn, lv, W.device)
             options = RIDGES if self.ridge == "auto" else (float(self.ridge),)
             held = [corrected_error(grams.fit, W, kept, removed, r, grams.held_out) for r in options] \
                 if self._held_out else None
@@ -190,7 +196,7 @@ class StatPruner(Pruner):
                                                                    "mean": grams.mean}
 
     def _level_error(self, attn, G, W, level: AttentionLevel) -> float:
-        kept, removed = _channels(attn, level)
+        kept, removed = _channels(attn, level, G.device)
         return corrected_error(G, W, kept, removed)
 
     def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
@@ -205,17 +211,17 @@ class StatPruner(Pruner):
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
         keep = scores.ffn_order[: plan.neurons]
-        if "ffn_fold" in scores.extra:
-            o_weight, o_bias = self._head_fold(attn, level, plan.attn_level, scores.extra["attn_folds"])
-            down_weight, down_bias = self._neuron_fold(ffn.down, scores.extra["ffn_fold"], plan.neurons)
+        if "ffn_fold" in scores.heavy:
+            o_weight, o_bias = self._head_fold(attn, level, plan.attn_level, scores.heavy["attn_folds"])
+            down_weight, down_bias = self._neuron_fold(ffn.down, scores.heavy["ffn_fold"], plan.neurons)
         else:
-            o_weight = self._corrected(attn.o.weight, scores.extra["attn"], k_attn)
+            o_weight = self._corrected(attn.o.weight, scores.heavy["attn"], k_attn)
             if o_weight is not None:  # columns follow the factor's order; put them in kept-head order
-                kept = scores.extra["attn"].perm[:k_attn]
-                where = {int(c): i for i, c in enumerate(kept)}
+                kept = scores.heavy["attn"].perm[:k_attn].tolist()
+                where = {c: i for i, c in enumerate(kept)}
                 o_weight = o_weight[:, [where[int(c)] for c in head_channels(level.heads, attn.head_dim)]]
             o_bias = down_bias = None
-            down_weight = self._corrected(ffn.down.weight, scores.extra["ffn"], plan.neurons)
+            down_weight = self._corrected(ffn.down.weight, scores.heavy["ffn"], plan.neurons)
         prune_attention(adapter, layer, level, o_weight, o_bias)
         prune_ffn(adapter, layer, keep, down_weight, down_bias)
 
@@ -223,7 +229,7 @@ class StatPruner(Pruner):
         """W[:, kept] + W[:, removed] T^T, the output weights with the removed units folded in."""
         if not self.correction or k >= weight.shape[1]:
             return None
-        W = weight.detach().double().cpu()
+        W = weight.detach().double().to(fact.R.device)
         kept, removed = fact.perm[:k], fact.perm[k:]
         return (W[:, kept] + W[:, removed] @ fact.correction(k).T).to(weight.dtype)
 
@@ -231,7 +237,7 @@ class StatPruner(Pruner):
         """(weight, bias) of the down projection keeping the first k neurons of the fold's order."""
         if not self.correction or k >= down.in_features:
             return None, None
-        W = down.weight.detach().double().cpu()
+        W = down.weight.detach().double().to(fold.gram.device)
         kept, removed = fold.perm[:k], fold.perm[k:]
         T = fold.correction(k)
         return (W[:, kept] + W[:, removed] @ T.T).to(down.weight.dtype), \
@@ -241,9 +247,9 @@ class StatPruner(Pruner):
         """(weight, bias) of O keeping the level's heads, the removed channels folded in."""
         if not self.correction or level.num_heads == attn.num_heads:
             return None, None
-        kept, removed = _channels(attn, level)
+        kept, removed = _channels(attn, level, folds["gram"].device)
         T = fold_map(folds["gram"], kept, removed, folds["ridges"][index])
-        W = attn.o.weight.detach().double().cpu()
+        W = attn.o.weight.detach().double().to(T.device)
         return (W[:, kept] + W[:, removed] @ T.T).to(attn.o.weight.dtype), \
             _folded_bias(attn.o, W[:, removed], folds["mean"], kept, removed, T)
 
@@ -262,10 +268,11 @@ class NeuronFold:
         return Factorization(perm=self.perm, R=R, weights=self.weights).correction(k)
 
 
-def _channels(attn, level: AttentionLevel) -> tuple[torch.Tensor, torch.Tensor]:
+def _channels(attn, level: AttentionLevel, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, removed) O-input channels of a level, on `device`."""
     kept = head_channels(level.heads, attn.head_dim)
     removed = head_channels(sorted(set(range(attn.num_heads)) - set(level.heads)), attn.head_dim)
-    return kept, removed
+    return kept.to(device), removed.to(device)
 
 
 def _folded_bias(linear: nn.Linear, W_removed: torch.Tensor, mean: torch.Tensor | None, kept: torch.Tensor,
@@ -274,4 +281,4 @@ def _folded_bias(linear: nn.Linear, W_removed: torch.Tensor, mean: torch.Tensor 
     if mean is None:
         return None
     bias = W_removed @ (mean[removed] - T.T @ mean[kept])
-    return bias if linear.bias is None else bias + linear.bias.detach().double().cpu()
+    return bias if linear.bias is None else bias + linear.bias.detach().double().to(bias.device)

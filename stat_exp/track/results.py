@@ -98,6 +98,9 @@ class RunRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     timing_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
+    peak_device_mb: float | None = None  # torch.cuda.max_memory_allocated, on CUDA
+    execution: dict[str, str] = field(default_factory=dict)  # offload, stream, factors as resolved
+    plan: dict[str, Any] = field(default_factory=dict)  # the planner's prediction, beside the measurement
     seed: int | None = None
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=versions)

@@ -1,0 +1,145 @@
+"""Scale on the CPU: memory per block, the planner against measured peaks, and prune time against
+one dense forward pass, on randomly initialised Llamas with Llama-2-7B block shapes.
+
+    python -m benchmarks.stat_scale [--depths 2 4] [--sequences 40]
+
+Models with hidden 4096, FFN 11008 and 32 heads (Llama-2-7B's blocks) and `depth` blocks are
+saved to a local folder (fp32, tied embeddings, MiniLM's 30,522-token vocabulary) and pruned by
+ordinary jobs (`model.source=<folder>`, STAT, global allocation, budget 0.5, block-at-a-time
+stream), each in its own process so its peak RSS is its own. In the same run, a dense forward
+pass over the same calibration set is timed on each model. Checks (issue 10): peak host memory
+per extra block <= 1.25x the block's weight bytes with weights on the host and about 0 with
+`offload=disk`; the planner's peak within 20% of the measured one; calibrate + prune <= 1.5x the
+dense forward pass.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path("outputs/benchmarks/stat_scale")
+HIDDEN, FFN, HEADS = 4096, 11008, 32
+MODES = [("cpu", "spill"), ("cpu", "recompute"), ("disk", "spill")]
+
+
+def build(depth: int) -> Path:
+    """A random Llama with Llama-2-7B blocks and MiniLM's tokenizer, saved once."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stat_exp.assets import model_path
+
+    folder = OUT / f"llama7b_blocks_{depth}"
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(model_path("minilm_l6"))
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_attention_heads=HEADS,
+                         num_key_value_heads=HEADS, num_hidden_layers=depth, vocab_size=len(tokenizer),
+                         tie_word_embeddings=True, max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    tmp = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def overrides(folder: Path, sequences: int) -> list[str]:
+    return [f"model.source={folder.resolve()}", f"model.name={folder.name}", "model.dtype=float32",
+            "calib.source=wiki_calib", f"calib.num_examples={sequences}", "calib.seq_len=256", "calib.batch_size=8",
+            "budget.flops=0.5", "budget.seq_len=256", "pruner=stat", "factorization=gram", "eval=perplexity",
+            "eval.perplexity.max_tokens=512", "eval.perplexity.batch_size=1", "logger=none", "progress=false",
+            "device=cpu", "execution.stream=block"]
+
+
+def job(depth: int, offload: str, factors: str, sequences: int) -> dict:
+    """One ordinary run, in this process (called through a subprocess by main)."""
+    from benchmarks.common import run_job
+
+    folder = build(depth)
+    out = OUT / f"run_{depth}_{offload}_{factors}"
+    record = run_job([*overrides(folder, sequences), f"execution.offload={offload}", f"execution.factors={factors}"], out)
+    if isinstance(record, str):
+        return {"error": record}
+    return {"peak_rss_mb": record.peak_rss_mb, "plan": record.plan, "timing_s": record.timing_s,
+            "achieved": record.achieved["flops_fraction"], "execution": record.execution}
+
+
+def forward(depth: int, sequences: int) -> dict:
+    """Seconds of one dense forward pass over the calibration set (the model resident)."""
+    from stat_exp.data.calibration import calibration_batches
+    from stat_exp.models.loading import load_model
+
+    model, tokenizer = load_model(str(build(depth).resolve()), "causal_lm", "float32", "cpu")
+    batches = calibration_batches(tokenizer, "wiki_calib", sequences, 256, 0, 8)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            model(**b, use_cache=False)
+    return {"forward_s": time.perf_counter() - start}
+
+
+def _subprocess(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.stat_scale", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--sequences", type=int, default=40)
+    parser.add_argument("--one", nargs=3, metavar=("DEPTH", "OFFLOAD", "FACTORS"))
+    parser.add_argument("--forward", type=int, metavar="DEPTH")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(job(int(args.one[0]), args.one[1], args.one[2], args.sequences)))
+        return
+    if args.forward:
+        print(json.dumps(forward(args.forward, args.sequences)))
+        return
+    OUT.mkdir(parents=True, exist_ok=True)
+    for depth in args.depths:
+        build(depth)
+    block_mb = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * FFN + 2 * HIDDEN) * 4 / 2**20
+    rows, results = [], {}
+    for depth in args.depths:
+        fwd = _subprocess("--forward", str(depth), "--sequences", str(args.sequences))
+        for offload, factors in MODES:
+            r = _subprocess("--one", str(depth), offload, factors, "--sequences", str(args.sequences))
+            results[depth, offload, factors] = r
+            if "error" in r:
+                rows.append(f"| {depth} | {offload} | {factors} | failed: {r['error']} |||||||")
+                continue
+            t = r["timing_s"]
+            work = t.get("calibrate", 0) + t.get("prune", 0)
+            rows.append(f"| {depth} | {offload} | {factors} | {r['peak_rss_mb']:,.0f} | {r['plan']['peak_host_mb']:,.0f} | "
+                        f"{r['plan']['peak_host_mb'] / r['peak_rss_mb']:.2f} | {t.get('calibrate', 0):.0f} | "
+                        f"{t.get('prune', 0):.0f} | {fwd.get('forward_s', float('nan')):.0f} | "
+                        f"{work / fwd.get('forward_s', float('nan')):.2f} |")
+    lines = [f"Llama-2-7B-shaped blocks ({block_mb:,.0f} MB each in fp32), {args.sequences} x 256 calibration tokens, "
+             "STAT 0.5 global, CPU:", "",
+             "| blocks | offload | factors | peak RSS (MB) | planned (MB) | planned / measured | calibrate (s) | "
+             "prune (s) | dense forward (s) | (calibrate + prune) / forward |",
+             "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    lo, hi = min(args.depths), max(args.depths)
+    for offload, factors in MODES:
+        a, b = results.get((lo, offload, factors), {}), results.get((hi, offload, factors), {})
+        if "peak_rss_mb" in a and "peak_rss_mb" in b:
+            per_block = (b["peak_rss_mb"] - a["peak_rss_mb"]) / (hi - lo)
+            lines.append(f"- offload={offload}, factors={factors}: peak grows {per_block:,.0f} MB per extra block "
+                         f"= {per_block / block_mb:.2f}x the block's weights")
+    table = "\n".join(lines)
+    (OUT / "stat_scale.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

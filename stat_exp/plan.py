@@ -1,0 +1,328 @@
+"""The planner: peak memory, disk and time of a run, predicted from the model's config alone.
+
+    python -m stat_exp.plan <the same overrides as a run>
+
+The model is built on the meta device (no weights are read); the sizes of everything a run holds
+(weights, block-boundary hidden states, statistics, factorizations, activations of one batch,
+evaluation logits) follow from its shapes, the calibration size, the pruner's statistics and the
+execution choices. The planner prints a table and, on its last stdout line, one JSON object with
+`peak_host_mb`, `peak_device_mb`, `disk_mb`, `seconds` and the throughput it assumed. A run calls
+the same code before loading weights: it resolves `execution=auto` choices from it and refuses a
+run whose plan does not fit the memory it has, naming predicted and available memory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from stat_exp.errors import ConfigError, UserError
+from stat_exp.execution import ExecutionSpec, Resolved
+from stat_exp.models import get_adapter
+from stat_exp.prune.budget import FlopsModel
+from stat_exp.prune.runner import shapes_of
+
+MB = 2**20
+FLOAT64 = 8
+CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
+# Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
+# device cannot be measured here; sustained, not peak. The factorizations run at `FACTOR_SHARE`
+# of it (pivoted Cholesky is memory-bound).
+ASSUMED_TFLOPS = {"cuda": 200.0}
+FACTOR_SHARE = 0.05
+LOGITS_COPIES = 3  # logits, their float32 copy and log-softmax in the perplexity loss
+
+
+class PlanError(UserError, ValueError):
+    """The run would not fit the memory it has."""
+
+
+@dataclass
+class BlockSizes:
+    """Bytes one block needs at each step (see `plan_sizes`)."""
+
+    weights: int
+    stats: int  # statistics held while the block streams
+    score_work: int  # working memory of scoring (factorizations being formed)
+    heavy: int  # what a scored block keeps until it is pruned (its factorizations)
+    activations: int  # one calibration batch through the block
+
+
+@dataclass
+class Sizes:
+    blocks: list[BlockSizes]
+    rest_weights: int  # embeddings, final norm, head
+    hidden: int  # the calibration set at one block boundary, model dtype
+    eval_work: int  # one evaluation batch's logits
+    tokens: int
+    calibration_flops: float  # one dense forward of the calibration set through the blocks
+    gram_flops: float
+    factor_flops: float
+
+
+@dataclass
+class Plan:
+    """What a run will hold and how long it will take; peaks in MB."""
+
+    execution: Resolved
+    peak_host_mb: float
+    peak_device_mb: float
+    disk_mb: float
+    seconds: float
+    tflops: float
+    device: str
+    rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
+
+    def summary(self) -> dict:
+        return {"peak_host_mb": round(self.peak_host_mb, 1), "peak_device_mb": round(self.peak_device_mb, 1),
+                "disk_mb": round(self.disk_mb, 1), "seconds": round(self.seconds, 1), "tflops": self.tflops,
+                "device": self.device, **asdict(self.execution)}
+
+
+def meta_model(cfg: DictConfig) -> nn.Module:
+    """The model of `cfg` on the meta device: shapes without weights."""
+    from transformers import AutoConfig
+
+    from stat_exp.models.loading import TASKS, resolve_source
+
+    source = resolve_source(cfg.model.source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except OSError as e:
+        raise UserError(f"cannot read the config of model {cfg.model.source!r}: {str(e).splitlines()[0]}") from e
+    with torch.device("meta"):
+        return TASKS[cfg.model.task].from_config(config, dtype=getattr(torch, cfg.model.dtype))
+
+
+def _calibration(cfg: DictConfig) -> tuple[int, int, int]:
+    """(sequences, tokens per sequence (an upper bound when padded), batch size) of the calibration set."""
+    calib = cfg.calib
+    length = calib.get("seq_len") or calib.get("max_length")
+    return int(calib.num_examples), int(length), int(calib.batch_size)
+
+
+def plan_sizes(cfg: DictConfig, model: nn.Module, pruner, backend) -> Sizes:
+    """Sizes of what a run holds, from shapes only."""
+    adapter = get_adapter(model)
+    elem = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
+    n_seq, seq_len, batch = _calibration(cfg)
+    tokens = n_seq * seq_len
+    block_params = {id(p) for layer in adapter.layers() for p in layer.parameters()}
+    rest = sum(p.numel() for p in model.parameters() if id(p) not in block_params) * elem
+    shapes = shapes_of(adapter)
+    blocks, gram_flops, factor_flops = [], 0.0, 0.0
+    for layer, sh in zip(adapter.layers(), shapes):
+        weights = sum(p.numel() for p in layer.parameters()) * elem
+        d_attn, d_ffn = sh.num_heads * sh.head_dim, sh.ffn_width
+        stats = heavy = work = 0
+        if pruner.needs_factorization and backend is not None:
+            per_width = {"gram": lambda d: d * d, "sketch": lambda d: math.ceil(getattr(backend, "rows_per_unit", 1.5) * d) * d,
+                         "qr": lambda d: tokens * d}[backend.name]
+            stats = (per_width(d_attn) + per_width(d_ffn)) * FLOAT64
+            heavy = (d_attn * d_attn + d_ffn * d_ffn) * FLOAT64  # R factors
+            # scoring the FFN: the weighted Gram and the factor beside the statistics, and V R^T
+            work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
+            gram_flops += tokens * (d_attn ** 2 + d_ffn ** 2)  # tiles cover ~half of each product, x2 flops
+            factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3 + 2 * sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+        if pruner.needs_moments:
+            stats += 2 * (d_attn + d_ffn) * FLOAT64
+        inner = max(d_ffn * sh.ffn_matrices, 4 * sh.hidden + 2 * d_attn)  # gate, up, product / q, k, v, o
+        acts = batch * seq_len * (inner * elem + 4 * max(d_ffn, d_attn))  # + float32 copy for statistics
+        blocks.append(BlockSizes(weights, stats, work, heavy, acts))
+    vocab = getattr(model.config, "vocab_size", 0) if cfg.model.task == "causal_lm" else 0
+    eval_cfg = next(iter(cfg.eval.values()), {}) if cfg.get("eval") else {}
+    eval_batch, eval_len = int(eval_cfg.get("batch_size", 8) or 8), int(eval_cfg.get("seq_len", seq_len) or seq_len)
+    flops = FlopsModel(seq_len)
+    return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
+                 eval_work=eval_batch * eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
+                 calibration_flops=n_seq * sum(flops.dense(sh) for sh in shapes),
+                 gram_flops=gram_flops, factor_flops=factor_flops)
+
+
+def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul throughput of this machine in the model dtype (a ~1 s probe on the CPU)."""
+    if device.type != "cpu":
+        return ASSUMED_TFLOPS.get(device.type, 100.0)
+    n = 1024
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm-up
+    start, reps = time.perf_counter(), 0
+    while time.perf_counter() - start < 0.5:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def free_memory_mb(device: torch.device, declared_device_mb: float | None = None) -> tuple[float, float]:
+    """(host MB available, device MB free); on the CPU both are the host's. Planning for a GPU this
+    machine does not have needs the device's memory declared."""
+    host = _mem_available_mb()
+    if device.type == "cpu":
+        return host, host
+    if declared_device_mb is not None:
+        return host, declared_device_mb
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"planning for device={device} without one here: declare its memory with "
+                          f"execution.device_memory_mb=<MB>")
+    free, _ = torch.cuda.mem_get_info(device)
+    return host, free / MB
+
+
+def _mem_available_mb() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil  # not Linux
+
+    return psutil.virtual_memory().available / MB
+
+
+def current_rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import psutil
+
+    return psutil.Process().memory_info().rss / MB
+
+
+def make_plan(cfg: DictConfig, device: torch.device, run_dir: Path | None = None, prunes: bool = True) -> Plan:
+    """The plan of `cfg` on `device`, `execution=auto` choices resolved; raises PlanError when the
+    run would not fit the memory it may use."""
+    spec = ExecutionSpec(**cfg.get("execution", {}))
+    pruner = instantiate(cfg.pruner)
+    backend = instantiate(cfg.factorization, device="cpu") if pruner.needs_factorization else None
+    model = meta_model(cfg)
+    sizes = plan_sizes(cfg, model, pruner, backend)
+    prunes = prunes and pruner.prunes and cfg.budget.flops < 1
+    host_free, device_free = free_memory_mb(device, spec.device_memory_mb)
+    host_limit = spec.host_memory_mb or host_free
+    device_limit = (spec.device_memory_mb or device_free) if device.type != "cpu" else host_limit
+    folder = Path(spec.dir) if spec.dir else (Path(run_dir) / "offload" if run_dir else Path.cwd())
+    disk_free = shutil.disk_usage(_existing_parent(folder)).free / MB
+    holds_activations = bool(backend and backend.holds_activations)
+    resolved = spec.resolve(sizes, device, host_limit, device_limit, disk_free,
+                            must_stream_blocks=holds_activations or cfg.calib.get("propagate", "dense") != "dense",
+                            needs_whole_model=pruner.needs_whole_model, prunes=prunes)
+    plan = _estimate(sizes, resolved, device, prunes, spec.tflops or measured_tflops(device, getattr(torch, cfg.model.dtype)),
+                     global_allocation=pruner.allocation_under(cfg.budget.allocation) == "global")
+    if plan.peak_host_mb > host_limit:
+        raise PlanError(f"the plan needs {plan.peak_host_mb:,.0f} MB of host memory, {host_limit:,.0f} MB are available "
+                        f"(execution: {resolved.describe()}); try execution.offload=disk or fewer calib.num_examples")
+    if device.type != "cpu" and plan.peak_device_mb > device_limit:
+        raise PlanError(f"the plan needs {plan.peak_device_mb:,.0f} MB of {device} memory, {device_limit:,.0f} MB are "
+                        f"available (execution: {resolved.describe()}); try execution.offload=cpu, "
+                        f"execution.factors=spill or a smaller calib.batch_size")
+    return plan
+
+
+def _existing_parent(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops: float,
+              global_allocation: bool) -> Plan:
+    """Peaks are the largest sum of what coexists at any step; everything is on the host when the
+    device is the CPU."""
+    on_cpu = device.type == "cpu"
+    baseline = (current_rss_mb() + (0 if on_cpu else CUDA_CONTEXT_MB)) * MB
+    blocks = s.blocks
+    all_weights = sum(b.weights for b in blocks) + s.rest_weights
+    biggest = max(blocks, key=lambda b: b.weights)
+    resident = {"none": all_weights, "cpu": s.rest_weights + biggest.weights,
+                "disk": s.rest_weights + biggest.weights}[ex.offload]  # weights on the device
+    host_weights = {"none": all_weights if on_cpu else 0, "cpu": all_weights,
+                    "disk": (s.rest_weights if on_cpu else 0) + 2 * biggest.weights}[ex.offload]
+    # a disk block is read through its file's pages and copied, and written back the same way
+    hidden = 2 * s.hidden if ex.stream == "block" else 0  # one boundary in, one out
+    held = sum(b.heavy for b in blocks) if (prunes and global_allocation and ex.factors == "hold") else 0
+    work = 0
+    if prunes:
+        if ex.stream == "model":
+            work = sum(b.stats for b in blocks) + max(b.score_work for b in blocks) + biggest.activations
+        else:
+            work = max(b.stats + b.score_work + b.activations for b in blocks)
+        work += held
+    device_peak = resident + max(work, s.eval_work) + (hidden if ex.offload == "none" else 0)
+    host_hidden = hidden if (ex.offload != "none" or on_cpu) else 0
+    if on_cpu:
+        host_peak = baseline + host_weights + max(work + hidden, s.eval_work)
+        device_peak = host_peak
+    else:
+        host_peak = baseline + host_weights + host_hidden
+    disk = 0.0
+    if ex.offload == "disk":
+        disk += sum(b.weights for b in blocks)
+    if prunes and ex.factors == "spill":
+        disk += sum(b.heavy for b in blocks)
+    passes = 2 if (prunes and ex.factors == "recompute" and global_allocation) else 1
+    seconds = 0.0
+    if prunes:
+        seconds = passes * (s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
+    rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
+            ("block-boundary hidden states", hidden / MB),
+            ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
+             (sum(b.stats for b in blocks) if ex.stream == "model" else max(b.stats for b in blocks)) / MB if prunes else 0.0),
+            ("factorizations held for the allocation", held / MB),
+            ("evaluation logits", s.eval_work / MB)]
+    return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, seconds, round(tflops, 3), str(device), rows)
+
+
+def render(plan: Plan) -> str:
+    lines = [f"| plan ({plan.device}; {plan.execution.describe()}) | MB |", "|---|---|"]
+    lines += [f"| {what} | {mb:,.0f} |" for what, mb in plan.rows]
+    lines += [f"| peak host memory | {plan.peak_host_mb:,.0f} |", f"| peak device memory | {plan.peak_device_mb:,.0f} |",
+              f"| disk | {plan.disk_mb:,.0f} |",
+              f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m stat_exp.plan <overrides>`: the table, then one JSON line."""
+    from hydra import compose, initialize_config_dir
+
+    from stat_exp.device import resolve_device
+    from stat_exp.run import CONF_DIR
+
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        device = _plan_device(cfg.device)
+        plan = make_plan(cfg, device)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(render(plan))
+    print(json.dumps(plan.summary()))
+
+
+def _plan_device(name: str) -> torch.device:
+    """The device a run would use; a planner may plan for CUDA on a machine without one."""
+    from stat_exp.device import resolve_device
+
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        return torch.device(name)
+    return resolve_device(name)
+
+
+if __name__ == "__main__":
+    main()
