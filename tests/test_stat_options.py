@@ -37,9 +37,9 @@ def scored(model, pruner, data=None):
     return [(pruner.score(adapter, i, layer, stats), stats) for i, layer, stats in stream]
 
 
-def module_inputs(model, pick, data) -> list[torch.Tensor]:
-    """Per batch, the real-token inputs of one projection of layer 0 (float64)."""
-    module = pick(get_adapter(model), get_adapter(model).layers()[0])
+def module_inputs(model, pick, data, layer: int = 0) -> list[torch.Tensor]:
+    """Per batch, the real-token inputs of one projection of a layer (float64)."""
+    module = pick(get_adapter(model), get_adapter(model).layers()[layer])
     seen = []
     handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().double()))
     with torch.no_grad():
@@ -190,3 +190,40 @@ def test_a_split_without_held_out_batches_is_one_line():
 def test_bad_stat_input_exits_2_with_one_line(tmp_path, args, message):
     cli.test_bad_input_exits_2_with_one_line(tmp_path, ["pruner=stat", "logger=none", "eval.perplexity.max_tokens=256",
                                                        *args], message)
+
+
+def test_compensation_keeping_everything_changes_nothing():
+    """With every unit kept, the pruned model's inputs are the dense ones at every block, so the
+    corrections fitted to the dense outputs reproduce the dense weights."""
+    model = tiny_llama()
+    x = batches(1, seed=5)[0]
+    ref = model(**x).logits
+    out = PruneRunner(StatPruner(compensate=True), BudgetSpec(flops=1.0, seq_len=32), GramBackend(block_dtype="float64"),
+                      progress=False).run(model, get_adapter(model), batches(), CPU)
+    assert out.achieved["flops_fraction"] == 1.0
+    torch.testing.assert_close(model(**x).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_compensation_fits_the_dense_outputs_on_the_pruned_inputs():
+    """Block 1's FFN is refitted so that, on the inputs the pruned block 0 produces, its output is
+    the least-squares fit of the dense model's block-1 FFN output."""
+    base = tiny_llama(layers=2)
+    dense_z = torch.cat(module_inputs(base, lambda a, l: a.ffn(l).down, batches(), layer=1))
+    model = clone(base)
+    PruneRunner(StatPruner(compensate=True), BudgetSpec(flops=0.5, seq_len=32, allocation="uniform"),
+                GramBackend(block_dtype="float64"), progress=False).run(model, get_adapter(model), batches(), CPU)
+    W = get_adapter(base).ffn(get_adapter(base).layers()[1]).down.weight.detach().double()
+    down = get_adapter(model).ffn(get_adapter(model).layers()[1]).down
+    pruned_z = torch.cat(module_inputs(model, lambda a, l: a.ffn(l).down, batches(), layer=1))
+    target = dense_z @ W.T
+    fitted = pruned_z @ down.weight.detach().double().T
+    best = pruned_z @ torch.linalg.lstsq(pruned_z, target).solution
+    # the stream fitted on block 1's inputs before block 1's own attention was pruned, so compare
+    # with what the dense model's FFN gives on the same pruned inputs: the refit is closer to target
+    plain = clone(base)
+    PruneRunner(StatPruner(), BudgetSpec(flops=0.5, seq_len=32, allocation="uniform"), GramBackend(block_dtype="float64"),
+                propagate="pruned", progress=False).run(plain, get_adapter(plain), batches(), CPU)
+    plain_z = torch.cat(module_inputs(plain, lambda a, l: a.ffn(l).down, batches(), layer=1))
+    plain_out = plain_z @ get_adapter(plain).ffn(get_adapter(plain).layers()[1]).down.weight.detach().double().T
+    assert (fitted - target).square().sum() < (plain_out - target).square().sum()
+    assert (fitted - target).square().sum() >= (best - target).square().sum() * (1 - 1e-6)

@@ -32,6 +32,7 @@ class Pruner(ABC):
     needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
     needs_layer_stream: ClassVar[bool] = True  # False: scores need no layer statistics (data only in prepare)
     needs_whole_model: ClassVar[bool] = False  # runs the whole model at once (gradients): no offloading
+    needs_dense_targets: bool = False  # with propagate=pruned: the dense model's activations alongside
     prunes: ClassVar[bool] = True
     prepare_examples: int | None = None  # calibration examples `prepare` draws for itself (None: the batches)
 

@@ -180,7 +180,8 @@ class PruneRunner:
         make = self.pruner.accumulator(self.backend) if self.pruner.needs_factorization and self.backend else None
         model_major = self.stream == "model" and not (self.backend and self.backend.holds_activations and make)
         stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major,
-                             moments=self.pruner.needs_moments, store=store)
+                             moments=self.pruner.needs_moments, store=store,
+                             dense_targets=self.pruner.needs_dense_targets)
         yield from stream
         self._streamed += stream.seconds
 

@@ -31,6 +31,7 @@ from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankErr
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import LayerPlan
+from stat_exp.prune.compensation import CompensatedFold, compensated_error, compensated_weight
 from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
 from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
 from stat_exp.prune.held_out import HeldOutAccumulator
@@ -63,12 +64,17 @@ class StatPruner(Pruner):
                  allocation: Literal["budget", "global", "uniform"] = "budget",
                  ridge: float | Literal["auto"] = 0.0, validation: float = 0.25,
                  heads: Literal["pivot", "greedy"] = "pivot", intercept: bool = False,
-                 costs: Literal["fit", "held_out"] = "fit"):
+                 costs: Literal["fit", "held_out"] = "fit", compensate: bool = False):
         """`ridge`: strength of the ridge on the correction, relative to each kept unit's energy
         (0: plain least squares), or `auto`: chosen from RIDGES for every keep-count by the error
         on held-out calibration batches. `validation`: the share of calibration batches held out
-        for `ridge=auto` and `costs=held_out` (all batches still make the final fit)."""
-        super().__init__(gqa, allocation)
+        for `ridge=auto` and `costs=held_out` (all batches still make the final fit). `compensate`:
+        blocks are fed the pruned model's outputs (propagate=pruned) and each correction is fitted
+        to the dense model's outputs on the same tokens (see `compensation`)."""
+        super().__init__(gqa, allocation, propagate="pruned" if compensate else "calib")
+        if compensate and (ridge == "auto" or intercept or costs == "held_out"):
+            raise ConfigError("pruner.compensate=true fits to the dense outputs with a fixed ridge only; "
+                              "it does not combine with ridge=auto, intercept=true or costs=held_out")
         if ridge != "auto" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0):
             raise ConfigError(f"pruner.ridge={ridge!r} must be a number >= 0 or auto")
         if not isinstance(validation, (int, float)) or not 0 < validation < 1:
@@ -78,14 +84,15 @@ class StatPruner(Pruner):
             if value not in allowed:
                 raise ConfigError(f"pruner.{key}={value!r}; allowed: {', '.join(allowed)}")
         self.correction, self.ridge, self.validation = correction, ridge, validation
-        self.heads, self.intercept, self.costs = heads, intercept, costs
+        self.heads, self.intercept, self.costs, self.compensate = heads, intercept, costs, compensate
         self.needs_moments = intercept  # channel sums for the mean term
+        self.needs_dense_targets = compensate
 
     @property
     def variant(self) -> str:
         parts = ["" if self.correction else "no correction", f"ridge {self.ridge}" if self.ridge else "",
                  "greedy heads" if self.heads == "greedy" else "", "intercept" if self.intercept else "",
-                 "held-out costs" if self.costs == "held_out" else ""]
+                 "held-out costs" if self.costs == "held_out" else "", "compensated" if self.compensate else ""]
         return ", ".join(p for p in parts if p)
 
     @property
@@ -107,7 +114,13 @@ class StatPruner(Pruner):
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
         extra, heavy = {"n_tokens": stats.n_tokens}, {}
-        if self._plain:
+        if stats.ffn_cross is not None:  # fed the pruned model's inputs: fit to the dense outputs
+            fold = CompensatedFold(stats.ffn_factor.gram(), stats.ffn_cross.C, W2, _unit_weights(W2),
+                                   stats.ffn_factor.factorize(weights=_unit_weights(W2)).perm, float(self.ridge))
+            levels, attn_cost = self._compensated_levels(attn, stats)
+            heavy |= {"ffn_comp": fold, "attn_comp": (stats.attn_factor.gram(), stats.attn_cross.C)}
+            ffn_order, ffn_cost = fold.perm, fold.cost()
+        elif self._plain:
             ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
             attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
             extra["attn_bounds"] = bounds
@@ -149,8 +162,7 @@ class StatPruner(Pruner):
 
     def _ffn_fold(self, W2: torch.Tensor, grams: ModuleGrams) -> tuple["NeuronFold", torch.Tensor]:
         """Neuron order (pivoted on the weighted Gram), the fold of every keep-count, and its cost."""
-        w = W2.norm(dim=0)
-        w = w.clamp_min(float(w.max()) * 1e-12 if w.max() > 0 else 1.0)
+        w = _unit_weights(W2)
         perm, R0 = pivoted_cholesky(grams.full * w[:, None] * w[None, :])
         g = grams.scaled(w, perm)
         V = (W2 / w)[:, perm]
@@ -195,6 +207,19 @@ class StatPruner(Pruner):
         return levels, torch.tensor(costs, dtype=torch.float64), {"gram": grams.full, "ridges": ridges,
                                                                    "mean": grams.mean}
 
+    def _compensated_levels(self, attn, stats: LayerStats) -> tuple[list[AttentionLevel], torch.Tensor]:
+        """Head levels ranked on the pruned inputs; each level's error against the dense outputs,
+        relative to keeping every head."""
+        G, C = stats.attn_factor.gram(), stats.attn_cross.C
+        W = attn.o.weight.detach().double().to(G.device)
+        if self.heads == "greedy":
+            levels, _ = greedy_levels(G, W, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.gqa == "per_group")
+        else:
+            _, levels, _ = self._head_factorization(attn, G)
+        errors = torch.tensor([compensated_error(G, C, W, _channels(attn, lv, G.device)[0], float(self.ridge))
+                               for lv in levels], dtype=torch.float64)
+        return levels, errors - errors[-1]
+
     def _level_error(self, attn, G, W, level: AttentionLevel) -> float:
         kept, removed = _channels(attn, level, G.device)
         return corrected_error(G, W, kept, removed)
@@ -211,7 +236,11 @@ class StatPruner(Pruner):
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
         keep = scores.ffn_order[: plan.neurons]
-        if "ffn_fold" in scores.heavy:
+        if "ffn_comp" in scores.heavy:
+            o_weight, o_bias, down_bias = self._compensated_o(attn, level, scores.heavy["attn_comp"]), None, None
+            fold = scores.heavy["ffn_comp"]
+            down_weight = fold.weight(plan.neurons).to(ffn.down.weight.dtype)  # refitted even when all stay
+        elif "ffn_fold" in scores.heavy:
             o_weight, o_bias = self._head_fold(attn, level, plan.attn_level, scores.heavy["attn_folds"])
             down_weight, down_bias = self._neuron_fold(ffn.down, scores.heavy["ffn_fold"], plan.neurons)
         else:
@@ -224,6 +253,14 @@ class StatPruner(Pruner):
             down_weight = self._corrected(ffn.down.weight, scores.heavy["ffn"], plan.neurons)
         prune_attention(adapter, layer, level, o_weight, o_bias)
         prune_ffn(adapter, layer, keep, down_weight, down_bias)
+
+    def _compensated_o(self, attn, level: AttentionLevel, grams) -> torch.Tensor | None:
+        """O refitted on the level's kept channels to the dense outputs (also when every head stays:
+        the pruned inputs still differ from the dense ones)."""
+        G, C = grams
+        kept, _ = _channels(attn, level, G.device)
+        W = attn.o.weight.detach().double().to(G.device)
+        return compensated_weight(G, C, W, kept, float(self.ridge)).to(attn.o.weight.dtype)
 
     def _corrected(self, weight: torch.Tensor, fact: Factorization, k: int) -> torch.Tensor | None:
         """W[:, kept] + W[:, removed] T^T, the output weights with the removed units folded in."""
@@ -266,6 +303,12 @@ class NeuronFold:
         """T (k x m-k) in the original (unweighted) scale, with the ridge chosen for k."""
         R = ridged_cholesky(self.gram, self.ridge_at[k])
         return Factorization(perm=self.perm, R=R, weights=self.weights).correction(k)
+
+
+def _unit_weights(W: torch.Tensor) -> torch.Tensor:
+    """Column norms of the output weights, floored: what neurons are pivoted by."""
+    w = W.norm(dim=0)
+    return w.clamp_min(float(w.max()) * 1e-12 if w.max() > 0 else 1.0)
 
 
 def _channels(attn, level: AttentionLevel, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
