@@ -39,19 +39,30 @@ def corrected_error(G: torch.Tensor, W: torch.Tensor, kept: torch.Tensor, remove
 
 
 def greedy_levels(G: torch.Tensor, W: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
-                  per_group: bool, ridge: float = 0.0) -> tuple[list[AttentionLevel], list[float]]:
+                  per_group: bool) -> tuple[list[AttentionLevel], list[float]]:
     """Levels smallest first (dense last) and their corrected errors, by backward elimination.
 
     `per_group` (grouped-query attention): level r keeps r query heads in every KV group; each
     round removes one head from every group, the cheapest first. Otherwise the units are whole
     KV groups (single heads under multi-head attention), removed one at a time.
+    The corrected error of removing channels S is tr(W_S (P_SS)^-1 W_S^T) with P = G^-1 (the
+    Schur complement of G_KK is the inverse of the precision's S block), so each candidate costs
+    one factor of the removed block, not of the kept one.
     """
     group = num_heads // num_kv_heads
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    P = torch.cholesky_inverse(ridged_cholesky(G), upper=True) if G.shape[0] else eye
 
     def error(heads: list[int]) -> float:
-        kept = head_channels(sorted(heads), head_dim).to(G.device)
         removed = head_channels(sorted(set(range(num_heads)) - set(heads)), head_dim).to(G.device)
-        return corrected_error(G, W, kept, removed, ridge)
+        if removed.numel() == 0:
+            return 0.0
+        WS = W[:, removed]
+        L, info = torch.linalg.cholesky_ex(P[removed][:, removed])
+        if int(info):  # numerically singular block: the direct fit
+            kept = head_channels(sorted(heads), head_dim).to(G.device)
+            return corrected_error(G, W, kept, removed)
+        return float(torch.linalg.solve_triangular(L, WS.T, upper=False).square().sum())
 
     def level(heads: list[int]) -> AttentionLevel:
         return AttentionLevel(tuple(sorted(heads)), tuple(sorted({h // group for h in heads})))
