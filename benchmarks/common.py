@@ -9,12 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-
+from stat_exp.config.cli import compose_config  # noqa: E402
 from stat_exp.data.calibration import calibration_batches  # noqa: E402
 from stat_exp.models.loading import load_model  # noqa: E402
 from stat_exp.pipeline import run_pipeline  # noqa: E402
-from stat_exp.run import CONF_DIR  # noqa: E402
 from stat_exp.track.results import RunRecord  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -36,8 +34,7 @@ def markdown(rows: list[dict]) -> str:
 def run_job(overrides: list[str], out: Path) -> RunRecord | str:
     """Exactly what a user runs (the Hydra config composed with `overrides`, then run_pipeline into
     `out`): its record, or the error line when it failed (its results.json says the same)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
+    cfg = compose_config(overrides)
     try:
         return run_pipeline(cfg, out)
     except Exception as e:  # noqa: BLE001 - one failed job must not stop a comparison

@@ -1,7 +1,8 @@
 """Scale on the CPU: memory per block, the planner against measured peaks, and prune time against
 one dense forward pass, on randomly initialised Llamas with Llama-2-7B block shapes.
 
-    python -m benchmarks.stat_scale [--depths 2 4] [--sequences 40]
+    python -m benchmarks.stat_scale [--depths 2 3] [--sequences 16]
+    python -m benchmarks.stat_scale --embedded   # SmolLM2: the bounded path prunes like the fast one
 
 Models with hidden 4096, FFN 11008 and 32 heads (Llama-2-7B's blocks) and `depth` blocks are
 saved to a local folder (fp32, tied embeddings, MiniLM's 30,522-token vocabulary) and pruned by
@@ -9,7 +10,8 @@ ordinary jobs (`model.source=<folder>`, STAT, global allocation, budget 0.5, blo
 stream), each in its own process so its peak RSS is its own. In the same run, a dense forward
 pass over the same calibration set is timed on each model. Checks (issue 10): peak host memory
 per extra block <= 1.25x the block's weight bytes with weights on the host and about 0 with
-`offload=disk`; the planner's peak within 20% of the measured one; calibrate + prune <= 1.5x the
+`offload=disk`; factors=recompute runs at the smallest depth only (it is compared with spill on
+memory and time; its growth per block is spill's); the planner's peak within 20% of the measured one; calibrate + prune <= 1.5x the
 dense forward pass.
 """
 from __future__ import annotations
@@ -55,7 +57,7 @@ def overrides(folder: Path, sequences: int) -> list[str]:
             "calib.source=wiki_calib", f"calib.num_examples={sequences}", "calib.seq_len=256", "calib.batch_size=8",
             "budget.flops=0.5", "budget.seq_len=256", "pruner=stat", "factorization=gram", "eval=perplexity",
             "eval.perplexity.max_tokens=512", "eval.perplexity.batch_size=1", "logger=none", "progress=false",
-            "device=cpu", "execution.stream=block"]
+            "device=cpu", "execution.stream=block", "resume=true"]  # finished jobs are not run again
 
 
 def job(depth: int, offload: str, factors: str, sequences: int) -> dict:
@@ -85,6 +87,31 @@ def forward(depth: int, sequences: int) -> dict:
     return {"forward_s": time.perf_counter() - start}
 
 
+EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.num_examples=64", "calib.seq_len=256",
+            "eval=perplexity", "eval.perplexity.max_tokens=16384", "logger=none", "progress=false", "device=cpu"]
+BOUNDED = ["execution.offload=disk", "execution.stream=block", "execution.factors=spill"]
+
+
+def embedded() -> str:
+    """The embedded default (STAT 0.7 on SmolLM2, the README's quality setting) with today's fast
+    path and with the bounded path (blocks on disk, one at a time, factorizations spilled)."""
+    from benchmarks.common import run_job
+
+    rows = [(name, run_job([*EMBEDDED, *extra], OUT / f"embedded_{tag}"))
+            for name, tag, extra in (("default", "default", []), ("bounded", "bounded", BOUNDED))]
+    (_, a), (_, b) = rows
+    if isinstance(a, str) or isinstance(b, str):
+        return f"failed: {a if isinstance(a, str) else b}"
+    ppl_a, ppl_b = a.metrics["perplexity/ppl"], b.metrics["perplexity/ppl"]
+    return "\n".join([
+        "| SmolLM2, STAT 0.7 | execution | wiki_eval ppl | structure | peak RSS (MB) | calibrate + prune (s) |",
+        "|---|---|---|---|---|---|",
+        *(f"| {name} | {', '.join(f'{k}={v}' for k, v in r.execution.items())} | {r.metrics['perplexity/ppl']:.3f} | "
+          f"{'same' if r.structure == a.structure else 'DIFFERS'} | {r.peak_rss_mb:,.0f} | "
+          f"{r.timing_s.get('calibrate', 0) + r.timing_s.get('prune', 0):.0f} |" for name, r in rows),
+        "", f"perplexity difference: {abs(ppl_b / ppl_a - 1) * 100:.3f}% (target: within 0.5%)"])
+
+
 def _subprocess(*args: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.stat_scale", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -94,11 +121,18 @@ def _subprocess(*args: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--depths", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--sequences", type=int, default=40)
+    parser.add_argument("--depths", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--sequences", type=int, default=16)
     parser.add_argument("--one", nargs=3, metavar=("DEPTH", "OFFLOAD", "FACTORS"))
     parser.add_argument("--forward", type=int, metavar="DEPTH")
+    parser.add_argument("--embedded", action="store_true", help="only the embedded model: both paths side by side")
     args = parser.parse_args()
+    if args.embedded:
+        OUT.mkdir(parents=True, exist_ok=True)
+        table = embedded()
+        (OUT / "embedded.md").write_text(table + "\n")
+        print(table)
+        return
     if args.one:
         print(json.dumps(job(int(args.one[0]), args.one[1], args.one[2], args.sequences)))
         return
@@ -113,6 +147,8 @@ def main() -> None:
     for depth in args.depths:
         fwd = _subprocess("--forward", str(depth), "--sequences", str(args.sequences))
         for offload, factors in MODES:
+            if factors == "recompute" and depth != min(args.depths):
+                continue
             r = _subprocess("--one", str(depth), offload, factors, "--sequences", str(args.sequences))
             results[depth, offload, factors] = r
             if "error" in r:

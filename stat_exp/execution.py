@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from stat_exp.config.types import PositiveFloat
 from stat_exp.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -42,27 +43,22 @@ class Resolved:
         return f"offload={self.offload}, stream={self.stream}, factors={self.factors}"
 
 
+Offload = Literal["auto", "none", "cpu", "disk"]
+Stream = Literal["auto", "model", "block"]
+Factors = Literal["auto", "hold", "spill", "recompute"]
+
+
 @dataclass
 class ExecutionSpec:
-    """The `execution` node of the config."""
+    """The `execution` node of the config (its schema: the config validator checks these types)."""
 
-    offload: Literal["auto", "none", "cpu", "disk"] = "auto"
-    stream: Literal["auto", "model", "block"] = "auto"
-    factors: Literal["auto", "hold", "spill", "recompute"] = "auto"
+    offload: Offload = "auto"
+    stream: Stream = "auto"
+    factors: Factors = "auto"
     dir: str | None = None  # offloaded blocks and spilled factors (null: <run_dir>/offload, removed after)
-    device_memory_mb: float | None = None  # memory the run may use (null: what is free now)
-    host_memory_mb: float | None = None
-    tflops: float | None = None  # throughput the time estimate assumes (null: measured on the CPU)
-
-    def __post_init__(self) -> None:
-        for key, allowed in (("offload", ("auto", "none", "cpu", "disk")), ("stream", ("auto", "model", "block")),
-                             ("factors", ("auto", "hold", "spill", "recompute"))):
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"execution.{key}={getattr(self, key)!r}; allowed: {', '.join(allowed)}")
-        for key in ("device_memory_mb", "host_memory_mb", "tflops"):
-            value = getattr(self, key)
-            if value is not None and not value > 0:
-                raise ConfigError(f"execution.{key}={value!r} must be a positive number or null")
+    device_memory_mb: PositiveFloat | None = None  # memory the run may plan with (null: measured)
+    host_memory_mb: PositiveFloat | None = None
+    tflops: PositiveFloat | None = None  # throughput the time estimate assumes (null: measured on the CPU)
 
     def resolve(self, sizes: Sizes, device: torch.device, host_mb: float, device_mb: float, disk_mb: float,
                 must_stream_blocks: bool, needs_whole_model: bool, prunes: bool) -> Resolved:

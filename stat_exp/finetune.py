@@ -132,7 +132,9 @@ def ensure_polarity_model(progress: bool = True) -> Path:
     sentences (seconds on a CPU), prepared once; held-out accuracy is in its finetune.json."""
     out = polarity_model_path()
     if not (out / INFO_FILE).is_file():
-        finetune(Recipe(), out, progress=progress)
+        with assets.preparation_lock(out):
+            if not (out / INFO_FILE).is_file():  # another process may have finished it meanwhile
+                finetune(Recipe(), out, progress=progress)
     return out
 
 

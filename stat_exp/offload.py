@@ -234,18 +234,19 @@ def checkpoint_index(folder: Path) -> dict[str, str]:
 
 
 def open_model(source: str, task: str, dtype: str, device: torch.device, offload: str,
-               work_dir: Path) -> tuple[nn.Module, object, BlockStore]:
+               work_dir: Path, adapter_factory=None) -> tuple[nn.Module, object, BlockStore]:
     """(model, tokenizer, store) with block weights where `offload` says; everything outside the
-    blocks on the device. `work_dir`: where a disk store writes pruned blocks."""
+    blocks on the device. `work_dir`: where a disk store writes pruned blocks. `adapter_factory`:
+    the configured adapter (`model.adapter`), None for the default."""
+    from stat_exp.export.load import load_model
     from stat_exp.models import get_adapter
-    from stat_exp.models.loading import load_model
 
     if offload == "disk":
-        return _open_on_disk(source, task, dtype, device, work_dir)
+        return _open_on_disk(source, task, dtype, device, work_dir, adapter_factory)
     if offload not in OFFLOAD_MODES:
         raise OffloadError(f"execution.offload={offload!r}; allowed: {', '.join(OFFLOAD_MODES)}")
     model, tokenizer = load_model(source, task, dtype, device if offload == "none" else "cpu")
-    adapter = get_adapter(model)
+    adapter = get_adapter(model, adapter_factory)
     if offload == "none":
         return model, tokenizer, BlockStore(model, adapter, device)
     move_outside_blocks(model, adapter.layers(), device)
@@ -253,15 +254,17 @@ def open_model(source: str, task: str, dtype: str, device: torch.device, offload
 
 
 def _open_on_disk(source: str, task: str, dtype: str, device: torch.device,
-                  work_dir: Path) -> tuple[nn.Module, object, BlockStore]:
+                  work_dir: Path, adapter_factory=None) -> tuple[nn.Module, object, BlockStore]:
     """The model skeleton with parameters on the meta device; only what is outside the blocks is
     read (to the device); blocks are read from the checkpoint's safetensors when they are used."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoTokenizer
 
+    from stat_exp.export.load import model_class
     from stat_exp.models import get_adapter
-    from stat_exp.models.loading import TASKS, resolve_source
+    from stat_exp.models.conv1d import TransposedLinear
+    from stat_exp.models.loading import resolve_source
 
     folder = Path(resolve_source(source))
     if not folder.is_dir():
@@ -274,8 +277,11 @@ def _open_on_disk(source: str, task: str, dtype: str, device: torch.device,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with init_empty_weights(include_buffers=False):
-        model = TASKS[task].from_config(config, dtype=torch_dtype, attn_implementation="sdpa")
-    adapter = get_adapter(model)
+        model = model_class(config, task)._from_config(config, dtype=torch_dtype)  # transformers picks the attention
+    adapter = get_adapter(model, adapter_factory)
+    if any(isinstance(m, TransposedLinear) for layer in adapter.layers() for m in layer.modules()):
+        raise OffloadError("offload=disk reads block weights by name, and Conv1D checkpoints (GPT-2) store them "
+                           "transposed; use execution.offload=cpu")
     index = checkpoint_index(folder)
     inside = tuple(name + "." for name in block_names(model, adapter))
     tied = set(getattr(model, "_tied_weights_keys", None) or {})

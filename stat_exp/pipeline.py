@@ -5,7 +5,7 @@ adds Hydra around it.
 """
 from __future__ import annotations
 
-import shutil
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,31 +13,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from stat_exp.config.validate import checked_config
 from stat_exp.device import resolve_device
-from stat_exp.errors import ConfigError
+from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
-from stat_exp.models import get_adapter
-from stat_exp.models.saving import save_pruned
+from stat_exp.export.lineage import against_dense
+from stat_exp.export.save import save_pruned
+from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.offload import open_model
 from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.runner import PruneRunner
+from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
+from stat_exp.track.report import label
 from stat_exp.track.results import RunRecord, Timings, config_hash, peak_rss_mb
-from stat_exp.track.wandb_logger import make_logger
 
-
-def validate(cfg: DictConfig) -> None:
-    """Reject bad values before anything expensive happens."""
-    flops = cfg.budget.flops
-    if not isinstance(flops, (int, float)) or not 0 < flops <= 1:
-        raise ConfigError(f"budget.flops={flops} must be a number in (0, 1]")
-    for key in ("num_examples", "batch_size"):
-        if key in cfg.calib and int(cfg.calib[key]) < 1:
-            raise ConfigError(f"calib.{key}={cfg.calib[key]} must be a positive integer")
-    if int(cfg.budget.round_to) < 1:
-        raise ConfigError(f"budget.round_to={cfg.budget.round_to} must be a positive integer")
+log = logging.getLogger(__name__)
 
 
 def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
@@ -51,26 +44,47 @@ def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> RunRecord:
-    """Run one job and write run_dir/results.json (status failed, with the error, if it fails)."""
+    """Run one job and write run_dir/results.json (status failed, with the error, if it fails).
+
+    With `resume=true`, a run_dir whose results.json is ok for the same config hash is not run again:
+    its record is returned as it is."""
     run_dir = Path(run_dir)
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")),
+                       pruner=str(OmegaConf.select(cfg, "pruner._target_", default="?")).rsplit(".", 1)[-1])
+    try:
+        plain = checked_config(cfg)
+    except BaseException as e:
+        record.status, record.error = "failed", one_line(e)
+        record.write(run_dir)
+        raise
+    record.config_hash, record.seed = config_hash(plain), plain["seed"]
+    record.target = {"flops_fraction": plain["budget"]["flops"]}
+    if plain["resume"]:
+        done = RunRecord.read(run_dir)
+        if done is not None and done.status == "ok" and done.config_hash == record.config_hash:
+            log.info("resume: %s is done (ok for config %s), not run again", run_dir, record.config_hash)
+            return done
+    return _run(OmegaConf.create(plain), plain, record, run_dir, sweep_dir)
+
+
+def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_dir: Path | None) -> RunRecord:
+    """Every part is built from its config before the weights load, so a bad setting fails first."""
     timings = Timings()
-    record = RunRecord(model=cfg.model.name, pruner=str(cfg.pruner.get("_target_", "?")).rsplit(".", 1)[-1],
-                       target={"flops_fraction": cfg.budget.flops},
-                       seed=cfg.seed, config_hash=config_hash(plain))
-    logger = make_logger(cfg.logger, run_dir, plain, sweep_dir, job_name=run_dir.name)
+    logger: RunLogger = NullLogger(run_dir, plain)
     try:
         with timings("total"):
             record.write(run_dir)
-            validate(cfg)
             torch.manual_seed(cfg.seed)
             device = resolve_device(cfg.device)
             pruner: Pruner = instantiate(cfg.pruner)
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            user_adapter = adapter_from_config(cfg.model.get("adapter"))
+            evaluators = make_evaluators(cfg.eval, run_dir)
             backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
-            evaluators = make_evaluators(cfg.eval, run_dir)
             calibration = instantiate(cfg.calib)
+            logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
+                                 name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
             prunes = pruner.prunes and cfg.budget.flops < 1
             plan = make_plan(cfg, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
@@ -79,7 +93,8 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
                 torch.cuda.reset_peak_memory_stats(device)
             with timings("load"):
                 model, tokenizer, store = open_model(cfg.model.source, cfg.model.task, cfg.model.dtype, device,
-                                                     plan.execution.offload, work_dir / "blocks")
+                                                     plan.execution.offload, work_dir / "blocks", user_adapter)
+            log.info("loaded %s in %.1f s (%s)", cfg.model.source, timings.seconds["load"], plan.execution.describe())
             try:
                 adapter = get_adapter(model)
                 batches, examples = [], None
@@ -95,28 +110,32 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
                 outcome = runner.run(model, adapter, batches, device, store, examples)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
-                record.achieved, record.structure = outcome.achieved, outcome.structure
+                record.achieved = against_dense(model, adapter, outcome.achieved, budget)
+                record.structure = outcome.structure
+                log.info("pruned: %s", record.achieved)
                 store.prepare_for_eval()
                 with timings("eval"):
                     record.metrics = evaluate(evaluators, model, tokenizer, device)
+                log.info("metrics: %s", record.metrics)
                 if cfg.save_model:
-                    _save(model, tokenizer, run_dir / "model", cfg.model.task)
+                    save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
             finally:
                 store.close()
                 if device.type == "cuda":
                     record.peak_device_mb = torch.cuda.max_memory_allocated(device) / 2**20
         record.status = "ok"
     except BaseException as e:
-        record.status, record.error = "failed", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        record.status, record.error = "failed", one_line(e)
         raise
     finally:
         record.timing_s, record.peak_rss_mb = timings.seconds, peak_rss_mb()
-        record.write(run_dir)
+        path = record.write(run_dir)
         if record.status == "ok":
             logger.log_metrics({**record.metrics, **{f"achieved/{k}": v for k, v in record.achieved.items()},
                                 **{f"timing_s/{k}": v for k, v in record.timing_s.items()}})
             logger.log_structure(record.structure)
-        logger.finish(record.status)
+        logger.log_file(path)
+        logger.finish(record.status, record.error)
     return record
 
 
@@ -124,8 +143,6 @@ def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]
     """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several), built before
     the model loads so a bad evaluation setting fails first. Evaluators that write files (tables)
     get the run directory unless their config names one."""
-    if not eval_cfg:
-        raise ConfigError("eval is empty; choose at least one evaluator, e.g. eval=perplexity")
     evaluators = {}
     for name, sub in eval_cfg.items():
         extra = {"output_dir": str(run_dir)} if "output_dir" in sub and sub.output_dir is None else {}
@@ -144,12 +161,3 @@ def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.d
             raise ConfigError(f"eval.{name} writes metrics another evaluator already wrote: {', '.join(clash)}")
         metrics.update(result)
     return metrics
-
-
-def _save(model, tokenizer, path: Path, task: str) -> None:
-    """Write the model folder next to results.json, replacing it whole (never half of it)."""
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pruned(model, tokenizer, tmp, task)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -21,13 +22,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 from torch import nn
 
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.execution import ExecutionSpec, Resolved
-from stat_exp.models import get_adapter
+from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.prune.budget import FlopsModel
 from stat_exp.prune.runner import shapes_of
 
@@ -39,6 +38,9 @@ CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + c
 # of it (pivoted Cholesky is memory-bound).
 ASSUMED_TFLOPS = {"cuda": 200.0}
 FACTOR_SHARE = 0.05
+# Off the CPU the pivoted factorizations are a loop of small kernels, one step per column: their
+# time is launches and synchronisations, not FLOPs (assumed per step; LAPACK on the CPU has none).
+PIVOT_STEP_S = {"cuda": 1.5e-4}
 LOGITS_COPIES = 3  # logits, their float32 copy and log-softmax in the perplexity loss
 
 
@@ -67,6 +69,7 @@ class Sizes:
     calibration_flops: float  # one dense forward of the calibration set through the blocks
     gram_flops: float
     factor_flops: float
+    pivot_steps: int  # columns the pivoted factorizations step through
 
 
 @dataclass
@@ -88,64 +91,94 @@ class Plan:
                 "device": self.device, **asdict(self.execution)}
 
 
-def meta_model(cfg: DictConfig) -> nn.Module:
-    """The model of `cfg` on the meta device: shapes without weights."""
+@dataclass
+class Job:
+    """What the plan of a run depends on (a run's config reduces to this; no weights)."""
+
+    model: nn.Module  # on the meta device
+    pruner: object  # a Pruner
+    backend: object | None  # a factorization Backend
+    dtype: torch.dtype
+    sequences: int
+    seq_len: int  # tokens per calibration sequence (an upper bound when padded)
+    batch_size: int
+    eval_batch: int = 8
+    eval_len: int = 256
+    propagate: str = "dense"
+    allocation: str = "global"  # the effective allocation
+    prunes: bool = True
+
+
+def meta_model(source: str, task: str, dtype: str) -> nn.Module:
+    """The model on the meta device: shapes without weights."""
     from transformers import AutoConfig
 
-    from stat_exp.models.loading import TASKS, resolve_source
+    from stat_exp.export.load import model_class
+    from stat_exp.models.loading import resolve_source
 
-    source = resolve_source(cfg.model.source)
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(resolve_source(source))
     except OSError as e:
-        raise UserError(f"cannot read the config of model {cfg.model.source!r}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"cannot read the config of model {source!r}: {str(e).splitlines()[0]}") from e
     with torch.device("meta"):
-        return TASKS[cfg.model.task].from_config(config, dtype=getattr(torch, cfg.model.dtype))
+        return model_class(config, task)._from_config(config, dtype=getattr(torch, dtype))
 
 
-def _calibration(cfg: DictConfig) -> tuple[int, int, int]:
-    """(sequences, tokens per sequence (an upper bound when padded), batch size) of the calibration set."""
+def job_of(cfg, prunes: bool = True) -> Job:
+    """The Job of a composed run config."""
+    from hydra.utils import instantiate
+
+    pruner = instantiate(cfg.pruner)
+    backend = instantiate(cfg.factorization, device="cpu") if pruner.needs_factorization else None
     calib = cfg.calib
-    length = calib.get("seq_len") or calib.get("max_length")
-    return int(calib.num_examples), int(length), int(calib.batch_size)
+    evals = list(cfg.eval.values()) if cfg.get("eval") else []
+    first = evals[0] if evals else {}
+    model = meta_model(cfg.model.source, cfg.model.task, cfg.model.dtype)
+    get_adapter(model, adapter_from_config(cfg.model.get("adapter")))  # the configured adapter stays the model's
+    return Job(model=model, pruner=pruner, backend=backend,
+               dtype=getattr(torch, cfg.model.dtype), sequences=int(calib.num_examples),
+               seq_len=int(calib.get("seq_len") or calib.get("max_length")), batch_size=int(calib.batch_size),
+               eval_batch=int(first.get("batch_size", 8) or 8), eval_len=int(first.get("seq_len", 256) or 256),
+               propagate=calib.get("propagate", "dense"), allocation=pruner.allocation_under(cfg.budget.allocation),
+               prunes=prunes and pruner.prunes and cfg.budget.flops < 1)
 
 
-def plan_sizes(cfg: DictConfig, model: nn.Module, pruner, backend) -> Sizes:
+def plan_sizes(job: Job) -> Sizes:
     """Sizes of what a run holds, from shapes only."""
+    model, pruner, backend = job.model, job.pruner, job.backend
     adapter = get_adapter(model)
-    elem = torch.finfo(getattr(torch, cfg.model.dtype)).bits // 8
-    n_seq, seq_len, batch = _calibration(cfg)
-    tokens = n_seq * seq_len
+    elem = torch.finfo(job.dtype).bits // 8
+    tokens = job.sequences * job.seq_len
     block_params = {id(p) for layer in adapter.layers() for p in layer.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in block_params) * elem
     shapes = shapes_of(adapter)
-    blocks, gram_flops, factor_flops = [], 0.0, 0.0
+    blocks, gram_flops, factor_flops, steps = [], 0.0, 0.0, 0
     for layer, sh in zip(adapter.layers(), shapes):
         weights = sum(p.numel() for p in layer.parameters()) * elem
         d_attn, d_ffn = sh.num_heads * sh.head_dim, sh.ffn_width
         stats = heavy = work = 0
         if pruner.needs_factorization and backend is not None:
-            per_width = {"gram": lambda d: d * d, "sketch": lambda d: math.ceil(getattr(backend, "rows_per_unit", 1.5) * d) * d,
-                         "qr": lambda d: tokens * d}[backend.name]
-            stats = (per_width(d_attn) + per_width(d_ffn)) * FLOAT64
+            rows = {"gram": lambda d: d, "qr": lambda d: tokens,
+                    "sketch": lambda d: math.ceil(getattr(backend, "rows_per_unit", 1.5) * d)}[backend.name]
+            stats = (rows(d_attn) * d_attn + rows(d_ffn) * d_ffn) * FLOAT64
             heavy = (d_attn * d_attn + d_ffn * d_ffn) * FLOAT64  # R factors
             # scoring the FFN: the weighted Gram and the factor beside the statistics, and V R^T
             work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
             gram_flops += tokens * (d_attn ** 2 + d_ffn ** 2)  # tiles cover ~half of each product, x2 flops
             factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3 + 2 * sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+            steps += d_attn + d_ffn
         if pruner.needs_moments:
             stats += 2 * (d_attn + d_ffn) * FLOAT64
         inner = max(d_ffn * sh.ffn_matrices, 4 * sh.hidden + 2 * d_attn)  # gate, up, product / q, k, v, o
-        acts = batch * seq_len * (inner * elem + 4 * max(d_ffn, d_attn))  # + float32 copy for statistics
+        acts = job.batch_size * job.seq_len * (inner * elem + 4 * max(d_ffn, d_attn))  # + float32 copy
         blocks.append(BlockSizes(weights, stats, work, heavy, acts))
-    vocab = getattr(model.config, "vocab_size", 0) if cfg.model.task == "causal_lm" else 0
-    eval_cfg = next(iter(cfg.eval.values()), {}) if cfg.get("eval") else {}
-    eval_batch, eval_len = int(eval_cfg.get("batch_size", 8) or 8), int(eval_cfg.get("seq_len", seq_len) or seq_len)
-    flops = FlopsModel(seq_len)
+    causal = hasattr(model, "lm_head") or getattr(model.config, "is_decoder", False)
+    vocab = getattr(model.config, "vocab_size", 0) if causal else 0
+    flops = FlopsModel(job.seq_len)
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
-                 eval_work=eval_batch * eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
-                 calibration_flops=n_seq * sum(flops.dense(sh) for sh in shapes),
-                 gram_flops=gram_flops, factor_flops=factor_flops)
+                 eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
+                 calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
+                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps)
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -163,9 +196,11 @@ def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def free_memory_mb(device: torch.device, declared_device_mb: float | None = None) -> tuple[float, float]:
-    """(host MB available, device MB free); on the CPU both are the host's. Planning for a GPU this
-    machine does not have needs the device's memory declared."""
-    host = _mem_available_mb()
+    """(host MB, device MB) a run may plan with: the host's physical memory (not what happens to be
+    free at this moment: the same config must make the same choices on the same machine), and the
+    device's free memory (another process may hold part of a GPU). On the CPU both are the host's.
+    Planning for a GPU this machine does not have needs the device's memory declared."""
+    host = _mem_total_mb()
     if device.type == "cpu":
         return host, host
     if declared_device_mb is not None:
@@ -177,50 +212,43 @@ def free_memory_mb(device: torch.device, declared_device_mb: float | None = None
     return host, free / MB
 
 
-def _mem_available_mb() -> float:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import psutil  # not Linux
-
-    return psutil.virtual_memory().available / MB
+def _mem_total_mb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MB
 
 
 def current_rss_mb() -> float:
+    """Resident memory of this process now (Linux), else its peak so far."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    import psutil
+    from stat_exp.track.results import peak_rss_mb
 
-    return psutil.Process().memory_info().rss / MB
+    return peak_rss_mb()
 
 
-def make_plan(cfg: DictConfig, device: torch.device, run_dir: Path | None = None, prunes: bool = True) -> Plan:
-    """The plan of `cfg` on `device`, `execution=auto` choices resolved; raises PlanError when the
+def make_plan(cfg, device: torch.device, run_dir: Path | None = None, prunes: bool = True) -> Plan:
+    """The plan of a composed run config on `device` (see `plan_job`)."""
+    return plan_job(job_of(cfg, prunes), ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
+
+
+def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None) -> Plan:
+    """The plan of `job` on `device`, `execution=auto` choices resolved; raises PlanError when the
     run would not fit the memory it may use."""
-    spec = ExecutionSpec(**cfg.get("execution", {}))
-    pruner = instantiate(cfg.pruner)
-    backend = instantiate(cfg.factorization, device="cpu") if pruner.needs_factorization else None
-    model = meta_model(cfg)
-    sizes = plan_sizes(cfg, model, pruner, backend)
-    prunes = prunes and pruner.prunes and cfg.budget.flops < 1
+    sizes = plan_sizes(job)
     host_free, device_free = free_memory_mb(device, spec.device_memory_mb)
     host_limit = spec.host_memory_mb or host_free
     device_limit = (spec.device_memory_mb or device_free) if device.type != "cpu" else host_limit
     folder = Path(spec.dir) if spec.dir else (Path(run_dir) / "offload" if run_dir else Path.cwd())
     disk_free = shutil.disk_usage(_existing_parent(folder)).free / MB
-    holds_activations = bool(backend and backend.holds_activations)
+    holds_activations = bool(job.backend and job.backend.holds_activations)
     resolved = spec.resolve(sizes, device, host_limit, device_limit, disk_free,
-                            must_stream_blocks=holds_activations or cfg.calib.get("propagate", "dense") != "dense",
-                            needs_whole_model=pruner.needs_whole_model, prunes=prunes)
-    plan = _estimate(sizes, resolved, device, prunes, spec.tflops or measured_tflops(device, getattr(torch, cfg.model.dtype)),
-                     global_allocation=pruner.allocation_under(cfg.budget.allocation) == "global")
+                            must_stream_blocks=holds_activations or job.propagate != "dense",
+                            needs_whole_model=job.pruner.needs_whole_model, prunes=job.prunes)
+    plan = _estimate(sizes, resolved, device, job.prunes, spec.tflops or measured_tflops(device, job.dtype),
+                     global_allocation=job.allocation == "global")
     if plan.peak_host_mb > host_limit:
         raise PlanError(f"the plan needs {plan.peak_host_mb:,.0f} MB of host memory, {host_limit:,.0f} MB are available "
                         f"(execution: {resolved.describe()}); try execution.offload=disk or fewer calib.num_examples")
@@ -276,7 +304,8 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
     passes = 2 if (prunes and ex.factors == "recompute" and global_allocation) else 1
     seconds = 0.0
     if prunes:
-        seconds = passes * (s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
+        seconds = passes * ((s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
+                            + s.pivot_steps * PIVOT_STEP_S.get(device.type, 0.0))
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
@@ -297,17 +326,15 @@ def render(plan: Plan) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m stat_exp.plan <overrides>`: the table, then one JSON line."""
-    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
-    from stat_exp.device import resolve_device
-    from stat_exp.run import CONF_DIR
+    from stat_exp.config.cli import compose_config
+    from stat_exp.config.validate import checked_config
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
-        device = _plan_device(cfg.device)
-        plan = make_plan(cfg, device)
+        cfg = OmegaConf.create(checked_config(compose_config(overrides)))
+        plan = make_plan(cfg, _plan_device(cfg.device))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,12 +1,16 @@
 """The Hydra entry point: `python -m stat_exp.run ...` or `stat-exp ...`.
 
-Turns a composed config into a pipeline call. Bad input (an unknown model, pruner or eval name,
-a budget out of range, a missing file) ends with one line and exit code 2. In a sweep a failed
-job is recorded as failed and the others go on; the sweep then exits 1.
+Turns a composed config into a pipeline call. Bad input (an unknown name, a value its typed
+definition does not allow, a missing file) ends with one line and exit code 2, before weights load.
+In a sweep a failed job is recorded as failed and the others go on; the process that launched the
+sweep then reads every job's results.json (whichever launcher ran them), lists the failed ones and
+exits 1. A job returns its main metric, so sweepers that search (optuna) can use it.
 """
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -14,28 +18,19 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from stat_exp.errors import UserError
+from stat_exp.config.cli import CONF_DIR, CONFIG_NAME, check_overrides, command_line
+from stat_exp.config.resolvers import register_resolvers
+from stat_exp.dry_run import describe
+from stat_exp.errors import UserError, one_line
 from stat_exp.pipeline import run_pipeline
+from stat_exp.track.callbacks import SweepReport
+from stat_exp.track.report import main_metric
 
-CONF_DIR = Path(__file__).resolve().parent / "conf"
-CHECKED_GROUPS = ("model", "calib", "pruner", "budget", "factorization", "eval", "logger", "experiment")
-_failed_jobs: list[str] = []
-
-
-def group_options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-
-
-def check_overrides(argv: list[str]) -> None:
-    """Unknown config-group choices -> one line naming the valid ones (before Hydra's long error)."""
-    for arg in argv:
-        key, sep, value = arg.lstrip("+~").partition("=")
-        if not sep or key not in CHECKED_GROUPS or value.startswith(("glob(", "choice(", "range(")) or value == "null":
-            continue
-        valid = group_options(key)
-        for choice in value.replace("[", ",").replace("]", ",").split(","):
-            if choice and choice not in valid:
-                raise UserError(f"unknown {key} {choice!r}; valid: {', '.join(valid)}")
+# conf/hydra/launcher/*.yaml refine the launcher plug-ins' configs of the same name: Hydra merges them
+# onto the plug-in's typed config (so a misspelt launcher field is still an error) and warns about it.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+register_resolvers()
+trace = logging.getLogger("stat_exp.trace")  # the job's log file only (conf/hydra/job_logging)
 
 
 def _user_error(exc: BaseException) -> UserError | None:
@@ -47,35 +42,50 @@ def _user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _job(cfg: DictConfig) -> None:
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=CONFIG_NAME)
+def _job(cfg: DictConfig) -> float | None:
+    """One job. Returns its main metric (`objective`, else the first perplexity, else the first
+    metric), or None when it failed."""
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     try:
-        run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
+        if cfg.get("dry_run"):
+            print(describe(cfg, run_dir, hc.runtime.choices), flush=True)
+            return None
+        record = run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
     except Exception as e:
+        trace.info("job failed", exc_info=e)
         user = _user_error(e)
-        shown = user or e
-        message = str(shown).strip().splitlines()[0] if str(shown).strip() else type(e).__name__
-        print(f"error: {message}" + ("" if user else f" ({type(e).__name__}; see {run_dir}/results.json)"),
-              file=sys.stderr)
+        message = str(user).strip().splitlines()[0] if user else f"{one_line(e)} (see {run_dir}/results.json)"
+        print(f"error: {message}", file=sys.stderr)
         if not multirun:
             if not user:
                 raise
             sys.exit(2)
-        _failed_jobs.append(str(run_dir))
+        return None
+    objective = cfg.get("objective")
+    metric = main_metric(list(record.metrics), objective)
+    if metric is None and objective is not None:
+        print(f"error: objective={objective!r} is not among this job's metrics: {', '.join(record.metrics)}",
+              file=sys.stderr)
+    return record.metrics[metric] if metric else None
 
 
 def main() -> None:
+    argv = sys.argv[1:]
     try:
-        check_overrides(sys.argv[1:])
+        check_overrides(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = command_line(argv)
     _job()
-    if _failed_jobs:
-        print(f"{len(_failed_jobs)} job(s) failed: {', '.join(_failed_jobs)}", file=sys.stderr)
+    outcome = SweepReport.last
+    if outcome is not None and outcome.failed:
+        print(f"{len(outcome.failed)} of {outcome.jobs} job(s) failed:", file=sys.stderr)
+        for run_dir, error in outcome.failed:
+            print(f"  {run_dir}: {error}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -23,3 +23,11 @@ def tokenizer():
     from stat_exp.assets import model_path
 
     return AutoTokenizer.from_pretrained(model_path("minilm_l6"))
+
+
+@pytest.fixture(scope="session")
+def tiny_job(tmp_path_factory, tokenizer):
+    """A tiny random causal LM saved to a folder and a local text file, for real command-line jobs."""
+    from tests.jobs import make_tiny_job
+
+    return make_tiny_job(tmp_path_factory.mktemp("tiny_job"), tokenizer)

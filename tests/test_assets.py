@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stat_exp import assets
-from stat_exp.assets import CORPUS_NAMES, MODEL_NAMES, AssetError, corpus_path, model_path
+from stat_exp.assets import CORPUS_NAMES, AssetError, corpus_path, model_path
 
 
 def _build_all(cache) -> dict:
@@ -137,7 +137,7 @@ def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
 def test_unknown_names_list_valid_ones():
     with pytest.raises(AssetError, match="valid names: wiki_calib, wiki_eval, crime"):
         corpus_path("wikitext")
-    with pytest.raises(AssetError, match=", ".join(MODEL_NAMES)):
+    with pytest.raises(AssetError, match="valid names: smollm2_135m, minilm_l6, minilm_l6_polarity"):
         model_path("gpt2")
     with pytest.raises(AssetError, match=", ".join(CORPUS_NAMES)):
         corpus_path("")
@@ -196,3 +196,44 @@ def test_wiki_eval_has_enough_tokens(smollm2, corpora):
     }
     assert counts["wiki_eval"] >= 40_000
     assert counts["wiki_calib"] > 3 * counts["wiki_eval"]
+
+
+def test_registered_model_resolves_through_the_loader(tmp_path, monkeypatch):
+    from stat_exp.models.loading import resolve_source
+
+    monkeypatch.setattr(assets, "_MODELS", dict(assets._MODELS))
+    assets.register_model("my_model", lambda: tmp_path)
+    assert "my_model" in assets.model_names() and resolve_source("my_model") == str(tmp_path)
+    assert resolve_source(str(tmp_path / "elsewhere")) == str(tmp_path / "elsewhere")
+
+
+def test_model_loader_does_not_import_the_finetuner():
+    """The fine-tuned model is registered by name; loading a model never imports training code."""
+    import subprocess
+    import sys
+
+    code = "import sys, stat_exp.models.loading; print('stat_exp.finetune' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_preparation_lock_excludes_other_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from filelock import FileLock, Timeout
+
+    target = tmp_path / "thing"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from stat_exp.assets import preparation_lock\n"
+        f"with preparation_lock(Path({str(target)!r})):\n    print('held', flush=True); time.sleep(30)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(Timeout):
+            FileLock(tmp_path / ".thing.lock", timeout=0.2).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with assets.preparation_lock(target):  # released when its holder died
+        pass

@@ -17,12 +17,14 @@ from transformers import PreTrainedTokenizerFast
 from stat_exp.calibrate import LayerStream
 from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.models.saving import load_pruned, save_pruned
+from stat_exp.export.load import load_pruned
+from stat_exp.export.save import save_pruned
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.kwon import KwonPruner, mask_gradients, rearranged
 from stat_exp.prune.kwon_tuning import MaskTuner, _unit_mask
 from stat_exp.prune.random import RandomPruner
 from stat_exp.prune.budget import FlopsModel
+from stat_exp.config.signature import check_node
 from stat_exp.errors import ConfigError
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.runner import PruneRunner, shapes_of
@@ -201,9 +203,9 @@ def test_flap_save_load_round_trip(batches, tmp_path):
     vocab = {f"t{i}": i for i in range(VOCAB)}
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="t0")))
     save_pruned(model, tokenizer, tmp_path / "model", "causal_lm")
-    structure = json.loads((tmp_path / "model" / "structure.json").read_text())
-    assert structure["added_biases"] == sorted(f"model.layers.{i}.{m}" for i in range(2)
-                                               for m in ("self_attn.o_proj", "mlp.down_proj"))
+    recorded = json.loads((tmp_path / "model" / "config.json").read_text())["stat_exp_pruning"]["parameters"]
+    assert sorted(n for n in recorded if n.endswith(".bias")) == sorted(
+        f"layers.{i}.{m}.bias" for i in range(2) for m in ("self_attn.o_proj", "mlp.down_proj"))
     loaded = load_pruned(tmp_path / "model")
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batches[0]).logits, model(**batches[0]).logits)
@@ -326,7 +328,7 @@ def test_a_pruner_can_fix_its_allocation(batches):
     assert fixed.structure == uniform.structure
     assert len(set(fixed.structure["neurons"])) == 1
     with pytest.raises(ConfigError, match="pruner.allocation='layerwise'; allowed: budget, global, uniform"):
-        WandaPruner(allocation="layerwise")
+        check_node("pruner", {"_target_": "stat_exp.prune.wanda.WandaPruner", "allocation": "layerwise"})
 
 
 def test_a_pruner_can_fix_its_propagation(batches):
@@ -343,8 +345,8 @@ def test_a_pruner_can_fix_its_propagation(batches):
         run(WandaPruner(), "dense")
     assert all(torch.equal(fixed[k], pruned[k]) for k in fixed)
     assert any(fixed[k].shape != dense[k].shape or not torch.equal(fixed[k], dense[k]) for k in fixed)
-    with pytest.raises(ConfigError, match="pruner.propagate='sideways'; allowed: calib, dense, pruned"):
-        WandaPruner(propagate="sideways")
+    with pytest.raises(ConfigError, match="pruner.propagate"):
+        check_node("pruner", {"_target_": "stat_exp.prune.wanda.WandaPruner", "propagate": "sideways"})
 
 
 def test_kwon_takes_its_fisher_information_from_its_own_examples(batches, tokenizer):
@@ -361,5 +363,5 @@ def test_kwon_takes_its_fisher_information_from_its_own_examples(batches, tokeni
     PruneRunner(pruner, BudgetSpec(0.6, 64), None, progress=False).run(model, get_adapter(model), batches, CPU,
                                                                        examples=own)
     assert pruner.grads[0][0].shape[0] == len(own)  # one gradient per batch of its own examples
-    with pytest.raises(ConfigError, match="pruner.fisher_examples=0 must be a positive integer or null"):
-        KwonPruner(fisher_examples=0)
+    with pytest.raises(ConfigError, match="pruner.fisher_examples"):
+        check_node("pruner", {"_target_": "stat_exp.prune.kwon.KwonPruner", "fisher_examples": 0})

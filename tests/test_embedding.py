@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
 import stat_exp.finetune as finetune_module
+from stat_exp.config.signature import check_node
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.embedding import EmbeddingEval, embed
 from stat_exp.finetune import INFO_FILE, Recipe, ensure_polarity_model, finetune
@@ -42,8 +43,8 @@ def test_mean_pooling_ignores_padding(minilm):
 
 
 def test_unknown_benchmark_is_rejected():
-    with pytest.raises(ConfigError, match="choose from lee, simlex, polarity"):
-        EmbeddingEval(benchmarks=["lee", "sts"])
+    with pytest.raises(ConfigError, match=r"eval.embedding.benchmarks\[1\]='sts'; allowed: lee, simlex, polarity"):
+        check_node("eval.embedding", {"_target_": "stat_exp.eval.embedding.EmbeddingEval", "benchmarks": ["lee", "sts"]})
 
 
 @pytest.fixture

@@ -9,17 +9,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from transformers import BertConfig, BertForSequenceClassification
 
 from stat_exp.data.glue import GlueCalibration, load_split
 from stat_exp.data.text import DataError
+from stat_exp.config.cli import compose_config
+from stat_exp.config.signature import check_node
 from stat_exp.errors import ConfigError
 from stat_exp.models import get_adapter
 from stat_exp.eval.glue import GlueEval, accuracy, f1, matthews, pearson, spearman
 from stat_exp.pipeline import run_pipeline
 
-CONF = Path(__file__).resolve().parent.parent / "stat_exp" / "conf"
 SENTENCES = ["a gripping , funny and moving film .", "dull .", "the best movie of the year , by far .",
              "an utterly pointless exercise in tedium that never ends .", "warm and wise .", "it is a mess ."]
 
@@ -89,8 +89,8 @@ def test_calibration_batches_are_padded_samples_of_the_training_split(sst2_dir, 
     assert all(b["input_ids"].shape[1] <= 16 for b in batches)
     again = calib.batches(tokenizer)
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
-    with pytest.raises(ConfigError, match="calib.num_examples=0"):
-        GlueCalibration("sst2", num_examples=0)
+    with pytest.raises(ConfigError, match="calib.num_examples=0; must be greater than 0"):
+        check_node("calib", {"_target_": "stat_exp.data.glue.GlueCalibration", "task": "sst2", "num_examples": 0})
 
 
 class ConstantClassifier(torch.nn.Module):
@@ -124,8 +124,7 @@ def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer, prun
     overrides = [f"model.source={folder}", "model.glue_task=sst2", f"eval.glue.data_dir={sst2_dir}",
                  "calib.num_examples=24", "budget.flops=0.6", "budget.seq_len=16", "logger=none", "device=cpu",
                  "progress=false", f"pruner={pruner}"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["model=minilm_l6_polarity", "eval=glue", "calib=glue", *overrides])
+    cfg = compose_config(["model=minilm_l6_polarity", "eval=glue", "calib=glue", *overrides])
     record = run_pipeline(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record.status == saved["status"] == "ok"

@@ -11,8 +11,9 @@ from hydra import compose, initialize_config_dir
 
 from stat_exp.assets import corpus_path, model_path
 from stat_exp.data.text import encode
+from stat_exp.config.signature import check_node
 from stat_exp.errors import ConfigError, UserError
-from stat_exp.eval.lm_eval_bridge import TABLE_FILE, LMEvalEval, metrics_of
+from stat_exp.eval.lm_eval_bridge import RESULTS_FILE, TABLE_FILE, LMEvalEval, metrics_of
 from stat_exp.eval.perplexity import make_chunks, perplexity
 from stat_exp.eval.tasks import TASK_NAMES, analogy_questions, prepare_tasks
 from stat_exp.models import get_adapter
@@ -136,10 +137,11 @@ def test_standard_task_offline_and_unknown_task_are_one_line(monkeypatch, tmp_pa
 def test_bad_options():
     with pytest.raises(ConfigError, match="exclude each other"):
         LMEvalEval(["stat_pang_lee"], limit=4, samples={"stat_pang_lee": [0]})
-    with pytest.raises(ConfigError, match="eval.lm_eval.tasks is empty"):
-        LMEvalEval([])
-    with pytest.raises(ConfigError, match="eval.lm_eval.limit"):
-        LMEvalEval(["stat_pang_lee"], limit=0)
+    target = "stat_exp.eval.lm_eval_bridge.LMEvalEval"
+    with pytest.raises(ConfigError, match="eval.lm_eval.tasks=\\[\\]; must be"):
+        check_node("eval.lm_eval", {"_target_": target, "tasks": []})
+    with pytest.raises(ConfigError, match="eval.lm_eval.limit=0; must be greater than 0"):
+        check_node("eval.lm_eval", {"_target_": target, "tasks": ["stat_pang_lee"], "limit": 0})
 
 
 def test_prepared_tasks_use_absolute_data_paths():
@@ -169,8 +171,13 @@ def test_llama2_7b_paper_experiment_composes():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["experiment=llama2_7b_paper"], return_hydra_config=True)
     assert cfg.model.name == "llama2_7b" and cfg.device == "cuda"
-    assert cfg.pruner._target_ == "stat_exp.prune.stat.StatPruner"
+    assert cfg.pruner._target_ == "stat_exp.prune.stat_paper.StatPaperPruner"
     assert cfg.calib.source.startswith("hf:") and "wikitext" in cfg.calib.source
-    assert cfg.eval.lm_eval._target_ == "stat_exp.eval.lm_eval_bridge.LMEvalEval"
-    assert list(cfg.eval.lm_eval.tasks) == ["wikitext", "piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
-    assert [float(f) for f in cfg.hydra.sweeper.params["budget.flops"].split(",")] == [0.9, 0.8, 0.7, 0.6, 0.5]
+    # the standard WikiText-2 protocol: the test split joined with blank lines, 2,048-token windows, all of it
+    assert cfg.eval.perplexity.text_file == "hf:Salesforce/wikitext/wikitext-2-raw-v1/test"
+    assert cfg.eval.perplexity.seq_len == 2048 and cfg.eval.perplexity.max_tokens is None
+    assert cfg.eval.lm_eval._target_ == "stat_exp.eval.lm_eval_bridge.LMEvalEval" and cfg.eval.lm_eval.num_fewshot == 0
+    assert list(cfg.eval.lm_eval.tasks) == ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "boolq"]
+    grids = cfg.hydra.sweeper.grids
+    assert [float(f) for f in grids.pruned["budget.flops"].split(",")] == [0.9, 0.8, 0.7, 0.6, 0.5]
+    assert grids.dense == {"budget.flops": 1.0, "pruner": "none"}

@@ -22,6 +22,7 @@ from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.kwon import KwonPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
+from stat_exp.prune.stat_paper import StatPaperPruner
 from tests.tiny import VOCAB, batches, clone, tiny_llama
 
 CPU = torch.device("cpu")
@@ -30,8 +31,8 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the 
 
 
 def _run(model, store=None, stream="block", factors="hold", spill_dir=None, flops=0.6, propagate="dense",
-         backend=None, device=CPU):
-    runner = PruneRunner(StatPruner(), BudgetSpec(flops=flops, seq_len=32), backend or GramBackend(block_dtype="float64"),
+         backend=None, device=CPU, pruner=None):
+    runner = PruneRunner(pruner or StatPruner(), BudgetSpec(flops=flops, seq_len=32), backend or GramBackend(block_dtype="float64"),
                          propagate, progress=False, stream=stream, factors=factors, spill_dir=spill_dir)
     return runner.run(model, get_adapter(model), batches(pad_last=4), device, store)
 
@@ -97,6 +98,22 @@ def test_disk_offload_prunes_like_resident_weights_and_writes_pruned_blocks(tmp_
     torch.testing.assert_close(model(**x).logits, reference(**x).logits, rtol=1e-5, atol=1e-5)
     store.close()
     assert not (tmp_path / "work").exists()
+
+
+def test_a_two_stage_pruner_restreams_the_blocks_it_pruned_from_disk(tmp_path):
+    """stat_paper prunes the FFNs, then streams the FFN-pruned blocks again for the heads: with the
+    blocks on disk the second stage reads the pruned block files."""
+    base = tiny_llama(layers=3)
+    folder = _saved(tmp_path, base)
+    reference = clone(base)
+    expected = _run(reference, stream="model", pruner=StatPaperPruner())
+    model, _, store = _open_disk(folder, tmp_path)
+    got = _run(model, store=store, pruner=StatPaperPruner())
+    assert got.structure == expected.structure != _run(clone(base), stream="model").structure
+    store.prepare_for_eval()
+    x = batches(1, seed=5)[0]
+    torch.testing.assert_close(model(**x).logits, reference(**x).logits, rtol=1e-5, atol=1e-5)
+    store.close()
 
 
 def _open_disk(folder: Path, tmp_path: Path):
@@ -192,17 +209,18 @@ def test_kwon_refuses_offloaded_blocks():
 
 
 def _config(tmp_path: Path, *overrides: str):
-    from hydra import compose, initialize_config_dir
+    """The checked run config of a tiny saved Llama (as the pipeline sees it)."""
+    from omegaconf import OmegaConf
 
-    from stat_exp.run import CONF_DIR
+    from stat_exp.config.cli import compose_config
+    from stat_exp.config.validate import checked_config
 
     folder = tmp_path / "model"
     if not folder.exists():
         tiny_llama(layers=2).save_pretrained(folder)
         AutoTokenizer.from_pretrained(_tokenizer_folder()).save_pretrained(folder)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=[f"model.source={folder}", "calib.num_examples=4", "calib.seq_len=32",
-                                            "budget.seq_len=32", *overrides])
+    return OmegaConf.create(checked_config(compose_config(
+        [f"model.source={folder}", "calib.num_examples=4", "calib.seq_len=32", "budget.seq_len=32", *overrides])))
 
 
 def test_plan_resolves_auto_to_the_fast_path_for_small_models(tmp_path):
@@ -232,7 +250,9 @@ def test_planning_a_gpu_without_one_needs_its_memory(tmp_path):
 
 def test_bad_execution_values_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="execution.offload='tape'"):
-        make_plan(_config(tmp_path, "execution.offload=tape"), CPU, tmp_path)
+        _config(tmp_path, "execution.offload=tape")
+    with pytest.raises(ConfigError, match="execution.tflops=0; must be greater than 0"):
+        _config(tmp_path, "execution.tflops=0")
     with pytest.raises(ConfigError, match="execution.stream=model needs"):
         make_plan(_config(tmp_path, "execution.offload=cpu", "execution.stream=model"), CPU, tmp_path)
 
@@ -278,3 +298,14 @@ def test_cuda_qr_runs_on_the_device():
     model = tiny_llama(layers=2).cuda()
     _run(model, backend=QRBackend(device="cuda"), device=torch.device("cuda"))
     assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+def test_gpu_check_stops_in_one_line_without_a_gpu_and_its_smoke_run_passes():
+    """The GPU check itself runs end to end (tiny shapes, CPU standing in for CUDA)."""
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.strip().startswith("error: no CUDA device")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--small"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("| ok |") == 2 and "| scale," in proc.stdout

@@ -129,12 +129,22 @@ def test_gqa_structures_stay_valid_and_generate(gqa):
     assert generated.shape == (2, 10)
 
 
-def test_propagate_pruned_gives_a_valid_model():
-    model = tiny_llama()
-    out = PruneRunner(StatPruner(), BudgetSpec(flops=0.6, seq_len=32), GramBackend(), propagate="pruned",
-                      progress=False).run(model, get_adapter(model), batches(), CPU)
-    assert out.achieved["flops_fraction"] == pytest.approx(0.6, abs=0.01)
-    assert torch.isfinite(model(**batches(1)[0]).logits).all()
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_propagate_pruned_feeds_later_blocks_the_pruned_outputs(allocation):
+    """Block 0 sees the same inputs either way; block 1 must see block 0's pruned outputs, so its
+    correction differs from dense propagation (a silently dense run would give identical weights)."""
+    pruned, dense = tiny_llama(), None
+    dense = clone(pruned)
+    spec = BudgetSpec(flops=0.6, seq_len=32, allocation=allocation)
+    for model, propagate in ((pruned, "pruned"), (dense, "dense")):
+        out = PruneRunner(StatPruner(), spec, GramBackend(block_dtype="float64"), propagate=propagate,
+                          progress=False).run(model, get_adapter(model), batches(), CPU)
+        assert out.achieved["flops_fraction"] == pytest.approx(0.6, abs=0.01)
+        assert torch.isfinite(model(**batches(1)[0]).logits).all()
+    down = [[get_adapter(m).ffn(layer).down.weight for layer in get_adapter(m).layers()] for m in (pruned, dense)]
+    if down[0][0].shape == down[1][0].shape:
+        torch.testing.assert_close(down[0][0], down[1][0])
+    assert down[0][1].shape != down[1][1].shape or not torch.allclose(down[0][1], down[1][1], atol=1e-6)
 
 
 def test_qr_backend_runs_the_same_pipeline():

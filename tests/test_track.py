@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +21,9 @@ from stat_exp.track.results import (
     validate_results,
     write_json_atomic,
 )
-from stat_exp.track.wandb_logger import NullLogger, WandbLogger, make_logger, sweep_group
+from stat_exp.track import wandb_logger
+from stat_exp.track.logger import NullLogger, make_logger, metric_tables, run_name
+from stat_exp.track.wandb_logger import WandbLogger, wandb_env
 
 WANDB_ENV = (
     "WANDB_DIR", "WANDB_MODE", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR",
@@ -102,11 +106,12 @@ def test_validate_results_names_the_bad_key(change, message):
         validate_results(bad)
 
 
-def test_config_hash_is_stable_and_ignores_logger_and_hydra():
-    cfg = {"model": {"name": "tiny"}, "budget": {"flops": 0.7}, "logger": {"name": "none"}}
+def test_config_hash_is_stable_and_ignores_what_does_not_change_results():
+    cfg = {"model": {"name": "tiny"}, "budget": {"flops": 0.7}, "logger": {"name": "none"}, "resume": False}
     assert config_hash(cfg) == config_hash(dict(reversed(cfg.items())))
     assert config_hash(cfg) != config_hash(cfg | {"budget": {"flops": 0.6}})
-    assert config_hash(cfg) == config_hash(cfg | {"logger": {"name": "wandb"}, "hydra": {"x": 1}})
+    assert config_hash(cfg) == config_hash(cfg | {"logger": {"name": "wandb"}, "hydra": {"x": 1}, "resume": True,
+                                                  "progress": False, "objective": "perplexity/ppl"})
 
 
 def test_timings_accumulate():
@@ -119,46 +124,80 @@ def test_timings_accumulate():
     assert set(timings.seconds) == {"prune", "eval"} and timings.seconds["prune"] >= 0
 
 
-# W&B
+# loggers
 
 
-def test_wandb_offline_keeps_files_in_run_dirs(home, tmp_path):
+WANDB = "stat_exp.track.wandb_logger.WandbLogger"
+CONFIG = {"model": {"name": "tiny"}, "pruner": {"_target_": "stat_exp.prune.stat.StatPruner"},
+          "factorization": {"_target_": "stat_exp.factorize.GramBackend"}, "budget": {"flops": 0.7},
+          "eval": {"perplexity": {"_target_": "x"}}}
+
+
+def test_wandb_offline_keeps_files_in_run_dirs_and_names_what_ran(home, tmp_path):
     sweep = tmp_path / "multirun" / "2026-11-25_04-30-00"
-    cfg = {"name": "wandb", "project": "stat-exp-test", "mode": "offline", "group": None, "tags": ["t"]}
-    loggers = []
     for job in ("0", "1"):
-        logger = make_logger(cfg, sweep / job, {"pruner": "stat"}, sweep_dir=sweep, job_name=f"job{job}")
+        logger = make_logger({"_target_": WANDB, "project": "stat-exp-test", "tags": ["mine"]}, sweep / job, CONFIG,
+                             sweep_dir=sweep, name=run_name("tiny", "stat (no correction)", 0.7))
         assert isinstance(logger, WandbLogger)
-        loggers.append(logger)
+        run = logger._run
+        assert run.name == "tiny stat (no correction) @0.7" and run.group == "multirun-2026-11-25_04-30-00"
+        assert set(run.tags) == {"tiny", "StatPruner", "GramBackend", "flops=0.7", "perplexity", "mine"}
         with logger:
-            logger.log_metrics({"wiki/ppl": 20.0})
+            logger.log_metrics({"lm_eval/piqa/acc": 0.6, "lm_eval/piqa/acc_stderr": 0.01, "perplexity/ppl": 20.0})
             logger.log_structure({"heads": [2, 1], "neurons": [8, 4]})
-            logger.log_table("rows", [{"a": 1, "b": 2.0}])
+            results = RunRecord(model="tiny", pruner="stat").write(sweep / job)
+            logger.log_file(results)
         logger.finish("ok")  # a second finish is a no-op
-    assert sweep_group(sweep) == "multirun-2026-11-25_04-30-00"
     assert files_under(home) == []
     for job in ("0", "1"):
         runs = list((sweep / job / "wandb").glob("offline-run-*"))
-        assert len(runs) == 1 and (runs[0] / "files").is_dir()
+        assert len(runs) == 1 and (runs[0] / "files" / RESULTS_FILE).is_file()
     assert not (tmp_path / "wandb").exists()
 
 
-def test_wandb_logger_context_finishes_failed_run(home, tmp_path):
+def test_metric_tables_hold_per_task_results():
+    tables = metric_tables({"lm_eval/piqa/acc": 0.6, "lm_eval/piqa/acc_stderr": 0.01, "lm_eval/boolq/acc": 0.7,
+                            "perplexity/ppl": 20.0})
+    assert tables == {"lm_eval": [{"task": "piqa", "metric": "acc", "value": 0.6, "stderr": 0.01},
+                                  {"task": "boolq", "metric": "acc", "value": 0.7, "stderr": None}]}
+
+
+def test_a_failed_run_logs_its_error(home, tmp_path):
     import wandb
 
-    with pytest.raises(RuntimeError), WandbLogger("stat-exp-test", tmp_path / "job", {"a": 1}) as logger:
-        assert wandb.run is not None
+    summary = {}
+    with pytest.raises(RuntimeError), WandbLogger(tmp_path / "job", {"a": 1}, project="stat-exp-test") as logger:
+        finish = logger._run.finish
+        logger._run.finish = lambda **kw: (summary.update(logger_run.summary), finish(**kw))
+        logger_run = logger._run
         raise RuntimeError("job failed")
     assert wandb.run is None
-    logger.finish("failed")
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: job failed"
     assert files_under(home) == []
 
 
-def test_make_logger_none_and_unknown(tmp_path):
-    assert isinstance(make_logger({"name": "none"}, tmp_path, {}), NullLogger)
-    assert isinstance(make_logger(None, tmp_path, {}), NullLogger)
-    with pytest.raises(ValueError, match="wandb, none"):
-        make_logger({"name": "mlflow"}, tmp_path, {})
+def test_online_mode_keeps_the_users_wandb_settings(tmp_path, monkeypatch):
+    """Offline runs point wandb's folders into the run; online ones restore the user's (their settings
+    file holds host and entity), also after an offline run in the same process."""
+    monkeypatch.setitem(wandb_logger._USER_DIRS, "WANDB_CONFIG_DIR", "/home/me/.config/wandb")
+    monkeypatch.setitem(wandb_logger._USER_DIRS, "WANDB_CACHE_DIR", None)
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    wandb_env(tmp_path / "wandb", "offline")
+    assert os.environ["WANDB_CONFIG_DIR"] == str((tmp_path / "wandb" / "config").resolve())
+    wandb_env(tmp_path / "wandb", "online")
+    assert os.environ["WANDB_CONFIG_DIR"] == "/home/me/.config/wandb" and "WANDB_CACHE_DIR" not in os.environ
+
+
+def test_csv_logger_and_null_logger(tmp_path):
+    logger = make_logger({"_target_": "stat_exp.track.csv_logger.CsvLogger"}, tmp_path, CONFIG, name="job")
+    with logger:
+        logger.log_metrics({"perplexity/ppl": 20.0})
+        logger.log_structure({"heads": [2], "neurons": [8]})
+    rows = list(csv.reader((tmp_path / "metrics.csv").open()))
+    assert ["1", "perplexity/ppl", "20.0"] in rows and ["2", "structure/neurons/0", "8"] in rows
+    assert rows[-1][1:] == ["status", "ok"]
+    assert isinstance(make_logger({"_target_": "stat_exp.track.logger.NullLogger"}, tmp_path, {}), NullLogger)
 
 
 # sweep reports
@@ -209,21 +248,21 @@ def sweep_config(sweep_dir: Path, logger: dict) -> DictConfig:
 
 
 def test_sweep_report_callback(sweep, capsys):
-    config = sweep_config(sweep, {"name": "none"})
+    config = sweep_config(sweep, {"_target_": "stat_exp.track.logger.NullLogger"})
     SweepReport().on_multirun_end(config=config)
     assert (sweep / "report.csv").exists() and (sweep / "report.png").exists()
     assert "wanda_sp" in capsys.readouterr().out
 
 
 def test_sweep_report_callback_never_raises(tmp_path, capsys):
-    config = sweep_config(tmp_path / "empty", {"name": "none"})
+    config = sweep_config(tmp_path / "empty", {"_target_": "stat_exp.track.logger.NullLogger"})
     SweepReport().on_multirun_end(config=config)
     assert "sweep report failed" in capsys.readouterr().err
 
 
 def test_report_logged_to_wandb(home, sweep):
     paths = write_report(sweep)
-    config = sweep_config(sweep, {"name": "wandb", "mode": "offline"})
+    config = sweep_config(sweep, {"_target_": WANDB, "project": "stat-exp-test"})
     SweepReport().on_multirun_end(config=config)
     runs = list((sweep / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and paths["csv"].exists()

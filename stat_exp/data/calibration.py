@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from stat_exp.calibrate import Propagate
+from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError, encode, load_text
 
 
@@ -52,8 +54,8 @@ class TextCalibration:
     block (`dense`, as in the paper's code) or its pruned outputs (`pruned`).
     """
 
-    def __init__(self, source: str, num_examples: int, seq_len: int, batch_size: int = 8, seed: int = 0,
-                 propagate: str = "dense"):
+    def __init__(self, source: str, num_examples: PositiveInt, seq_len: PositiveInt, batch_size: PositiveInt = 8,
+                 seed: int = 0, propagate: Propagate = "dense"):
         self.source, self.num_examples, self.seq_len = source, num_examples, seq_len
         self.batch_size, self.seed, self.propagate = batch_size, seed, propagate
 

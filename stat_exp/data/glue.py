@@ -19,7 +19,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import AssetError, corpus_path
-from stat_exp.calibrate import LABELS, PROPAGATE_MODES
+from stat_exp.calibrate import LABELS, Propagate
+from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 
@@ -209,11 +210,6 @@ def label_tensor(spec: GlueTask, rows: list[Row]) -> torch.Tensor:
     return torch.tensor([r["label"] for r in rows], dtype=torch.float32 if spec.regression else torch.long)
 
 
-def _positive(name: str, value) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(f"calib.{name}={value!r} must be a positive integer")
-
-
 @dataclass
 class GlueCalibration:
     """Calibration from a task's training split: `num_examples` random examples (the paper: 512),
@@ -222,20 +218,16 @@ class GlueCalibration:
 
     task: str | None
     data_dir: str | None = None
-    num_examples: int = 512
-    max_length: int = 128
-    batch_size: int = 32
+    num_examples: PositiveInt = 512
+    max_length: PositiveInt = 128
+    batch_size: PositiveInt = 32
     seed: int = 0
-    propagate: str = "dense"
+    propagate: Propagate = "dense"
 
     def __post_init__(self) -> None:
         if self.task is None:
             raise ConfigError(f"calib=glue needs a task (calib.task or eval.task); valid: {', '.join(TASKS)}")
         get_task(self.task)
-        for name in ("num_examples", "max_length", "batch_size"):
-            _positive(name, getattr(self, name))
-        if self.propagate not in PROPAGATE_MODES:
-            raise ConfigError(f"calib.propagate={self.propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
 
     def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
         """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""

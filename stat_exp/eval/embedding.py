@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Annotated, Literal, get_args
 
 import numpy as np
 import torch
@@ -21,14 +22,16 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from annotated_types import Ge, MinLen
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import corpus_path
-from stat_exp.errors import ConfigError
+from stat_exp.config.types import PositiveInt
 from stat_exp.eval.base import Evaluator
 
-BENCHMARKS = ("lee", "simlex", "polarity")
+Benchmark = Literal["lee", "simlex", "polarity"]
+BENCHMARKS = get_args(Benchmark)
 
 
 @torch.inference_mode()
@@ -64,11 +67,9 @@ class EmbeddingEval(Evaluator):
 
     name = "embedding"
 
-    def __init__(self, benchmarks: Sequence[str] = BENCHMARKS, batch_size: int = 32, max_length: int = 256,
-                 folds: int = 5, seed: int = 0, max_pairs: int | None = None, max_docs: int | None = None):
-        unknown = [b for b in benchmarks if b not in BENCHMARKS]
-        if unknown or not benchmarks:
-            raise ConfigError(f"eval.embedding.benchmarks={list(benchmarks)}; choose from {', '.join(BENCHMARKS)}")
+    def __init__(self, benchmarks: Annotated[Sequence[Benchmark], MinLen(1)] = BENCHMARKS,
+                 batch_size: PositiveInt = 32, max_length: PositiveInt = 256, folds: Annotated[int, Ge(2)] = 5,
+                 seed: int = 0, max_pairs: PositiveInt | None = None, max_docs: PositiveInt | None = None):
         self.benchmarks = tuple(benchmarks)
         self.batch_size, self.max_length, self.folds, self.seed = batch_size, max_length, folds, seed
         self.max_pairs, self.max_docs = max_pairs, max_docs

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
@@ -70,9 +71,9 @@ class GlueEval(Evaluator):
 
     name = "glue"
 
-    def __init__(self, task: str | None, data_dir: str | None = None, max_length: int = 128, batch_size: int = 64,
-                 max_examples: int | None = None, seed: int = 0, label_map: Sequence[int] | None = None,
-                 progress: bool = True):
+    def __init__(self, task: str | None, data_dir: str | None = None, max_length: PositiveInt = 128,
+                 batch_size: PositiveInt = 64, max_examples: PositiveInt | None = None, seed: int = 0,
+                 label_map: Sequence[NonNegativeInt] | None = None, progress: bool = True):
         if task is None:
             raise ConfigError("eval=glue needs a task: eval.glue.task=<name> (or a model config with glue_task)")
         self.spec = get_task(task)

@@ -14,11 +14,14 @@ its own loss function or dtype.
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge
 from tqdm.auto import tqdm
 
+from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError, encode, load_text
 from stat_exp.eval.base import Evaluator
 
@@ -92,8 +95,10 @@ class PerplexityEval(Evaluator):
 
     name = "perplexity"
 
-    def __init__(self, text_file: str | None = None, seq_len: int = 256, max_tokens: int | None = 16384,
-                 batch_size: int = 8, progress: bool = True):
+    def __init__(self, text_file: str | None = None, seq_len: Annotated[int, Ge(2)] = 256,
+                 max_tokens: PositiveInt | None = 16384, batch_size: PositiveInt = 8, progress: bool = True):
+        """`text_file`: a local .txt/.jsonl file (None: the embedded wiki evaluation split); at most
+        `max_tokens` tokens (None: all) in chunks of `seq_len`."""
         self.source = text_file or "wiki_eval"
         self.seq_len, self.max_tokens, self.batch_size, self.progress = seq_len, max_tokens, batch_size, progress
 

@@ -12,9 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.linalg
 import torch
-from threadpoolctl import threadpool_limits
 
 from stat_exp.errors import UserError
 
@@ -23,6 +21,10 @@ RANK_RTOL = 1e-10  # |R_jj| / |R_11| below this counts as rank deficient
 
 class RankError(UserError, ValueError):
     """Calibration statistics cannot support the requested rank."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Calibration activations with inf or nan: bad input (a dtype too narrow, broken data), one line."""
 
 
 @dataclass
@@ -73,11 +75,13 @@ def pivoted_cholesky(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     LAPACK ?pstrf on the CPU; a greedy loop in torch on other devices. Stops at the numerical
     rank; the rows past it are zero.
     """
-    if G.device.type == "cpu":
+    if G.device.type == "cpu" and _scipy() is not None:
+        from threadpoolctl import threadpool_limits
+
         # One BLAS thread: ?pstrf is mostly level-2 and gains nothing from more (measured), while
         # idle OpenBLAS threads spin and slow the torch work around it.
         with threadpool_limits(1, user_api="blas"):
-            R, piv, rank, _ = scipy.linalg.lapack.dpstrf(G.numpy(), lower=0, tol=-1.0)
+            R, piv, rank, _ = _scipy().linalg.lapack.dpstrf(G.numpy(), lower=0, tol=-1.0)
         R = torch.from_numpy(R).triu_()
         R[rank:] = 0.0
         return torch.from_numpy(piv.astype(np.int64) - 1), R
@@ -94,6 +98,17 @@ def full_precision_matmul() -> Iterator[None]:
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def _scipy():
+    """scipy (LAPACK's pivoted factorizations on the CPU), or None where it is not installed (a GPU
+    machine needs only torch: the torch loops below run on any device)."""
+    try:
+        import scipy.linalg
+
+        return scipy
+    except ImportError:
+        return None
 
 
 def _pivoted_cholesky_torch(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,9 +140,9 @@ def pivoted_qr(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column-pivoted Householder QR, the paper's method; R padded to m x m. LAPACK ?geqp3 on the
     CPU; on other devices a Householder loop in torch (Businger-Golub pivoting), on that device."""
     m = A.shape[1]
-    if A.device.type != "cpu":
+    if A.device.type != "cpu" or _scipy() is None:
         return _pivoted_qr_torch(A.double())
-    R, piv = scipy.linalg.qr(A.detach().double().numpy(), mode="r", pivoting=True,
+    R, piv = _scipy().linalg.qr(A.detach().double().numpy(), mode="r", pivoting=True,
                              overwrite_a=True, check_finite=False)
     full = np.zeros((m, m))
     full[: R.shape[0]] = R[:m]
@@ -188,7 +203,7 @@ class Accumulator(ABC):
 
     def _check_finite(self) -> None:
         if not torch.isfinite(self.statistic()).all():
-            raise FloatingPointError("calibration activations are not finite (inf or nan): "
+            raise NonFiniteError("calibration activations are not finite (inf or nan): "
                                      "check the model dtype (model.dtype=float32) and the calibration data")
 
     @abstractmethod

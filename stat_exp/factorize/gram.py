@@ -5,6 +5,8 @@ not depend on the number of calibration tokens.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from stat_exp.factorize.base import Accumulator, Backend, Factorization, full_precision_matmul, pivoted_cholesky
@@ -59,10 +61,10 @@ class GramAccumulator(Accumulator):
 class GramBackend(Backend):
     name = "gram"
 
-    def __init__(self, device: str | torch.device = "cpu", block_dtype: str = "float32"):
+    def __init__(self, device: str | torch.device = "cpu", block_dtype: Literal["float32", "float64"] = "float32"):
+        """`block_dtype`: dtype of each batch's X^T X before it joins the float64 running sum
+        (float64: slower, exact)."""
         super().__init__(device)
-        if block_dtype not in ("float32", "float64"):
-            raise ValueError(f"factorization.block_dtype={block_dtype!r}; allowed: float32, float64")
         self.block_dtype = getattr(torch, block_dtype)
 
     def accumulator(self, dim: int) -> GramAccumulator:

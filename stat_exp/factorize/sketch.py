@@ -4,12 +4,14 @@ pivoted QR then runs on S A (rows x units), whose size does not depend on the to
 from __future__ import annotations
 
 import math
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge
 
 from stat_exp.factorize.base import Accumulator, Backend, Factorization, pivoted_qr
 
-SKETCH_KINDS = ("gaussian", "countsketch")
+SketchKind = Literal["gaussian", "countsketch"]
 
 
 class SketchAccumulator(Accumulator):
@@ -45,13 +47,10 @@ class SketchAccumulator(Accumulator):
 class SketchBackend(Backend):
     name = "sketch"
 
-    def __init__(self, device: str | torch.device = "cpu", kind: str = "gaussian",
-                 rows_per_unit: float = 1.5, seed: int = 0):
+    def __init__(self, device: str | torch.device = "cpu", kind: SketchKind = "gaussian",
+                 rows_per_unit: Annotated[float, Ge(1)] = 1.5, seed: int = 0):
+        """`rows_per_unit`: sketch rows per unit (at least one: rows >= units)."""
         super().__init__(device)
-        if kind not in SKETCH_KINDS:
-            raise ValueError(f"factorization.kind={kind!r}; allowed: {', '.join(SKETCH_KINDS)}")
-        if rows_per_unit < 1:
-            raise ValueError(f"factorization.rows_per_unit={rows_per_unit} must be >= 1 (rows >= units)")
         self.kind = kind
         self.rows_per_unit = rows_per_unit
         self.gen = torch.Generator(device=self.device).manual_seed(seed)

@@ -1,51 +1,105 @@
 """The adapter interface: a declarative description of one model family.
 
 Everything downstream (calibration, FLOPs model, pruners, surgery) talks to a model only through
-these parts, so a new family is one small adapter, never a change in a pruner.
+these parts, so a new family is one small adapter (or none: `discovery` finds the parts), never a
+change in a pruner. Every projection is an `nn.Linear` whose weight is (out, in): the pruners read
+`o.weight` and `down.weight` that way and the calibration hooks the inputs of O and down.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from torch import nn
+
+from stat_exp.errors import UserError
+from stat_exp.models.bookkeeping import update_head_bookkeeping
+
+# Row layouts of a fused Q/K/V projection (d = head_dim, G = heads per KV head):
+#   "concat":  [Q of every head | K of every KV head | V of every KV head]        (Phi-3, GPT-2)
+#   "grouped": per KV head g: [Q of its G query heads, K_g, V_g], g = 0, 1, ...  (GPT-NeoX, Falcon;
+#              with one query head per KV head this is the per-head interleaving [q_h, k_h, v_h])
+QKVLayout = Literal["concat", "grouped"]
+
+
+class UnsupportedModelError(UserError, ValueError):
+    """A model whose blocks cannot be mapped onto attention and FFN parts (one line: which part)."""
 
 
 @dataclass
 class AttentionParts:
-    """The projections of one attention block and its head layout."""
+    """The projections of one attention block and its head layout.
+
+    Q/K/V are either three projections (`q`, `k`, `v`) or one fused projection (`qkv`) whose rows
+    follow `qkv_layout`. `post_norm`: a norm applied to the attention output before it is added to
+    the residual stream (Gemma 2), or None; that norm's output is what enters the residual stream.
+    """
 
     module: nn.Module
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    q: nn.Linear | None
+    k: nn.Linear | None
+    v: nn.Linear | None
     o: nn.Linear
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    qkv: nn.Linear | None = None
+    qkv_layout: QKVLayout = "concat"
+    post_norm: nn.Module | None = None
+
+    def __post_init__(self):
+        given = [m is not None for m in (self.q, self.k, self.v)]
+        if not (all(given) and self.qkv is None or not any(given) and self.qkv is not None):
+            raise ValueError("AttentionParts needs either q, k and v, or one fused qkv projection")
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def projections(self) -> list[nn.Linear]:
+        """Every distinct projection of the block (a fused one once)."""
+        qkv = [self.q, self.k, self.v] if self.qkv is None else [self.qkv]
+        return [*qkv, self.o]
+
 
 @dataclass
 class FFNParts:
-    """The projections of one feed-forward block: up (and gate, when gated) then down."""
+    """The projections of one feed-forward block: up (and gate, when gated) then down.
 
-    up: nn.Linear
+    A fused `gate_up` projection holds the gate rows then the up rows ([gate | up], Phi-3); then
+    `up` and `gate` are None. `post_norm`: as for attention.
+    """
+
+    up: nn.Linear | None
     down: nn.Linear
     gate: nn.Linear | None = None
+    gate_up: nn.Linear | None = None
+    post_norm: nn.Module | None = None
+
+    def __post_init__(self):
+        if not (self.up is not None and self.gate_up is None
+                or self.up is None and self.gate is None and self.gate_up is not None):
+            raise ValueError("FFNParts needs either up (and optionally gate), or one fused gate_up projection")
 
     @property
     def width(self) -> int:
         return self.down.in_features
 
     @property
-    def inputs(self) -> list[nn.Linear]:
-        """The projections whose output rows are the FFN neurons."""
-        return [m for m in (self.gate, self.up) if m is not None]
+    def gated(self) -> bool:
+        return self.gate is not None or self.gate_up is not None
+
+    @property
+    def matrices(self) -> int:
+        """Number of hidden x width matrices (3 when gated, fused or not): what the FLOPs scale with."""
+        return 3 if self.gated else 2
+
+    @property
+    def projections(self) -> list[nn.Linear]:
+        """Every distinct projection of the block (a fused one once)."""
+        return [m for m in (self.gate, self.up, self.gate_up, self.down) if m is not None]
 
 
 class ModelAdapter(ABC):
@@ -76,9 +130,12 @@ class ModelAdapter(ABC):
     def ffn(self, layer: nn.Module) -> FFNParts:
         """The feed-forward parts of one block."""
 
-    @abstractmethod
     def set_head_counts(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-        """Update the attention module's bookkeeping after its projections were sliced."""
+        """Update the attention module's bookkeeping after its projections were sliced: every head
+        count the stock module reads at run time (see `bookkeeping`). Override for modules that
+        keep them elsewhere."""
+        attn = self.attention(layer)
+        update_head_bookkeeping(attn.module, num_heads, num_kv_heads, attn.head_dim)
 
     @property
     def hidden_size(self) -> int:

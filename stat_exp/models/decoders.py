@@ -28,8 +28,6 @@ class LlamaAdapter(ModelAdapter):
         mlp = layer.mlp
         return FFNParts(up=mlp.up_proj, down=mlp.down_proj, gate=mlp.gate_proj)
 
-    def set_head_counts(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-        layer.self_attn.num_key_value_groups = num_heads // num_kv_heads
 
 
 class OPTAdapter(ModelAdapter):
@@ -50,6 +48,3 @@ class OPTAdapter(ModelAdapter):
 
     def ffn(self, layer: nn.Module) -> FFNParts:
         return FFNParts(up=layer.fc1, down=layer.fc2)
-
-    def set_head_counts(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-        layer.self_attn.num_heads = num_heads

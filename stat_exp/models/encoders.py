@@ -35,10 +35,6 @@ class BertAdapter(ModelAdapter):
     def ffn(self, layer: nn.Module) -> FFNParts:
         return FFNParts(up=layer.intermediate.dense, down=layer.output.dense)
 
-    def set_head_counts(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-        sa = layer.attention.self
-        sa.num_attention_heads = num_heads
-        sa.all_head_size = num_heads * sa.attention_head_size
 
 
 class DistilBertAdapter(ModelAdapter):
@@ -57,6 +53,3 @@ class DistilBertAdapter(ModelAdapter):
 
     def ffn(self, layer: nn.Module) -> FFNParts:
         return FFNParts(up=layer.ffn.lin1, down=layer.ffn.lin2)
-
-    def set_head_counts(self, layer: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-        layer.attention.n_heads = num_heads  # `dim` stays: it is the model width, not the attention width

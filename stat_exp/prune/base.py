@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -16,10 +16,13 @@ from torch import nn
 from stat_exp.calibrate import PROPAGATE_MODES, LayerStats
 from stat_exp.factorize.base import Accumulator, Backend
 from stat_exp.models.base import ModelAdapter
-from stat_exp.errors import ConfigError
-from stat_exp.prune.budget import ALLOCATIONS, BudgetSpec, FlopsModel, LayerPlan, LayerShape
-from stat_exp.prune.scores import GQA_MODES, LayerScores, attention_levels, attention_units
+from stat_exp.prune.budget import Allocation, BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import prune_attention, prune_ffn
+
+
+# "budget": follow budget.allocation; "global" or "uniform": a pruner that fixes its own.
+AllocationChoice = Literal["budget"] | Allocation
 
 
 class Pruner(ABC):
@@ -35,18 +38,18 @@ class Pruner(ABC):
     needs_dense_targets: bool = False  # with propagate=pruned: the dense model's activations alongside
     prunes: ClassVar[bool] = True
     prepare_examples: int | None = None  # calibration examples `prepare` draws for itself (None: the batches)
+    # The passes over the calibration data, in order: each stage is streamed, scored, allocated and
+    # applied on the model the previous stages left (one stage for most pruners).
+    stages: tuple[str, ...] = ("prune",)
 
-    def __init__(self, gqa: str = "per_group", allocation: str = "budget", propagate: str = "calib"):
-        """`allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
+    def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget",
+                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):
+        """`gqa`: per_group keeps the same query heads per KV group; whole_groups removes KV groups whole.
+        `allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
         pruner (the baselines whose scores do not compare across layers were published uniform).
         `propagate`: "calib" follows calib.propagate; "dense" or "pruned" fixes what each block is
-        fed while pruning (as a method was published)."""
-        if gqa not in GQA_MODES:
-            raise ValueError(f"pruner.gqa={gqa!r}; allowed: {', '.join(GQA_MODES)}")
-        if allocation not in ("budget", *ALLOCATIONS):
-            raise ConfigError(f"pruner.allocation={allocation!r}; allowed: budget, {', '.join(ALLOCATIONS)}")
-        if propagate not in ("calib", *PROPAGATE_MODES):
-            raise ConfigError(f"pruner.propagate={propagate!r}; allowed: calib, {', '.join(PROPAGATE_MODES)}")
+        fed while pruning (as a method was published). Values are checked against these hints before
+        a job starts (stat_exp.config)."""
         self.gqa, self.allocation, self.propagate = gqa, allocation, propagate
 
     def allocation_under(self, budget_allocation: str) -> str:
@@ -65,6 +68,9 @@ class Pruner(ABC):
     def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
         """How this pruner's layer statistics accumulate: the backend's own by default."""
         return backend.accumulator
+
+    def begin_stage(self, stage: str) -> None:
+        """Called by the runner before each of `stages`; pruners with one stage need nothing here."""
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                 examples: list[dict[str, torch.Tensor]] | None = None) -> None:

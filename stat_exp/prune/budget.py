@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
+from stat_exp.config.types import Fraction, PositiveInt
 from stat_exp.errors import UserError
 from stat_exp.models.base import AttentionParts, FFNParts
 from stat_exp.prune.scores import LayerScores
 
-ALLOCATIONS = ("global", "uniform")
+Allocation = Literal["global", "uniform"]
+ALLOCATIONS = get_args(Allocation)
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
 
@@ -33,12 +36,12 @@ class LayerShape:
     num_heads: int
     num_kv_heads: int
     ffn_width: int
-    ffn_matrices: int  # 2 for up/down, 3 when gated
+    ffn_matrices: int  # 2 for up/down, 3 when gated (a fused gate_up is still two matrices' work)
 
     @classmethod
     def of(cls, attn: AttentionParts, ffn: FFNParts) -> "LayerShape":
         return cls(hidden=attn.o.out_features, head_dim=attn.head_dim, num_heads=attn.num_heads,
-                   num_kv_heads=attn.num_kv_heads, ffn_width=ffn.width, ffn_matrices=len(ffn.inputs) + 1)
+                   num_kv_heads=attn.num_kv_heads, ffn_width=ffn.width, ffn_matrices=ffn.matrices)
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,10 @@ class FlopsModel:
 class BudgetSpec:
     """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
 
-    flops: float = 1.0
-    seq_len: int = 256
-    allocation: str = "global"
-    round_to: int = 1
+    flops: Fraction = 1.0
+    seq_len: PositiveInt = 256
+    allocation: Allocation = "global"
+    round_to: PositiveInt = 1
 
 
 @dataclass

@@ -19,7 +19,7 @@ uniform allocation keeps the best-scored units of each layer.
 
 Bias compensation: the removed channels' mean contribution becomes a bias,
 b <- b + W[:, removed] @ mean(x_removed), on o_proj and down_proj (created when the model has
-none; `models.saving` records such biases so the saved model reloads).
+none; `stat_exp.export` records such biases so the saved model reloads).
 """
 from __future__ import annotations
 

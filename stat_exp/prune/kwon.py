@@ -29,20 +29,20 @@ FLOPs come from the shared FlopsModel (Kwon's MAC count x 2 for encoders).
 """
 from __future__ import annotations
 
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 from stat_exp.calibrate import LABELS, LayerStats, model_inputs
+from stat_exp.config.types import PositiveFloat, PositiveInt
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
-from stat_exp.prune.base import Pruner
+from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
 from stat_exp.prune.global_rank import Increments
 from stat_exp.prune.kwon_tuning import MaskTuner
-from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_units
+from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
 SCHEDULE_STEPS = 2  # their get_pruning_schedule(target, num_iter=2): the teacher keeps target ** (1/2)
@@ -53,14 +53,14 @@ class KwonPruner(Pruner):
     needs_whole_model = True  # gradients through the whole model
     needs_layer_stream = False  # Fisher information and its own tuning streams; no layer statistics
 
-    def __init__(self, gqa: Literal["per_group", "whole_groups"] = "per_group", rearrange: bool = True,
-                 tune: bool = True, max_scale: float = 10.0,
-                 allocation: Literal["budget", "global", "uniform"] = "budget", fisher_examples: int | None = 2048):
-        """`fisher_examples`: calibration examples for the Fisher information (None: the calibration
-        batches themselves)."""
+    def __init__(self, gqa: GqaMode = "per_group", rearrange: bool = True, tune: bool = True,
+                 max_scale: PositiveFloat = 10.0, allocation: AllocationChoice = "budget",
+                 fisher_examples: PositiveInt | None = 2048):
+        """`rearrange`: the greedy rearrangement of which units are kept (counts fixed); `tune`: layer-wise
+        least-squares scales of kept heads/neurons toward the teacher, as published (a fitted scale outside
+        [-max_scale, max_scale] stops the tuning of this and later layers); `fisher_examples`: calibration
+        examples for the Fisher information (their 2,048 by default; None: the calibration batches)."""
         super().__init__(gqa, allocation)
-        if fisher_examples is not None and (not isinstance(fisher_examples, int) or fisher_examples < 1):
-            raise ConfigError(f"pruner.fisher_examples={fisher_examples!r} must be a positive integer or null")
         self.rearrange, self.tune, self.max_scale = rearrange, tune, max_scale
         self.prepare_examples = fisher_examples
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -215,9 +215,10 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
         with torch.enable_grad():
             for batch in batches:
                 inputs = model_inputs(batch, param.device)
-                labels = (batch[LABELS].to(param.device) if LABELS in batch
+                labels = (batch[LABELS] if LABELS in batch
                           else inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
-                loss = model(**inputs, labels=labels, use_cache=False).loss
+                targets = labels if isinstance(labels, dict) else {"labels": labels}  # QA: start/end positions
+                loss = model(**inputs, **{k: v.to(param.device) for k, v in targets.items()}, use_cache=False).loss
                 for acc, grad in zip(grads, torch.autograd.grad(loss, masks)):
                     acc.append(grad.detach().double().cpu())
     finally:

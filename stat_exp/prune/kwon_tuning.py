@@ -174,7 +174,7 @@ class MaskTuner:
 
         handles = [attn.o.register_forward_pre_hook(o_pre),
                    attn.o.register_forward_hook(lambda m, a, out: seen.__setitem__("o_out", out)),
-                   ffn.inputs[-1].register_forward_pre_hook(lambda m, a: seen.__setitem__("ffn_in", a[0])),
+                   (ffn.up or ffn.gate_up).register_forward_pre_hook(lambda m, a: seen.__setitem__("ffn_in", a[0])),
                    ffn.down.register_forward_pre_hook(down_pre),
                    ffn.down.register_forward_hook(lambda m, a, out: seen.__setitem__("down_out", out))]
         try:

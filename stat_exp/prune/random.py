@@ -20,9 +20,9 @@ from torch import nn
 from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.base import Pruner
+from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
-from stat_exp.prune.scores import LayerScores
+from stat_exp.prune.scores import GqaMode, LayerScores
 
 STRUCTURE_KEYS = ("heads", "kv_heads", "neurons")
 
@@ -44,8 +44,10 @@ class RandomPruner(Pruner):
     name = "random"
     needs_calibration = False
 
-    def __init__(self, gqa: str = "per_group", seed: int = 0, allocation: str = "uniform",
+    def __init__(self, gqa: GqaMode = "per_group", seed: int = 0, allocation: AllocationChoice = "uniform",
                  structure_file: str | None = None):
+        """`allocation="uniform"`: random scores cannot inform a global allocation. `structure_file`: a
+        results.json or structure.json whose per-layer counts are copied (random units; budget ignored)."""
         super().__init__(gqa, allocation)
         self.seed = seed
         self.structure = read_structure(structure_file) if structure_file else None

@@ -2,9 +2,10 @@
 
 The order of these steps depends on where the budget is decided: `uniform` decides each layer on
 its own, `global` needs every layer's scores first. With `calib.propagate=pruned` and a global
-budget, a first dense pass decides the counts and a second pass prunes in order. What waits for
-a global allocation is bounded: small cost curves are kept, the heavy per-block state is held,
-spilled to disk or recomputed (`factors`).
+budget, a first dense pass decides the counts and a second pass prunes in order. A pruner with
+several `stages` (FFN neurons first, then heads) gets one such pass per stage, each on the model
+the previous stages left. What waits for a global allocation is bounded: small cost curves are
+kept, the heavy per-block state is held, spilled to disk or recomputed (`factors`).
 """
 from __future__ import annotations
 
@@ -44,8 +45,7 @@ def prunable_params(adapter: ModelAdapter) -> int:
     """Parameters of the projections pruning can cut (attention and FFN of every block)."""
     total = 0
     for layer in adapter.layers():
-        attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        for lin in (attn.q, attn.k, attn.v, attn.o, ffn.down, *ffn.inputs):
+        for lin in (*adapter.attention(layer).projections, *adapter.ffn(layer).projections):
             total += sum(p.numel() for p in lin.parameters())
     return total
 
@@ -125,6 +125,12 @@ class PruneRunner:
         return allocate(scores, shapes, self.flops, b.flops, b.allocation, b.round_to)
 
     def _prune(self, model, adapter, batches, device, store: BlockStore) -> None:
+        for stage in self.pruner.stages:
+            self.pruner.begin_stage(stage)
+            self._prune_stage(model, adapter, batches, device, store)
+
+    def _prune_stage(self, model, adapter, batches, device, store: BlockStore) -> None:
+        """One pass: stream, score, allocate and apply, on the model as earlier stages left it."""
         shapes = shapes_of(adapter)
         if not (self.pruner.needs_calibration and self.pruner.needs_layer_stream):
             scores = []

@@ -6,11 +6,13 @@ first and the dense layout last, so grouped-query constraints live here and nowh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-GQA_MODES = ("per_group", "whole_groups")
+GqaMode = Literal["per_group", "whole_groups"]
+GQA_MODES = get_args(GqaMode)
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,16 @@ from torch import nn
 
 from stat_exp.calibrate import ChannelMoments, LayerStats
 from stat_exp.errors import ConfigError
+from stat_exp.config.types import NonNegativeFloat, OpenFraction
 from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.base import Pruner
+from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import LayerPlan
 from stat_exp.prune.compensation import CompensatedFold, compensated_error, compensated_weight
 from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
 from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
 from stat_exp.prune.held_out import HeldOutAccumulator
-from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_levels, attention_units
+from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
 RIDGES = (0.0, 0.03, 0.1, 0.3, 1.0)  # the strengths `ridge=auto` chooses from (relative to each unit's energy)
@@ -60,29 +61,22 @@ class StatPruner(Pruner):
     name = "stat"
     needs_factorization = True
 
-    def __init__(self, gqa: Literal["per_group", "whole_groups"] = "per_group", correction: bool = True,
-                 allocation: Literal["budget", "global", "uniform"] = "budget",
-                 ridge: float | Literal["auto"] = 0.0, validation: float = 0.25,
-                 heads: Literal["pivot", "greedy"] = "pivot", intercept: bool = False,
-                 costs: Literal["fit", "held_out"] = "fit", compensate: bool = False):
-        """`ridge`: strength of the ridge on the correction, relative to each kept unit's energy
-        (0: plain least squares), or `auto`: chosen from RIDGES for every keep-count by the error
-        on held-out calibration batches. `validation`: the share of calibration batches held out
-        for `ridge=auto` and `costs=held_out` (all batches still make the final fit). `compensate`:
-        blocks are fed the pruned model's outputs (propagate=pruned) and each correction is fitted
-        to the dense model's outputs on the same tokens (see `compensation`)."""
+    def __init__(self, gqa: GqaMode = "per_group", correction: bool = True,
+                 allocation: AllocationChoice = "budget", ridge: NonNegativeFloat | Literal["auto"] = 0.0,
+                 validation: OpenFraction = 0.25, heads: Literal["pivot", "greedy"] = "pivot",
+                 intercept: bool = False, costs: Literal["fit", "held_out"] = "fit", compensate: bool = False):
+        """`correction=False`: the ablation "same selection, no correction". `ridge`: strength of the
+        ridge on the correction, relative to each kept unit's energy (0: plain least squares), or
+        `auto`: chosen from RIDGES for every keep-count by the error on held-out calibration batches.
+        `validation`: the share of calibration batches held out for `ridge=auto` and
+        `costs=held_out` (all batches still make the final fit). `compensate`: blocks are fed the
+        pruned model's outputs (propagate=pruned) and each correction is fitted to the dense model's
+        outputs on the same tokens (see `compensation`). Types and ranges are checked before a job
+        starts (stat_exp.config)."""
         super().__init__(gqa, allocation, propagate="pruned" if compensate else "calib")
         if compensate and (ridge == "auto" or intercept or costs == "held_out"):
             raise ConfigError("pruner.compensate=true fits to the dense outputs with a fixed ridge only; "
                               "it does not combine with ridge=auto, intercept=true or costs=held_out")
-        if ridge != "auto" and (isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0):
-            raise ConfigError(f"pruner.ridge={ridge!r} must be a number >= 0 or auto")
-        if not isinstance(validation, (int, float)) or not 0 < validation < 1:
-            raise ConfigError(f"pruner.validation={validation!r} must be in (0, 1): the share of calibration "
-                              f"batches held out (1 or more would leave nothing to fit)")
-        for key, value, allowed in (("heads", heads, ("pivot", "greedy")), ("costs", costs, ("fit", "held_out"))):
-            if value not in allowed:
-                raise ConfigError(f"pruner.{key}={value!r}; allowed: {', '.join(allowed)}")
         self.correction, self.ridge, self.validation = correction, ridge, validation
         self.heads, self.intercept, self.costs, self.compensate = heads, intercept, costs, compensate
         self.needs_moments = intercept  # channel sums for the mean term

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from stat_exp.track.logger import make_logger
+from stat_exp.track.published import COLUMNS as PUBLISHED, published_columns
 from stat_exp.track.results import RESULTS_FILE
-from stat_exp.track.wandb_logger import make_logger, to_plain
 
 DENSE = "none"
+KILLED = "stopped before it finished (killed or crashed): results.json still says running"
+MISSING = "no results.json: the job ended before it began"
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -22,6 +26,7 @@ def collect(sweep_dir: Path) -> list[dict]:
     for path in sorted(Path(sweep_dir).rglob(RESULTS_FILE)):
         record = json.loads(path.read_text(encoding="utf-8"))
         record["run_dir"] = str(path.parent.relative_to(sweep_dir))
+        record["published"] = published_columns(record, path.parent)
         records.append(record)
     return records
 
@@ -43,6 +48,7 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
     row |= {f"target_{_short(k)}": v for k, v in (record.get("target") or {}).items()}
     row |= {f"achieved_{_short(k)}": achieved.get(k) for k in ("flops_fraction", "params_fraction")}
     row |= record.get("metrics") or {}
+    row |= record.get("published") or {}
     row |= {"prune_s": timing.get("prune"), "total_s": timing.get("total")}
     row |= {"status": record.get("status"), "error": record.get("error"), "run_dir": record.get("run_dir")}
     return row
@@ -59,7 +65,8 @@ def to_table(records: list[dict], metric: str | None = None) -> pd.DataFrame:
         metrics.remove(metric)
         metrics.insert(0, metric)
     fixed = ["pruner", "model", *targets, "achieved_flops", "achieved_params"]
-    df = df[[*fixed, *metrics, "prune_s", "total_s", "status", "error", "run_dir"]]
+    published = [c for c in PUBLISHED if c in df.columns]
+    df = df[[*fixed, *metrics, *published, "prune_s", "total_s", "status", "error", "run_dir"]]
     return df.sort_values(
         ["pruner", *targets], ascending=[True, *[False] * len(targets)], kind="stable", na_position="last"
     ).reset_index(drop=True)
@@ -71,10 +78,38 @@ def _metric_names(records: list[dict], status: str | None = None) -> list[str]:
     return list(dict.fromkeys(k for r in chosen for k in r.get("metrics") or {}))
 
 
-def choose_metric(records: list[dict]) -> str | None:
-    """The metric to plot when none is named: the ok runs' first perplexity, else their first metric."""
-    names = _metric_names(records, "ok")
+def main_metric(names: Sequence[str], objective: str | None = None) -> str | None:
+    """The metric a job returns to a sweeper and a report plots: `objective` when it is among `names`,
+    else (no objective) the first perplexity, else the first metric."""
+    if objective is not None:
+        return objective if objective in names else None
     return next((k for k in names if k.endswith("/ppl")), names[0] if names else None)
+
+
+def choose_metric(records: list[dict]) -> str | None:
+    """The metric to plot when none is named: the ok runs' main metric."""
+    return main_metric(_metric_names(records, "ok"))
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What the jobs of a sweep left behind: how many there are and which failed, with their errors."""
+
+    jobs: int
+    failed: list[tuple[str, str]]  # (run_dir relative to the sweep, one-line error)
+
+
+def outcome(sweep_dir: Path) -> SweepOutcome:
+    """Read from the jobs' own files, so it is the same whichever launcher ran them: a failed record,
+    a record still "running" (the job was killed), or a job directory without results.json."""
+    sweep_dir = Path(sweep_dir)
+    records = collect(sweep_dir)
+    failed = [(r["run_dir"], r.get("error") or "failed") for r in records if r.get("status") == "failed"]
+    failed += [(r["run_dir"], KILLED) for r in records if r.get("status") == "running"]
+    seen = {r["run_dir"] for r in records}
+    jobs = sorted({str(p.parent.relative_to(sweep_dir)) for p in sweep_dir.glob("**/.hydra")} - {"."})
+    failed += [(d, MISSING) for d in jobs if d not in seen]
+    return SweepOutcome(jobs=len(seen | set(jobs)), failed=sorted(failed))
 
 
 def _cell(value: Any) -> str:
@@ -167,14 +202,14 @@ def print_table(df: pd.DataFrame) -> None:
     console.print(table)
 
 
-def log_report_to_wandb(sweep_dir: Path, paths: Mapping[str, Path], logger_cfg: Mapping | None) -> None:
-    """One extra W&B run (job_type "report") in the sweep's group, holding the table and the plot."""
-    cfg = to_plain(logger_cfg)
-    if cfg.get("name", "none") == "none":
+def log_report(sweep_dir: Path, paths: Mapping[str, Path], logger_cfg: Mapping | None) -> None:
+    """The report as one more run of the sweep's logger (for W&B: job_type "report", in the sweep's
+    group), holding the table and the plot."""
+    if not logger_cfg or "_target_" not in logger_cfg:
         return
     sweep_dir = Path(sweep_dir)
-    config = {"sweep_dir": str(sweep_dir.resolve())}
-    logger = make_logger(cfg, sweep_dir, config, sweep_dir=sweep_dir, job_name="report", job_type="report")
+    logger = make_logger(logger_cfg, sweep_dir, {"sweep_dir": str(sweep_dir.resolve())}, sweep_dir,
+                         name="report", job_type="report")
     with logger as run:
         run.log_table("report", pd.read_csv(paths["csv"]))
         if "png" in paths:

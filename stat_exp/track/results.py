@@ -70,7 +70,11 @@ def versions() -> dict[str, str]:
     return found
 
 
-def config_hash(config: dict, exclude: tuple[str, ...] = ("hydra", "logger")) -> str:
+# Keys that do not change what a job computes: tracking, resuming, progress bars, the sweeper's objective.
+NOT_HASHED = ("hydra", "logger", "resume", "progress", "objective")
+
+
+def config_hash(config: dict, exclude: tuple[str, ...] = NOT_HASHED) -> str:
     """Short, stable id of a resolved config; keys that do not change the experiment are left out."""
     kept = {k: v for k, v in config.items() if k not in exclude}
     text = json.dumps(kept, sort_keys=True, default=str)
@@ -114,6 +118,17 @@ class RunRecord:
         path = Path(run_dir) / RESULTS_FILE
         write_json_atomic(path, self.to_dict())
         return path
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunRecord | None:
+        """The record in run_dir/results.json; None when there is none or it does not parse."""
+        path = Path(run_dir) / RESULTS_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (OSError, ValueError, TypeError):
+            return None
 
 
 class Timings:

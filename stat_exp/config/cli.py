@@ -1,0 +1,111 @@
+"""The command line before Hydra sees it: unknown group choices as one line, and plain keys made overridable.
+
+Group options are looked up through Hydra's own config search path, so configs added with
+`--config-dir`, `hydra.searchpath` or a plug-in package count like the packaged ones. Config files of
+`_target_` groups hold only what differs from their class's defaults, so an override of a key a file
+leaves out (`pruner.correction=false`) is passed as `++pruner.correction=false`: Hydra adds it, and
+the signature check rejects it by name if the class has no such parameter.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path, get_args_parser
+from hydra.core.config_search_path import SearchPathQuery
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Glob, Override, Sweep
+from omegaconf import DictConfig
+
+from stat_exp.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_NAME = "config"
+
+
+def _args(argv: Sequence[str]) -> argparse.Namespace:
+    args, _ = get_args_parser().parse_known_args(list(argv))
+    return args
+
+
+def config_loader(argv: Sequence[str] = ()) -> ConfigLoaderImpl:
+    """Hydra's config loader over the same search path `stat-exp <argv>` composes from."""
+    args = _args(argv)
+    main_dir = args.config_path if args.config_path and os.path.isabs(args.config_path) else (
+        str(CONF_DIR / args.config_path) if args.config_path else str(CONF_DIR))
+    search_path = create_config_search_path(main_dir)
+    if args.config_dir is not None:  # as Hydra adds it: before the structured configs
+        search_path.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}",
+                            anchor=SearchPathQuery(provider="schema"))
+    return ConfigLoaderImpl(config_search_path=search_path)
+
+
+def _searchpath_overrides(argv: Sequence[str]) -> list[str]:
+    return [o for o in _args(argv).overrides if o.lstrip("+").startswith("hydra.searchpath")]
+
+
+def group_options(group: str, argv: Sequence[str] = ()) -> list[str]:
+    """The options of a config group, from every config source the command line would use."""
+    args = _args(argv)
+    loader = config_loader(argv)
+    return sorted(loader.get_group_options(group, config_name=args.config_name or CONFIG_NAME,
+                                           overrides=_searchpath_overrides(argv)))
+
+
+def _choices(override: Override) -> list[str]:
+    """The option names an override of a group asks for (a sweep's every one; none for glob/range)."""
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        items = value.list
+    elif isinstance(value, (Sweep, Glob)):
+        return []
+    else:
+        items = [value]
+    flat = [x for item in items for x in (item if isinstance(item, list) else [item])]
+    return [str(x) for x in flat if x is not None]
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Unknown config-group choices -> one UserError line naming the valid ones (before Hydra's long error)."""
+    args = _args(argv)
+    loader = config_loader(argv)
+    overrides = OverridesParser.create().parse_overrides(list(args.overrides))
+    repo = loader._parse_overrides_and_create_caching_repo(args.config_name or CONFIG_NAME,  # noqa: SLF001
+                                                           _searchpath_overrides(argv))[1]
+    for override in overrides:
+        group = override.key_or_group
+        if override.is_delete() or "." in group or not repo.group_exists(group):
+            continue
+        valid = sorted(repo.get_group_options(group))
+        for choice in _choices(override):
+            if choice not in valid:
+                raise UserError(f"unknown {group} {choice!r}; valid: {', '.join(valid)}")
+
+
+def overridable(overrides: Sequence[str]) -> list[str]:
+    """Plain `a.b=value` overrides as `++a.b=value` (add when the config file leaves the key to the
+    class default); hydra keys, groups and explicit +/++/~ overrides stay as they are."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [f"++{line}" if _leaves_default(o) else line for o, line in zip(parsed, overrides)]
+
+
+def _leaves_default(override: Override) -> bool:
+    return (not (override.is_add() or override.is_force_add() or override.is_delete())
+            and "." in override.key_or_group and not override.is_hydra_override() and override.package is None)
+
+
+def command_line(argv: Sequence[str]) -> list[str]:
+    """argv with its overrides made overridable (see `overridable`), flags untouched."""
+    overrides = _args(argv).overrides
+    rewritten = dict(zip(overrides, overridable(overrides)))
+    return [rewritten.get(arg, arg) for arg in argv]
+
+
+def compose_config(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:
+    """The config `stat-exp <overrides>` runs, for Python callers (benchmarks, notebooks, tests)."""
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        return compose(CONFIG_NAME, overrides=overridable(overrides))
