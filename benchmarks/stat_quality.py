@@ -1,68 +1,180 @@
-"""Held-out perplexity of STAT on SmolLM2 at several budgets: global versus uniform allocation,
-with and without the correction (the ablation keeps the same selection and counts).
+"""STAT's quality options on SmolLM2: chosen on held-out text, reported on wiki_eval.
 
-    python -m benchmarks.stat_quality [--budgets 0.9,0.8,0.7,0.6,0.5] [--examples 64] [--allocations global,uniform]
-                                      [--no-ablation]
+    python -m benchmarks.stat_quality options  [--examples 64] [--variants ...] [--budgets 0.7,0.5]
+    python -m benchmarks.stat_quality sizes    [--sizes 64,128,256,512,1024] [--variants ...]
+    python -m benchmarks.stat_quality sequential [--examples 64]
+    python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
 
-Calibration runs once; each variant prunes a copy of the model from the same scores.
+`options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
+wiki_calib without its last articles, perplexity on those articles): one table per option, each
+variant against today's default on the same statistics (streamed once, every variant prunes a
+copy). `sizes` grows one calibration stream and scores it at every size, with the overfitting of
+the FFN correction (held-out / in-sample error at the 0.7 plan). `sequential` runs whole jobs
+(its statistics need the pruned model's own stream). `report` compares the chosen default with
+today's on wiki_eval, global and uniform, at every budget.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import time
+
+import numpy as np
 
 from benchmarks.common import CPU, markdown, smollm2
+from benchmarks.held_out import Statistics, calibration_batches, validation_ppl
 from stat_exp.data.text import load_text
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.prune.budget import allocate
-from stat_exp.prune.budget import BudgetSpec
+from stat_exp.models.loading import load_model
+from stat_exp.prune.budget import BudgetSpec, FlopsModel, allocate
 from stat_exp.prune.runner import PruneRunner, shapes_of
 from stat_exp.prune.stat import StatPruner
 
-EVAL = {"seq_len": 256, "max_tokens": 16384, "batch_size": 8}
+FLOPS = FlopsModel(256)
+TODAY: dict = {}  # the default before this study
+CHOSEN: dict = {"ridge": "auto", "heads": "greedy"}  # the default it chose (stat_exp/conf/pruner/stat.yaml)
+VARIANTS = {
+    "today's default": TODAY,
+    "ridge 0.3": {"ridge": 0.3},
+    "ridge auto": {"ridge": "auto"},
+    "greedy heads": {"heads": "greedy"},
+    "intercept": {"intercept": True},
+    "held-out costs": {"costs": "held_out"},
+    "ridge auto + greedy heads": CHOSEN,
+}
+SEQUENTIAL = {"propagate dense (default)": ({}, "dense"), "propagate pruned": ({}, "pruned"),
+              "compensate (propagate pruned, dense targets)": ({"compensate": True}, "pruned")}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--budgets", default="0.9,0.8,0.7,0.6,0.5")
-    parser.add_argument("--examples", type=int, default=64)
-    parser.add_argument("--allocations", default="global,uniform")
-    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run the same selection without correction")
-    args = parser.parse_args()
+def prune_copy(model, stats: Statistics, pruner: StatPruner, scored, target: float, allocation: str):
+    plans = allocate([sc for sc, _ in scored], shapes_of(stats.adapter), FLOPS, target, allocation)
+    pruned = copy.deepcopy(model)
+    PruneRunner(pruner, BudgetSpec(seq_len=256), None, progress=False).apply_plans(get_adapter(pruned), scored, plans)
+    return pruned, plans
+
+
+def options(args) -> None:
+    model, tok = load_model("smollm2_135m")
+    stats = Statistics(model)
+    stats.grow(calibration_batches(tok, args.examples))
+    rows = [{"variant": "dense", **{str(b): validation_ppl(model, tok, args.max_tokens) for b in args.budgets[:1]}}]
+    for name in args.variants:
+        pruner = StatPruner(**VARIANTS[name])
+        start = time.perf_counter()
+        scored = stats.scored(pruner)
+        row = {"variant": name, "score (s)": time.perf_counter() - start}
+        for target in args.budgets:
+            pruned, plans = prune_copy(model, stats, pruner, scored, target, args.allocation)
+            row[str(target)] = validation_ppl(pruned, tok, args.max_tokens)
+            row[f"min neurons {target}"] = min(p.neurons for p in plans)
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nValidation perplexity (last {args.max_tokens} tokens rule: first {args.max_tokens} of the held-out "
+          f"articles), {args.examples} x 256 calibration tokens, allocation {args.allocation}:\n")
+    print(markdown(_fill(rows)))
+
+
+def sizes(args) -> None:
+    model, tok = load_model("smollm2_135m")
+    stats = Statistics(model)
+    batches = calibration_batches(tok, max(args.sizes))
+    rows, done = [], 0
+    for size in args.sizes:
+        stats.grow(batches[done // 8: size // 8])
+        done = size
+        row = {"sequences": size, "tokens": size * 256}
+        for name in args.variants:
+            pruner = StatPruner(**VARIANTS[name])
+            scored = stats.scored(pruner)
+            for target in args.budgets:
+                pruned, _ = prune_copy(model, stats, pruner, scored, target, "global")
+                row[f"{name} {target}"] = validation_ppl(pruned, tok, args.max_tokens)
+        row["held-out / in-sample FFN error at 0.7"] = overfitting(stats)
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nValidation perplexity by calibration size ({args.max_tokens} validation tokens):\n")
+    print(markdown(rows))
+
+
+def overfitting(stats: Statistics, target: float = 0.7) -> float:
+    """Summed over layers at the plan's neuron counts: the FFN correction's error on held-out
+    batches (fitted without them) over its error on the tokens it was fitted to."""
+    fit = stats.scored(StatPruner(heads="greedy"))  # the plain fold's in-sample curve
+    held = stats.scored(StatPruner(heads="greedy", costs="held_out"))
+    plans = allocate([sc for sc, _ in fit], shapes_of(stats.adapter), FLOPS, target, "global")
+    scale = [st.typical_energy for _, st in fit]
+    inside = sum(sc.ffn_cost[p.neurons] * s for (sc, _), p, s in zip(fit, plans, scale))
+    outside = sum(sc.ffn_cost[p.neurons] * s for (sc, _), p, s in zip(held, plans, scale))
+    return float(outside / inside)
+
+
+def sequential(args) -> None:
+    model, tok = load_model("smollm2_135m")
+    batches = calibration_batches(tok, args.examples)
+    rows = []
+    for name, (kwargs, propagate) in SEQUENTIAL.items():
+        row = {"variant": name}
+        for target in args.budgets:
+            pruned = copy.deepcopy(model)
+            start = time.perf_counter()
+            PruneRunner(StatPruner(**kwargs), BudgetSpec(target, 256), GramBackend(), propagate, progress=False).run(
+                pruned, get_adapter(pruned), batches, CPU)
+            row[f"prune (s) {target}"] = time.perf_counter() - start
+            row[str(target)] = validation_ppl(pruned, tok, args.max_tokens)
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nValidation perplexity, {args.examples} x 256 calibration tokens, global allocation:\n")
+    print(markdown(rows))
+
+
+def report(args) -> None:
     model, tok, batches = smollm2(args.examples)
     text = load_text("wiki_eval")
 
     def ppl(m) -> float:
-        return perplexity(m, tok, text, progress=False, **EVAL)["ppl"]
+        return perplexity(m, tok, text, seq_len=256, max_tokens=16384, batch_size=8, progress=False)["ppl"]
 
-    runner = PruneRunner(StatPruner(), BudgetSpec(seq_len=256), GramBackend(), progress=False)
-    adapter = get_adapter(model)
-    shapes = shapes_of(adapter)
-    scored = runner.score_layers(model, adapter, batches, CPU)
-    allocations = args.allocations.split(",")
-    dense = ppl(model)
-    methods = ("STAT", "no correction") if args.ablation else ("STAT",)
-    rows = [{"kept FLOPs": 1.0, **{f"{m} {a}": dense if m == "STAT" else "" for a in allocations for m in methods}}]
-    print(f"dense: {dense:.2f}", flush=True)
-    for target in (float(b) for b in args.budgets.split(",")):
+    rows = [{"kept FLOPs": 1.0, **{k: ppl(model) for k in ("today global", "chosen global")}}]
+    stats = Statistics(model)
+    stats.grow(batches)
+    scored = {name: (StatPruner(**kw), None) for name, kw in (("today", TODAY), ("chosen", CHOSEN))}
+    scored = {name: (p, stats.scored(p)) for name, (p, _) in scored.items()}
+    for target in args.budgets:
         row = {"kept FLOPs": target}
-        for allocation in allocations:
-            plans = allocate([sc for sc, _ in scored], shapes, runner.flops, target, allocation)
-            for correction in (True, False) if args.ablation else (True,):
-                pruned = copy.deepcopy(model)
-                PruneRunner(StatPruner(correction=correction), BudgetSpec(seq_len=256), None, progress=False
-                            ).apply_plans(get_adapter(pruned), scored, plans)
-                name = f"{'STAT' if correction else 'no correction'} {allocation}"
-                row[name] = ppl(pruned)
-                print(f"{target} {name}: {row[name]:.2f}", flush=True)
+        for allocation in ("global", "uniform"):
+            for name, (pruner, sc) in scored.items():
+                row[f"{name} {allocation}"] = ppl(prune_copy(model, stats, pruner, sc, target, allocation)[0])
         rows.append(row)
-    print(f"\nHeld-out wiki perplexity, SmolLM2-135M, {args.examples} x 256 calibration tokens, "
-          f"{EVAL['max_tokens']} evaluation tokens in chunks of {EVAL['seq_len']}:\n")
-    print(markdown(rows))
+        print(row, flush=True)
+    print(f"\nwiki_eval perplexity (16,384 tokens), {args.examples} x 256 calibration tokens of wiki_calib:\n")
+    print(markdown(_fill(rows)))
+
+
+def _fill(rows: list[dict]) -> list[dict]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return [{k: r.get(k, "") for k in keys} for r in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=["options", "sizes", "sequential", "report"])
+    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--sizes", default="64,128,256,512,1024")
+    parser.add_argument("--budgets", default=None)
+    parser.add_argument("--variants", default=None)
+    parser.add_argument("--allocation", default="global", choices=["global", "uniform"])
+    parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens (study)")
+    args = parser.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    default_budgets = "0.9,0.8,0.7,0.6,0.5" if args.study == "report" else "0.9,0.7,0.5"
+    args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
+    default_variants = list(VARIANTS) if args.study == "options" else ["today's default", "ridge auto + greedy heads"]
+    args.variants = args.variants.split(";") if args.variants else default_variants
+    {"options": options, "sizes": sizes, "sequential": sequential, "report": report}[args.study](args)
 
 
 if __name__ == "__main__":
+    np.set_printoptions(precision=3)
     main()

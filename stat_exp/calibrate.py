@@ -60,6 +60,18 @@ class ChannelMoments:
         return (self.sumsq / max(self.n_tokens, 1) - self.mean.square()).clamp_min(0)
 
 
+class CrossGram:
+    """sum over tokens of x_pruned^T x_dense (float64): how the pruned model's activations of a
+    prunable input relate to the dense model's on the same tokens, for corrections fitted to the
+    dense model's outputs. Per-batch products in float32, running sum in float64."""
+
+    def __init__(self, dim: int, device: torch.device):
+        self.C = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, pruned: torch.Tensor, dense: torch.Tensor) -> None:
+        self.C += (pruned.to(self.C.device, torch.float32).T @ dense.to(self.C.device, torch.float32)).double()
+
+
 @dataclass
 class LayerStats:
     """Statistics of one block's two prunable inputs: the head outputs (input of O) and the FFN
@@ -69,6 +81,9 @@ class LayerStats:
     ffn: ChannelMoments | None = None
     attn_factor: Accumulator | None = None
     ffn_factor: Accumulator | None = None
+    # With dense targets (propagate=pruned): the pruned inputs' cross Grams with the dense model's
+    attn_cross: CrossGram | None = None
+    ffn_cross: CrossGram | None = None
     n_tokens: int = 0
     # Per-token squared input norms, in a buffer sized before the batches stream: small tensors
     # kept batch after batch would pin glibc's heap between the large temporary ones, and the
@@ -179,13 +194,18 @@ class LayerStream:
     is held does not grow with depth; blocks are moved to the device by `store` in turn (weights on
     the host or on disk, `offload=cpu|disk`) and written back as they finish.
     `propagate="dense"` feeds each block the original outputs of the previous one (the paper's
-    code); `"pruned"` feeds it the outputs of the already-pruned previous block.
+    code); `"pruned"` feeds it the outputs of the already-pruned previous block. With
+    `dense_targets` (and `"pruned"`) the dense model's hidden states travel alongside: each block
+    also runs, still dense, on them, and the statistics gain the cross Grams between the pruned
+    and the dense activations of the same tokens (what a correction fitted to the dense model's
+    outputs needs).
     """
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, propagate: str = "dense",
                  make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True,
-                 model_major: bool = True, moments: bool = True, store: BlockStore | None = None):
+                 model_major: bool = True, moments: bool = True, store: BlockStore | None = None,
+                 dense_targets: bool = False):
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"calib.propagate={propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
         self.model, self.adapter, self.batches = model, adapter, batches
@@ -196,6 +216,7 @@ class LayerStream:
         self.progress = progress
         self.store = store or BlockStore(model, adapter, device)
         self.model_major = model_major and propagate == "dense" and self.store.mode == "none"
+        self.dense_targets = dense_targets and propagate == "pruned"
         self.seconds = 0.0  # time spent running blocks and accumulating statistics
 
     def __iter__(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
@@ -236,12 +257,13 @@ class LayerStream:
         start = time.perf_counter()
         home = torch.device("cpu") if self.store.mode != "none" else self.device
         boundary = capture_block_inputs(self.model, self.adapter, self.batches, self.device, home)
+        dense = list(boundary.hidden) if self.dense_targets else None  # the dense model's, side by side
         n = len(self.adapter.layers())
         for i in tqdm(range(n), desc="calibrate+prune", disable=not self.progress):
             layer = self.store.onload(i)
             before = _parameter_ids(layer)
             stats = self._new_stats(layer)
-            outputs = self._run(layer, boundary, i, stats)
+            outputs = self._run(layer, boundary, i, stats, dense)
             self.seconds += time.perf_counter() - start
             yield i, layer, stats
             start = time.perf_counter()
@@ -254,50 +276,81 @@ class LayerStream:
     def _new_stats(self, layer: nn.Module) -> LayerStats:
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         d_attn, d_ffn = attn.o.in_features, ffn.down.in_features
-        make, moments = self.make_accumulator, self.moments
+        make, moments, cross = self.make_accumulator, self.moments, self.dense_targets
         return LayerStats(token_energy=torch.empty(self.total_tokens, dtype=torch.float64),
                           attn=ChannelMoments(d_attn, self.device) if moments else None,
                           ffn=ChannelMoments(d_ffn, self.device) if moments else None,
-                          attn_factor=make(d_attn) if make else None, ffn_factor=make(d_ffn) if make else None)
+                          attn_factor=make(d_attn) if make else None, ffn_factor=make(d_ffn) if make else None,
+                          attn_cross=CrossGram(d_attn, self.device) if cross else None,
+                          ffn_cross=CrossGram(d_ffn, self.device) if cross else None)
 
-    def _hooks(self, layer: nn.Module, stats: LayerStats, mask: list, energy: bool) -> list:
-        """Accumulate `stats` from the block's O and down inputs (and, with `energy`, its input)."""
-        def accumulate(moments: ChannelMoments | None, factor: Accumulator | None):
+    def _hooks(self, layer: nn.Module, stats: LayerStats, mask: list, energy: bool,
+               dense: dict[str, torch.Tensor] | None = None) -> list:
+        """Accumulate `stats` from the block's O and down inputs (and, with `energy`, its input);
+        `dense` holds the current batch's dense O and down inputs, for the cross Grams."""
+        def accumulate(moments: ChannelMoments | None, factor: Accumulator | None, cross: CrossGram | None,
+                       key: str):
             def fn(module, args):  # some blocks (OPT) flatten tokens before the FFN
                 x = real_tokens(args[0], mask[0])
                 if moments is not None:
                     moments.update(x)
                 if factor is not None:
                     factor.update(x)
+                if cross is not None:
+                    cross.update(x, dense[key])
             return fn
 
         def block_input(module, args, kwargs):
             _record_input(stats, args[0] if args else kwargs["hidden_states"], mask[0])
 
-        handles = [self.adapter.attention(layer).o.register_forward_pre_hook(accumulate(stats.attn, stats.attn_factor)),
-                   self.adapter.ffn(layer).down.register_forward_pre_hook(accumulate(stats.ffn, stats.ffn_factor))]
+        attn_hook = accumulate(stats.attn, stats.attn_factor, stats.attn_cross, "o")
+        ffn_hook = accumulate(stats.ffn, stats.ffn_factor, stats.ffn_cross, "down")
+        handles = [self.adapter.attention(layer).o.register_forward_pre_hook(attn_hook),
+                   self.adapter.ffn(layer).down.register_forward_pre_hook(ffn_hook)]
         if energy:
             handles.append(layer.register_forward_pre_hook(block_input, with_kwargs=True))
         return handles
 
     @torch.inference_mode()
-    def _run(self, layer: nn.Module, boundary: BlockBoundary, index: int,
-             stats: LayerStats | None) -> list[torch.Tensor]:
+    def _run(self, layer: nn.Module, boundary: BlockBoundary, index: int, stats: LayerStats | None,
+             dense: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Run block `index` over all batches with its own call arguments; with `stats`, accumulate
-        them. Outputs go back where the boundary keeps its hidden states."""
+        them. Outputs go back where the boundary keeps its hidden states. With `dense` (the dense
+        model's hidden states at this boundary) each batch first runs on those, to pair the
+        activations for the cross Grams; `dense` moves on to the dense block's outputs."""
         mask: list[torch.Tensor | None] = [None]
-        handles = self._hooks(layer, stats, mask, energy=False) if stats is not None else []
-        try:
-            outputs = []
-            for hidden, batch_mask, calls in zip(boundary.hidden, boundary.masks, boundary.calls):
-                mask[0] = batch_mask
+        current: dict[str, torch.Tensor] = {}  # this batch's dense O and down inputs
+        outputs = []
+        for b, (hidden, batch_mask, calls) in enumerate(zip(boundary.hidden, boundary.masks, boundary.calls)):
+            mask[0] = batch_mask
+            call = calls[index]
+            if dense is not None and stats is not None:  # before the hooks: the dense run accumulates nothing
+                dense[b] = self._dense_run(layer, dense[b], call, batch_mask, current).to(dense[b].device)
+            handles = self._hooks(layer, stats, mask, energy=False, dense=current) if stats is not None else []
+            try:
                 hidden = hidden.to(self.device)
                 if stats is not None:
                     _record_input(stats, hidden, batch_mask)
-                call = calls[index]
                 out = _first_output(layer(hidden, *call.args, **call.kwargs))
-                outputs.append(out.to(boundary.hidden[0].device))
-            return outputs
+            finally:
+                for h in handles:
+                    h.remove()
+            outputs.append(out.to(boundary.hidden[0].device))
+        return outputs
+
+    def _dense_run(self, layer: nn.Module, hidden: torch.Tensor, call: BlockCall, mask: torch.Tensor | None,
+                   current: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The (still dense) block on the dense hidden states of one batch; its O and down inputs
+        land in `current`."""
+        def keep(key: str):
+            def fn(module, args):
+                current[key] = real_tokens(args[0], mask)
+            return fn
+
+        handles = [self.adapter.attention(layer).o.register_forward_pre_hook(keep("o")),
+                   self.adapter.ffn(layer).down.register_forward_pre_hook(keep("down"))]
+        try:
+            return _first_output(layer(hidden.to(self.device), *call.args, **call.kwargs))
         finally:
             for h in handles:
                 h.remove()

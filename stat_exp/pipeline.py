@@ -37,8 +37,9 @@ def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
     """What distinguishes this job from the default protocol (for tables and plots): the pruner's
     own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
     allocation = pruner.allocation_under(cfg.budget.allocation)
+    propagate = pruner.propagate_under(cfg.calib.propagate)
     parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
-                         "propagate pruned" if cfg.calib.propagate != "dense" else "") if p]
+                         f"propagate {propagate}" if propagate != "dense" else "") if p]
     return ", ".join(parts) or None
 
 
@@ -96,15 +97,17 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             log.info("loaded %s in %.1f s (%s)", cfg.model.source, timings.seconds["load"], plan.execution.describe())
             try:
                 adapter = get_adapter(model)
-                batches = []
+                batches, examples = [], None
                 if prunes and pruner.needs_calibration:
                     with timings("calibrate"):
                         batches = calibration.batches(tokenizer)
+                        if pruner.prepare_examples:
+                            examples = calibration.batches(tokenizer, num_examples=pruner.prepare_examples)
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
                                     cfg.budget.allocation, cfg.budget.round_to)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
                                      cfg.progress, plan.execution.stream, plan.execution.factors, work_dir / "factors")
-                outcome = runner.run(model, adapter, batches, device, store)
+                outcome = runner.run(model, adapter, batches, device, store, examples)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
                 record.achieved = against_dense(model, adapter, outcome.achieved, budget)

@@ -21,6 +21,7 @@ from stat_exp.export.load import load_pruned
 from stat_exp.export.save import save_pruned
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.kwon import KwonPruner, mask_gradients, rearranged
+from stat_exp.prune.kwon_tuning import MaskTuner, _unit_mask
 from stat_exp.prune.random import RandomPruner
 from stat_exp.prune.budget import FlopsModel
 from stat_exp.config.signature import check_node
@@ -210,19 +211,63 @@ def test_flap_save_load_round_trip(batches, tmp_path):
         torch.testing.assert_close(loaded(**batches[0]).logits, model(**batches[0]).logits)
 
 
-def test_kwon_tuning_lowers_layer_error(batches):
-    """Least-squares rescaling can only lower the first layer's O output error on calibration data."""
-    dense = llama()
-    X = captured_inputs(dense, batches)["model.layers.0.self_attn.o_proj"]
-    W = dense.model.layers[0].self_attn.o_proj.weight.detach().double()
-    errors = {}
-    for tune in (False, True):
-        model, _ = prune(KwonPruner(tune=tune), batches, 0.5, "uniform")
-        Wp = model.model.layers[0].self_attn.o_proj.weight.detach().double()
-        unit = torch.nn.functional.normalize
-        kept = (unit(Wp.T, dim=1) @ unit(W.T, dim=1).T).abs().argmax(1)  # a kept column is a scaled dense column
-        errors[tune] = float((X[:, kept] @ Wp.T - X @ W.T).square().sum())
-    assert errors[True] < errors[False]
+def test_kwon_tuning_targets_teacher_output_minus_student_residual(batches):
+    """Their rescale.py: the FFN target is teacher FFN output + teacher residual - bias - student
+    residual; with the teacher dense and the student's attention pruned, the residuals differ by
+    the removed heads' output. Checked against the normal equations built from hooks."""
+    model = llama()
+    adapter = get_adapter(model)
+    layer = adapter.layers()[0]
+    tuner = MaskTuner(model, adapter, batches, CPU, max_scale=10.0)
+    kept_heads, kept = [0, 1, 2, 3], torch.arange(0, 128, 3)
+    head_mask = _unit_mask(kept_heads, 8, 8)
+    _, ffn_targets, _ = tuner.teacher_pass(0, layer, None, None)
+    A, b = tuner.neuron_system(0, layer, head_mask, _unit_mask(kept, 128, 1), ffn_targets, kept)
+    seen = {}  # the dense teacher's O inputs and FFN input/output
+    handles = [layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.setdefault("o", []).append((a[0], o))),
+               layer.mlp.down_proj.register_forward_hook(lambda m, a, o: seen.setdefault("d", []).append((a[0], o)))]
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for h in handles:
+        h.remove()
+    W = layer.mlp.down_proj.weight.detach().double()
+    Wo = layer.self_attn.o_proj.weight.detach().double()
+    rhs = []
+    for (xo, _), (z, down_out), batch in zip(seen["o"], seen["d"], batches):
+        real = batch["attention_mask"].bool().reshape(-1)
+        xo, z, down_out = (t.reshape(-1, t.shape[-1])[real].double() for t in (xo, z, down_out))
+        removed_heads = xo * (1 - head_mask.double())  # teacher residual - student residual = their output
+        rhs.append(down_out + removed_heads @ Wo.T)
+    student_z = []  # the student's FFN inputs, from its pruned attention
+    mask = _unit_mask(kept_heads, 8, 8)
+    handle = layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: (a[0] * mask,))
+    grab = layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: student_z.append(a[0]))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    handle.remove()
+    grab.remove()
+    Z = torch.cat([z.reshape(-1, z.shape[-1])[bt["attention_mask"].bool().reshape(-1)].double()
+                   for z, bt in zip(student_z, batches)])[:, kept]
+    B = torch.cat(rhs)
+    contrib = Z[:, :, None] * W[:, kept].T[None]  # (tokens, kept, d_out)
+    torch.testing.assert_close(A, torch.einsum("tko,tjo->kj", contrib, contrib), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(b, torch.einsum("tko,to->k", contrib, B), rtol=1e-5, atol=1e-8)
+
+
+def test_kwon_teacher_keeps_the_square_root_of_the_target(batches):
+    """Their schedule (two steps): the teacher is searched at sqrt(target) kept FLOPs."""
+    model = llama(3)
+    pruner = KwonPruner(tune=False)
+    pruner.grads = mask_gradients(model, get_adapter(model), batches)
+    scores = layer_scores(pruner, model, batches)
+    shapes, flops = shapes_of(get_adapter(model)), FlopsModel(64)
+    pruner.fixed_plans([0, 1, 2], scores, shapes, flops, BudgetSpec(0.49, 64))
+    teacher = [pruner._teacher_plans[i] for i in range(3)]
+    kept = sum(flops.attention(sh, sc.attn_levels[p.attn_level].num_heads, sc.attn_levels[p.attn_level].num_kv_heads)
+               + flops.ffn(sh, p.neurons) for sh, sc, p in zip(shapes, scores, teacher))
+    assert kept / sum(flops.dense(sh) for sh in shapes) == pytest.approx(0.7, abs=0.01)
 
 
 def published_greedy(grads: torch.Tensor, n_pruned: int) -> torch.Tensor:
@@ -284,3 +329,39 @@ def test_a_pruner_can_fix_its_allocation(batches):
     assert len(set(fixed.structure["neurons"])) == 1
     with pytest.raises(ConfigError, match="pruner.allocation='layerwise'; allowed: budget, global, uniform"):
         check_node("pruner", {"_target_": "stat_exp.prune.wanda.WandaPruner", "allocation": "layerwise"})
+
+
+def test_a_pruner_can_fix_its_propagation(batches):
+    """wanda_sp ships with propagate=pruned (FLAP's prune_wanda_sp feeds each block the pruned
+    previous block's outputs): whatever calib.propagate says, it prunes as with propagate=pruned,
+    which differs from dense propagation."""
+    def run(pruner, propagate):
+        model = llama(3)
+        PruneRunner(pruner, BudgetSpec(0.55, 64, "uniform"), None, propagate, progress=False).run(
+            model, get_adapter(model), batches, CPU)
+        return model.state_dict()
+
+    fixed, pruned, dense = run(WandaPruner(propagate="pruned"), "dense"), run(WandaPruner(), "pruned"), \
+        run(WandaPruner(), "dense")
+    assert all(torch.equal(fixed[k], pruned[k]) for k in fixed)
+    assert any(fixed[k].shape != dense[k].shape or not torch.equal(fixed[k], dense[k]) for k in fixed)
+    with pytest.raises(ConfigError, match="pruner.propagate"):
+        check_node("pruner", {"_target_": "stat_exp.prune.wanda.WandaPruner", "propagate": "sideways"})
+
+
+def test_kwon_takes_its_fisher_information_from_its_own_examples(batches, tokenizer):
+    """Fisher information from `fisher_examples` examples (their 2,048), drawn by the calibration
+    config for the pruner alone; the layer-wise tuning stays on the calibration batches."""
+    from stat_exp.data.calibration import TextCalibration
+
+    calibration = TextCalibration("wiki_calib", num_examples=4, seq_len=16, batch_size=2)
+    examples = calibration.batches(tokenizer, num_examples=10)
+    assert sum(len(b["input_ids"]) for b in examples) == 10 and len(calibration.batches(tokenizer)) == 2
+    model = llama()
+    pruner = KwonPruner(fisher_examples=10)
+    own = make_batches(n=5, batch=2, seq=24, seed=7)
+    PruneRunner(pruner, BudgetSpec(0.6, 64), None, progress=False).run(model, get_adapter(model), batches, CPU,
+                                                                       examples=own)
+    assert pruner.grads[0][0].shape[0] == len(own)  # one gradient per batch of its own examples
+    with pytest.raises(ConfigError, match="pruner.fisher_examples"):
+        check_node("pruner", {"_target_": "stat_exp.prune.kwon.KwonPruner", "fisher_examples": 0})

@@ -158,12 +158,16 @@ def value_error(key: str, value: Any, hint: Any, error: ValidationError) -> str:
     path = _path(value, first["loc"])
     where = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
     shown = first["input"] if path else value
-    if any(e["type"] == "literal_error" for e in errors):
+    open_errors = [e for e in errors if e["type"] != "literal_error"]
+    if len(open_errors) < len(errors):
         allowed = [str(v) for v in closed_choices(hint)]
         if not path and _optional(hint):
             allowed.append("null")
-        return f"{where}={shown!r}; allowed: {', '.join(allowed)}"
-    reasons = list(dict.fromkeys(re.sub(r"^Input should be ", "", e["msg"]) for e in errors))
+        if not open_errors or all(e["type"].endswith("_type") for e in open_errors):
+            return f"{where}={shown!r}; allowed: {', '.join(allowed)}"
+    reasons = list(dict.fromkeys(re.sub(r"^Input should be ", "", e["msg"]) for e in open_errors or errors))
+    if len(open_errors) < len(errors):  # a number out of range where a name is also allowed: say both
+        reasons.append(f"one of: {', '.join(allowed)}")
     return f"{where}={shown!r}; must be {' or '.join(reasons)}"
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from annotated_types import Ge, Gt, Le
+from annotated_types import Ge, Gt, Le, Lt
 
 PositiveInt = Annotated[int, Gt(0)]
 NonNegativeInt = Annotated[int, Ge(0)]
 PositiveFloat = Annotated[float, Gt(0)]
 Fraction = Annotated[float, Gt(0), Le(1)]  # (0, 1]
+NonNegativeFloat = Annotated[float, Ge(0)]
+OpenFraction = Annotated[float, Gt(0), Lt(1)]  # (0, 1)
 

@@ -59,5 +59,7 @@ class TextCalibration:
         self.source, self.num_examples, self.seq_len = source, num_examples, seq_len
         self.batch_size, self.seed, self.propagate = batch_size, seed, propagate
 
-    def batches(self, tokenizer) -> list[dict[str, torch.Tensor]]:
-        return calibration_batches(tokenizer, self.source, self.num_examples, self.seq_len, self.seed, self.batch_size)
+    def batches(self, tokenizer, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
+        return calibration_batches(tokenizer, self.source, num_examples or self.num_examples, self.seq_len, self.seed,
+                                   self.batch_size)

@@ -229,9 +229,10 @@ class GlueCalibration:
             raise ConfigError(f"calib=glue needs a task (calib.task or eval.task); valid: {', '.join(TASKS)}")
         get_task(self.task)
 
-    def batches(self, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
+    def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
         spec = get_task(self.task)
-        rows = load_split(spec, "train", self.data_dir, self.num_examples, self.seed)
+        rows = load_split(spec, "train", self.data_dir, num_examples or self.num_examples, self.seed)
         batches = encode_batches(tokenizer, spec, rows, self.max_length, self.batch_size)
         for start, batch in zip(range(0, len(rows), self.batch_size), batches):
             batch[LABELS] = label_tensor(spec, rows[start:start + self.batch_size])  # for loss-based pruners

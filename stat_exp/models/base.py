@@ -110,6 +110,9 @@ class ModelAdapter(ABC):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     causal: ClassVar[bool] = True
+    # Post-LN blocks (original BERT): the residual sum is normalised after each sublayer, so the
+    # FFN's residual is the FFN's own input; pre-norm blocks add to block input + attention output.
+    post_ln: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model

@@ -23,6 +23,7 @@ class BertAdapter(ModelAdapter):
 
     model_types = ("bert", "roberta")
     causal = False
+    post_ln = True
 
     def layers(self) -> list[nn.Module]:
         return list(self.model.base_model.encoder.layer)
@@ -41,6 +42,7 @@ class DistilBertAdapter(ModelAdapter):
 
     model_types = ("distilbert",)
     causal = False
+    post_ln = True
 
     def layers(self) -> list[nn.Module]:
         return list(self.model.base_model.transformer.layer)

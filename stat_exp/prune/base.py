@@ -6,13 +6,15 @@ layer's statistics into LayerScores, and applies a plan to that layer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import LayerStats
+from stat_exp.calibrate import PROPAGATE_MODES, LayerStats
+from stat_exp.factorize.base import Accumulator, Backend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.budget import Allocation, BudgetSpec, FlopsModel, LayerPlan, LayerShape
 from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
@@ -31,33 +33,49 @@ class Pruner(ABC):
     needs_calibration: ClassVar[bool] = True
     needs_factorization: ClassVar[bool] = False
     needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
+    needs_layer_stream: ClassVar[bool] = True  # False: scores need no layer statistics (data only in prepare)
     needs_whole_model: ClassVar[bool] = False  # runs the whole model at once (gradients): no offloading
+    needs_dense_targets: bool = False  # with propagate=pruned: the dense model's activations alongside
     prunes: ClassVar[bool] = True
+    prepare_examples: int | None = None  # calibration examples `prepare` draws for itself (None: the batches)
     # The passes over the calibration data, in order: each stage is streamed, scored, allocated and
     # applied on the model the previous stages left (one stage for most pruners).
     stages: tuple[str, ...] = ("prune",)
 
-    def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget"):
+    def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget",
+                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):
         """`gqa`: per_group keeps the same query heads per KV group; whole_groups removes KV groups whole.
         `allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
         pruner (the baselines whose scores do not compare across layers were published uniform).
-        Values are checked against these hints before a job starts (stat_exp.config)."""
-        self.gqa, self.allocation = gqa, allocation
+        `propagate`: "calib" follows calib.propagate; "dense" or "pruned" fixes what each block is
+        fed while pruning (as a method was published). Values are checked against these hints before
+        a job starts (stat_exp.config)."""
+        self.gqa, self.allocation, self.propagate = gqa, allocation, propagate
 
     def allocation_under(self, budget_allocation: str) -> str:
         """The allocation this pruner runs with when the budget asks for `budget_allocation`."""
         return budget_allocation if self.allocation == "budget" else self.allocation
+
+    def propagate_under(self, calib_propagate: str) -> str:
+        """What each block is fed while pruning when the calibration asks for `calib_propagate`."""
+        return calib_propagate if self.propagate == "calib" else self.propagate
 
     @property
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""
         return ""
 
+    def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
+        """How this pruner's layer statistics accumulate: the backend's own by default."""
+        return backend.accumulator
+
     def begin_stage(self, stage: str) -> None:
         """Called by the runner before each of `stages`; pruners with one stage need nothing here."""
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
-        """Whole-model work before the layer stream (e.g. gradients); most pruners need none."""
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                examples: list[dict[str, torch.Tensor]] | None = None) -> None:
+        """Whole-model work before the layer stream (e.g. gradients); most pruners need none.
+        `examples`: the `prepare_examples` calibration examples, when the pruner asks for them."""
 
     @abstractmethod
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:

@@ -17,74 +17,90 @@
    is short (the block-diagonal Fisher estimate of the loss increase). Under `per_group` GQA it
    runs within each KV group (same number of heads per group), the other groups' pruned heads
    held fixed.
-4. Mask tuning (`tune`): per layer, the kept heads' columns of W_O and the kept neurons' columns
-   of W_down are rescaled by the least-squares fit of the dense module output from the kept units'
-   contributions. The normal equations come from the calibration Gram matrix of the module input
-   (the configured factorization backend): A = (W^T W) * G summed per unit pair, solve
-   A_KK s = A_K,all 1. Simplified from the paper: the fit uses the dense model's inputs (the
-   paper uses the pruned model's), has no intercept term, and a layer whose scales leave
-   [-max_scale, max_scale] keeps its unscaled weights (the paper stops tuning altogether).
+4. Mask tuning (`tune`): Kwon et al.'s layer-wise least squares as published (see
+   `kwon_tuning`): the kept units' scales fit the teacher's sublayer output plus its residual
+   minus the student's residual, on inputs propagated through the already-tuned layers; the
+   teacher is the model masked at sqrt(target) kept FLOPs (their two-step schedule), untuned.
+
+Fisher information comes from `fisher_examples` calibration examples (their default: 2,048),
+drawn for this pruner alone, independent of calib.num_examples; the tuning uses the calibration
+batches. Deviations: the paper's search may empty a layer (here each keeps its floor), and its
+FLOPs come from the shared FlopsModel (Kwon's MAC count x 2 for encoders).
 """
 from __future__ import annotations
+
 
 import numpy as np
 import torch
 from torch import nn
 
 from stat_exp.calibrate import LABELS, LayerStats, model_inputs
-from stat_exp.config.types import PositiveFloat
+from stat_exp.config.types import PositiveFloat, PositiveInt
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
 from stat_exp.prune.global_rank import Increments
+from stat_exp.prune.kwon_tuning import MaskTuner
 from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
-JITTER = 1e-10  # relative ridge on the least-squares normal equations
+SCHEDULE_STEPS = 2  # their get_pruning_schedule(target, num_iter=2): the teacher keeps target ** (1/2)
 
 
 class KwonPruner(Pruner):
     name = "kwon"
-    needs_whole_model = True
+    needs_whole_model = True  # gradients through the whole model
+    needs_layer_stream = False  # Fisher information and its own tuning streams; no layer statistics
 
     def __init__(self, gqa: GqaMode = "per_group", rearrange: bool = True, tune: bool = True,
-                 max_scale: PositiveFloat = 10.0, allocation: AllocationChoice = "budget"):
-        """`rearrange`: the greedy rearrangement of which units are kept (counts fixed); `tune`: per-layer
-        least-squares rescaling of kept units; a layer whose fitted scales leave [-max_scale, max_scale]
-        keeps unscaled weights."""
+                 max_scale: PositiveFloat = 10.0, allocation: AllocationChoice = "budget",
+                 fisher_examples: PositiveInt | None = 2048):
+        """`rearrange`: the greedy rearrangement of which units are kept (counts fixed); `tune`: layer-wise
+        least-squares scales of kept heads/neurons toward the teacher, as published (a fitted scale outside
+        [-max_scale, max_scale] stops the tuning of this and later layers); `fisher_examples`: calibration
+        examples for the Fisher information (their 2,048 by default; None: the calibration batches)."""
         super().__init__(gqa, allocation)
         self.rearrange, self.tune, self.max_scale = rearrange, tune, max_scale
-        self.needs_factorization = tune  # the Gram matrices are needed for the least squares only
+        self.prepare_examples = fisher_examples
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._teacher_plans: dict[int, LayerPlan] = {}
+        self._tuner: MaskTuner | None = None
 
     @property
     def variant(self) -> str:
         return ", ".join(p for p, on in (("no rearrangement", not self.rearrange), ("no tuning", not self.tune)) if on)
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
-        if not adapter.causal and not all(LABELS in b for b in batches):
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                examples: list[dict[str, torch.Tensor]] | None = None) -> None:
+        fisher = batches if examples is None else examples
+        if not adapter.causal and not all(LABELS in b for b in fisher):
             raise ConfigError("pruner=kwon needs a loss: a causal LM, or a task model calibrated on labelled "
                               "data (calib=glue)")
-        self.grads = mask_gradients(model, adapter, batches)
+        self.grads = mask_gradients(model, adapter, fisher)
+        device = next(model.parameters()).device
+        self._tuner = MaskTuner(model, adapter, batches, device, self.max_scale) if self.tune else None
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn = adapter.attention(layer)
         head_grads, neuron_grads = self.grads[index]
         heads, neurons = head_grads.square().sum(0), neuron_grads.square().sum(0)
         scores = self.ranked(adapter, layer, (heads / attn.head_dim).repeat_interleave(attn.head_dim), neurons)
-        scores.extra["fisher"] = (heads, neurons)
-        scores.extra["grads"] = (head_grads, neuron_grads)
-        if self.tune:
-            scores.heavy["gram"] = (stats.attn_factor.gram(), stats.ffn_factor.gram())
+        scores.extra.update(fisher=(heads, neurons), grads=(head_grads, neuron_grads), index=index)
         return scores
 
     def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
                     flops: FlopsModel, budget: BudgetSpec) -> list[LayerPlan] | None:
+        """The search at the target and, for the tuning, the teacher's at sqrt(target)."""
+        teacher = budget.flops ** (1 / SCHEDULE_STEPS)
+        self._teacher_plans.update(zip(layers, self._search(scores, shapes, flops, budget, teacher)))
+        return self._search(scores, shapes, flops, budget, budget.flops) if budget.allocation == "global" else None
+
+    def _search(self, scores, shapes, flops: FlopsModel, budget: BudgetSpec, target: float) -> list[LayerPlan]:
         if budget.allocation != "global":
-            return None
+            return allocate(scores, shapes, flops, target, "uniform", budget.round_to)
         inc = Increments.build(scores, shapes, flops, budget.round_to, [sc.extra["fisher"] for sc in scores], "sum")
-        return inc.plans(mac_search(inc, inc.headroom(budget.flops)))
+        return inc.plans(mac_search(inc, inc.headroom(target)))
 
     def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
@@ -96,12 +112,17 @@ class KwonPruner(Pruner):
             level = self._rearranged_level(attn, level, head_grads)
             neurons = rearranged(neuron_grads, neurons, [list(range(ffn.width))])
         o_weight = down_weight = None
-        if self.tune:
-            attn_gram, ffn_gram = scores.heavy["gram"]
-            o_weight = self._tuned(attn.o, attn_gram, head_channels(level.heads, attn.head_dim), attn.head_dim)
-            down_weight = self._tuned(ffn.down, ffn_gram, neurons, 1)
+        if self._tuner is not None:
+            index = scores.extra["index"]
+            teacher = self._teacher_plans[index]
+            teacher_units = (list(scores.attn_levels[teacher.attn_level].heads), scores.ffn_order[: teacher.neurons])
+            head_scales, neuron_scales = self._tuner.tune(index, layer, teacher_units, (list(level.heads), neurons))
+            o_weight = _scaled(attn.o, head_channels(level.heads, attn.head_dim), head_scales, attn.head_dim)
+            down_weight = _scaled(ffn.down, neurons, neuron_scales, 1)
         prune_attention(adapter, layer, level, o_weight)
         prune_ffn(adapter, layer, neurons, down_weight)
+        if self._tuner is not None:
+            self._tuner.advance(scores.extra["index"], layer)
 
     def _rearranged_level(self, attn: AttentionParts, level: AttentionLevel, head_grads: torch.Tensor) -> AttentionLevel:
         """The level's counts with the units re-picked by the greedy rearrangement."""
@@ -115,23 +136,13 @@ class KwonPruner(Pruner):
         heads = sorted(h for i in kept for h in units[i])
         return AttentionLevel(tuple(heads), tuple(sorted({h // attn.group_size for h in heads})))
 
-    def _tuned(self, linear: nn.Linear, gram: torch.Tensor, kept: torch.Tensor, unit_size: int) -> torch.Tensor | None:
-        """W[:, kept] with each kept unit's columns scaled by the least-squares fit of the dense output."""
-        if len(kept) == linear.in_features:
-            return None
-        W = linear.weight.detach().double().to(gram.device)  # on the statistics' device
-        kept = kept.to(gram.device)
-        contrib = (W.T @ W) * gram  # <X_a W_a^T, X_b W_b^T> for channels a, b
-        units = contrib.shape[0] // unit_size
-        A = contrib.view(units, unit_size, units, unit_size).sum((1, 3))
-        kept_units = kept[::unit_size] // unit_size
-        A_kk = A[kept_units][:, kept_units]
-        eye = torch.eye(len(kept_units), dtype=A.dtype, device=A.device)
-        A_kk = A_kk + JITTER * float(A_kk.trace()) / len(kept_units) * eye
-        scale = torch.linalg.solve(A_kk, A[kept_units].sum(1))
-        if not torch.isfinite(scale).all() or float(scale.abs().max()) > self.max_scale:
-            return None
-        return (W[:, kept] * scale.repeat_interleave(unit_size)).to(linear.weight.dtype)
+
+def _scaled(linear: nn.Linear, kept: torch.Tensor, scales: torch.Tensor | None, unit_size: int) -> torch.Tensor | None:
+    """W[:, kept] with each kept unit's columns multiplied by its scale (None: no scales)."""
+    if scales is None:
+        return None
+    W = linear.weight.detach().double().cpu()[:, kept.cpu()]
+    return (W * scales.double().repeat_interleave(unit_size)).to(linear.weight.dtype)
 
 
 def mac_search(inc: Increments, left: float) -> np.ndarray:

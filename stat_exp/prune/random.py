@@ -56,7 +56,8 @@ class RandomPruner(Pruner):
     def variant(self) -> str:
         return "copied structure" if self.structure else ""
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                examples: list[dict[str, torch.Tensor]] | None = None) -> None:
         if self.structure and len(self.structure["heads"]) != len(adapter.layers()):
             raise ConfigError(f"pruner.structure_file has {len(self.structure['heads'])} layers, "
                               f"the model has {len(adapter.layers())}")

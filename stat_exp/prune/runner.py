@@ -81,13 +81,15 @@ class PruneRunner:
             raise ConfigError("execution.factors=spill needs a folder for the spilled factors")
         budget = replace(budget, allocation=pruner.allocation_under(budget.allocation))
         self.pruner, self.budget, self.backend = pruner, budget, backend
-        self.propagate, self.progress = propagate, progress
+        self.propagate, self.progress = pruner.propagate_under(propagate), progress
         self.stream, self.factors, self.spill_dir = stream, factors, spill_dir
         self.flops = FlopsModel(budget.seq_len)
         self._streamed = 0.0  # seconds spent streaming calibration batches through blocks
 
     def run(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
-            device: torch.device, store: BlockStore | None = None) -> PruneOutcome:
+            device: torch.device, store: BlockStore | None = None,
+            examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
+        """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any."""
         store = store or BlockStore(model, adapter, device)
         if store.mode != "none" and self.pruner.needs_whole_model:
             raise ConfigError(f"pruner={self.pruner.name} runs the whole model at once (gradients); "
@@ -96,7 +98,10 @@ class PruneRunner:
         timing: dict[str, float] = {}
         if self.pruner.prunes:
             start = time.perf_counter()
-            self.pruner.prepare(model, adapter, batches)
+            if examples is None:
+                self.pruner.prepare(model, adapter, batches)
+            else:
+                self.pruner.prepare(model, adapter, batches, examples)
             self._streamed = 0.0
             self._prune(model, adapter, batches, device, store)
             timing["calibrate"] = self._streamed
@@ -127,7 +132,7 @@ class PruneRunner:
     def _prune_stage(self, model, adapter, batches, device, store: BlockStore) -> None:
         """One pass: stream, score, allocate and apply, on the model as earlier stages left it."""
         shapes = shapes_of(adapter)
-        if not self.pruner.needs_calibration:
+        if not (self.pruner.needs_calibration and self.pruner.needs_layer_stream):
             scores = []
             for i in range(len(shapes)):
                 with store.block(i) as layer:
@@ -178,10 +183,11 @@ class PruneRunner:
 
     def _stream(self, model, adapter, batches, device, propagate: str, store: BlockStore | None):
         """Iterate the layer stream, adding its forward time to the calibration time."""
-        make = self.backend.accumulator if self.pruner.needs_factorization and self.backend else None
+        make = self.pruner.accumulator(self.backend) if self.pruner.needs_factorization and self.backend else None
         model_major = self.stream == "model" and not (self.backend and self.backend.holds_activations and make)
         stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major,
-                             moments=self.pruner.needs_moments, store=store)
+                             moments=self.pruner.needs_moments, store=store,
+                             dense_targets=self.pruner.needs_dense_targets)
         yield from stream
         self._streamed += stream.seconds
 

@@ -3,42 +3,43 @@
 FFN: a column-pivoted factor of the hidden activations, columns weighted by the norms of their
 output weights, ranks the neurons; the removed neurons are reconstructed from the kept ones,
 Z_removed ~= Z_kept T, and T is folded into the down projection.
-Heads: whole heads (or KV groups) are ranked by pivoting on their contributions after W_O; the
+Heads: whole heads (or KV groups) are ranked by pivoting on their contributions after W_O
+(`heads=pivot`) or removed greedily by the corrected error they add (`heads=greedy`); the
 least-squares map from the kept head channels to the removed ones is folded into W_O.
 The cost of a keep-count is the exact output error the corrected layer adds, relative to the
 typical energy of the residual stream it is added to (n_tokens x the median token's squared norm),
 so costs compare across layers. The median matters: from some block on, a few tokens carry massive
 activations that dominate the summed energy (100x in SmolLM2 from block 12) and would make every
 later block look cheap to prune.
+
+Options (each measured in benchmarks/stat_quality.py): `ridge` shrinks the correction toward plain
+slicing, a fixed strength or `auto` (chosen per keep-count on held-out calibration batches);
+`intercept` adds a mean term folded into the output bias; `costs=held_out` prices keep-counts by
+the error on held-out calibration batches instead of on the tokens the correction was fitted to.
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import LayerStats
-from stat_exp.factorize.base import Factorization, RankError, pivoted_cholesky
+from stat_exp.calibrate import ChannelMoments, LayerStats
+from stat_exp.errors import ConfigError
+from stat_exp.config.types import NonNegativeFloat, OpenFraction
+from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import LayerPlan
+from stat_exp.prune.compensation import CompensatedFold, compensated_error, compensated_weight
+from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
+from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
+from stat_exp.prune.held_out import HeldOutAccumulator
 from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
-JITTER = 1e-10  # smallest relative ridge on the head Gram, for heads whose outputs are collinear
-
-
-def _ridged_cholesky(G: torch.Tensor) -> torch.Tensor:
-    """Cholesky factor of G + eps I with the smallest eps (from JITTER up) that makes it succeed:
-    a rank-deficient Gram (few tokens, dead heads, float32 blocks) still gets a stable factor."""
-    scale = max(float(G.diagonal().mean()), 1e-300)
-    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    eps = JITTER
-    while True:
-        L, info = torch.linalg.cholesky_ex(G + eps * scale * eye)
-        if int(info) == 0:
-            return L
-        eps *= 100
+RIDGES = (0.0, 0.03, 0.1, 0.3, 1.0)  # the strengths `ridge=auto` chooses from (relative to each unit's energy)
 
 
 def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: int
@@ -51,9 +52,9 @@ def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: 
         seen.update(lv.heads)
         bounds.append(len(order) * head_dim)
     perm = head_channels(order, head_dim).to(G.device)
-    R = _ridged_cholesky(G[perm][:, perm]).T
-    weights = torch.ones(len(perm), dtype=torch.float64, device=G.device)
-    return Factorization(perm=perm, R=R, weights=weights), bounds
+    R = ridged_cholesky(G[perm][:, perm])
+    ones = torch.ones(len(perm), dtype=torch.float64, device=G.device)
+    return Factorization(perm=perm, R=R, weights=ones), bounds
 
 
 class StatPruner(Pruner):
@@ -61,29 +62,82 @@ class StatPruner(Pruner):
     needs_factorization = True
 
     def __init__(self, gqa: GqaMode = "per_group", correction: bool = True,
-                 allocation: AllocationChoice = "budget"):
-        """`correction=False`: the ablation "same selection, no correction"."""
-        super().__init__(gqa, allocation)
-        self.correction = correction
+                 allocation: AllocationChoice = "budget", ridge: NonNegativeFloat | Literal["auto"] = 0.0,
+                 validation: OpenFraction = 0.25, heads: Literal["pivot", "greedy"] = "pivot",
+                 intercept: bool = False, costs: Literal["fit", "held_out"] = "fit", compensate: bool = False):
+        """`correction=False`: the ablation "same selection, no correction". `ridge`: strength of the
+        ridge on the correction, relative to each kept unit's energy (0: plain least squares), or
+        `auto`: chosen from RIDGES for every keep-count by the error on held-out calibration batches.
+        `validation`: the share of calibration batches held out for `ridge=auto` and
+        `costs=held_out` (all batches still make the final fit). `compensate`: blocks are fed the
+        pruned model's outputs (propagate=pruned) and each correction is fitted to the dense model's
+        outputs on the same tokens (see `compensation`). Types and ranges are checked before a job
+        starts (stat_exp.config)."""
+        super().__init__(gqa, allocation, propagate="pruned" if compensate else "calib")
+        if compensate and (ridge == "auto" or intercept or costs == "held_out"):
+            raise ConfigError("pruner.compensate=true fits to the dense outputs with a fixed ridge only; "
+                              "it does not combine with ridge=auto, intercept=true or costs=held_out")
+        self.correction, self.ridge, self.validation = correction, ridge, validation
+        self.heads, self.intercept, self.costs, self.compensate = heads, intercept, costs, compensate
+        self.needs_moments = intercept  # channel sums for the mean term
+        self.needs_dense_targets = compensate
 
     @property
     def variant(self) -> str:
-        return "" if self.correction else "no correction"
+        parts = ["" if self.correction else "no correction", f"ridge {self.ridge}" if self.ridge else "",
+                 "greedy heads" if self.heads == "greedy" else "", "intercept" if self.intercept else "",
+                 "held-out costs" if self.costs == "held_out" else "", "compensated" if self.compensate else ""]
+        return ", ".join(p for p in parts if p)
+
+    @property
+    def _held_out(self) -> bool:
+        return self.ridge == "auto" or self.costs == "held_out"
+
+    @property
+    def _plain(self) -> bool:
+        """Today's method exactly: one pivoted factor per module, costs and folds from it."""
+        return not (self.ridge or self.intercept or self._held_out or self.heads == "greedy")
+
+    def accumulator(self, backend: Backend):
+        if not self._held_out:
+            return backend.accumulator
+        return lambda dim: HeldOutAccumulator(backend.accumulator(dim), backend.accumulator(dim), self.validation)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
-        ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
-        attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
-        return LayerScores(
-            ffn_order=ffn_fact.perm.cpu(),
-            ffn_cost=(ffn_fact.output_error(W2) / scale).cpu().numpy(),
-            attn_levels=levels,
-            attn_cost=(attn_fact.output_error(attn.o.weight.detach().double())[bounds] / scale).cpu().numpy(),
-            extra={"attn_bounds": bounds, "n_tokens": stats.n_tokens},
-            heavy={"ffn": ffn_fact, "attn": attn_fact},
-        )
+        extra, heavy = {"n_tokens": stats.n_tokens}, {}
+        if stats.ffn_cross is not None:  # fed the pruned model's inputs: fit to the dense outputs
+            fold = CompensatedFold(stats.ffn_factor.gram(), stats.ffn_cross.C, W2, _unit_weights(W2),
+                                   stats.ffn_factor.factorize(weights=_unit_weights(W2)).perm, float(self.ridge))
+            levels, attn_cost = self._compensated_levels(attn, stats)
+            heavy |= {"ffn_comp": fold, "attn_comp": (stats.attn_factor.gram(), stats.attn_cross.C)}
+            ffn_order, ffn_cost = fold.perm, fold.cost()
+        elif self._plain:
+            ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
+            attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
+            extra["attn_bounds"] = bounds
+            heavy |= {"ffn": ffn_fact, "attn": attn_fact}
+            ffn_order, ffn_cost = ffn_fact.perm, ffn_fact.output_error(W2)
+            attn_cost = attn_fact.output_error(attn.o.weight.detach().double())[bounds]
+        else:
+            grams = self._grams(stats.ffn_factor, stats.ffn)
+            ffn_fold, ffn_cost = self._ffn_fold(W2.to(grams.full.device), grams)
+            levels, attn_cost, attn_folds = self._head_folds(attn, self._grams(stats.attn_factor, stats.attn))
+            heavy |= {"ffn_fold": ffn_fold, "attn_folds": attn_folds}
+            ffn_order = ffn_fold.perm
+        return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(ffn_cost / scale).cpu().numpy(), attn_levels=levels,
+                           attn_cost=(attn_cost / scale).cpu().numpy(), extra=extra, heavy=heavy)
+
+    def _grams(self, acc: Accumulator, moments: ChannelMoments | None) -> ModuleGrams:
+        full = acc.gram()
+        sums = moments.sum.double().to(full.device) if self.intercept else None
+        grams = ModuleGrams(full, acc.n_tokens, sums)
+        if isinstance(acc, HeldOutAccumulator):
+            grams.fit, grams.held_out = acc.parts()
+            grams.held_out_sums, grams.n_held_out = acc.held_out_sums.to(full.device), acc.held_out.n_tokens
+        return grams.centred()
 
     def _head_factorization(self, attn, G: torch.Tensor):
         """Rank heads (or KV groups) by pivoting on their contributions after W_O, then factor the
@@ -100,25 +154,107 @@ class StatPruner(Pruner):
         fact, bounds = nested_head_factor(levels, G, attn.head_dim)
         return fact, levels, bounds
 
+    def _ffn_fold(self, W2: torch.Tensor, grams: ModuleGrams) -> tuple["NeuronFold", torch.Tensor]:
+        """Neuron order (pivoted on the weighted Gram), the fold of every keep-count, and its cost."""
+        w = _unit_weights(W2)
+        perm, R0 = pivoted_cholesky(grams.full * w[:, None] * w[None, :])
+        g = grams.scaled(w, perm)
+        V = (W2 / w)[:, perm]
+        if self.ridge == "auto":
+            curves = torch.stack([error_curve(ridged_cholesky(g.fit, r), V, g.held_out) for r in RIDGES])
+            ridge_at = [RIDGES[i] for i in curves.argmin(0).tolist()]
+            held_out = curves.min(0).values
+        else:
+            ridge_at = [float(self.ridge)] * (len(perm) + 1)
+            held_out = error_curve(ridged_cholesky(g.fit, self.ridge), V, g.held_out) if self._held_out else None
+        if self.costs == "held_out":
+            cost = held_out * grams.n / grams.n_held_out
+        elif self.ridge and self.ridge != "auto":
+            cost = error_curve(ridged_cholesky(g.full, self.ridge), V, g.full)
+        else:  # the plain least squares on all tokens: suffix sums of its own factor
+            cost = Factorization(perm=torch.arange(len(perm), device=w.device), R=R0,
+                                 weights=torch.ones_like(w)).output_error(V)
+        return NeuronFold(perm, w, g.full, ridge_at, grams.mean), cost
+
+    def _head_folds(self, attn, grams: ModuleGrams):
+        """Levels (pivoted, or greedy where that pays less), each level's cost, and its fold ridge."""
+        W = attn.o.weight.detach().double().to(grams.full.device)
+        _, levels, _ = self._head_factorization(attn, grams.full)
+        if self.heads == "greedy":
+            per_group = self.gqa == "per_group"
+            greedy, greedy_costs = greedy_levels(grams.full, W, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                                 per_group)
+            pivot_costs = [self._level_error(attn, grams.full, W, lv) for lv in levels]
+            levels = [g if gc < pc else p for g, gc, p, pc in zip(greedy, greedy_costs, levels, pivot_costs)]
+        costs, ridges = [], []
+        for lv in levels:
+            kept, removed = _channels(attn, lv, W.device)
+            options = RIDGES if self.ridge == "auto" else (float(self.ridge),)
+            held = [corrected_error(grams.fit, W, kept, removed, r, grams.held_out) for r in options] \
+                if self._held_out else None
+            ridge = options[int(np.argmin(held))] if self.ridge == "auto" else options[0]
+            if self.costs == "held_out":
+                costs.append(min(held) * grams.n / grams.n_held_out)
+            else:
+                costs.append(corrected_error(grams.full, W, kept, removed, ridge))
+            ridges.append(ridge)
+        return levels, torch.tensor(costs, dtype=torch.float64), {"gram": grams.full, "ridges": ridges,
+                                                                   "mean": grams.mean}
+
+    def _compensated_levels(self, attn, stats: LayerStats) -> tuple[list[AttentionLevel], torch.Tensor]:
+        """Head levels ranked on the pruned inputs; each level's error against the dense outputs,
+        relative to keeping every head."""
+        G, C = stats.attn_factor.gram(), stats.attn_cross.C
+        W = attn.o.weight.detach().double().to(G.device)
+        if self.heads == "greedy":
+            levels, _ = greedy_levels(G, W, attn.num_heads, attn.num_kv_heads, attn.head_dim, self.gqa == "per_group")
+        else:
+            _, levels, _ = self._head_factorization(attn, G)
+        errors = torch.tensor([compensated_error(G, C, W, _channels(attn, lv, G.device)[0], float(self.ridge))
+                               for lv in levels], dtype=torch.float64)
+        return levels, errors - errors[-1]
+
+    def _level_error(self, attn, G, W, level: AttentionLevel) -> float:
+        kept, removed = _channels(attn, level, G.device)
+        return corrected_error(G, W, kept, removed)
+
     def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         n_tokens = scores.extra["n_tokens"]
         level = scores.attn_levels[plan.attn_level]
-        k_attn = scores.extra["attn_bounds"][plan.attn_level]
+        k_attn = level.num_heads * attn.head_dim
         for what, k in (("neurons", plan.neurons), ("head channels", k_attn)):
             if self.correction and k < (ffn.width if what == "neurons" else attn.o.in_features) and n_tokens < k:
                 raise RankError(
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
-        o_weight = self._corrected(attn.o.weight, scores.heavy["attn"], k_attn)
-        if o_weight is not None:  # columns follow the factor's order; put them in kept-head order
-            kept = scores.heavy["attn"].perm[:k_attn].tolist()
-            where = {c: i for i, c in enumerate(kept)}
-            o_weight = o_weight[:, [where[int(c)] for c in head_channels(level.heads, attn.head_dim)]]
-        prune_attention(adapter, layer, level, o_weight)
         keep = scores.ffn_order[: plan.neurons]
-        prune_ffn(adapter, layer, keep, self._corrected(ffn.down.weight, scores.heavy["ffn"], plan.neurons))
+        if "ffn_comp" in scores.heavy:
+            o_weight, o_bias, down_bias = self._compensated_o(attn, level, scores.heavy["attn_comp"]), None, None
+            fold = scores.heavy["ffn_comp"]
+            down_weight = fold.weight(plan.neurons).to(ffn.down.weight.dtype)  # refitted even when all stay
+        elif "ffn_fold" in scores.heavy:
+            o_weight, o_bias = self._head_fold(attn, level, plan.attn_level, scores.heavy["attn_folds"])
+            down_weight, down_bias = self._neuron_fold(ffn.down, scores.heavy["ffn_fold"], plan.neurons)
+        else:
+            o_weight = self._corrected(attn.o.weight, scores.heavy["attn"], k_attn)
+            if o_weight is not None:  # columns follow the factor's order; put them in kept-head order
+                kept = scores.heavy["attn"].perm[:k_attn].tolist()
+                where = {c: i for i, c in enumerate(kept)}
+                o_weight = o_weight[:, [where[int(c)] for c in head_channels(level.heads, attn.head_dim)]]
+            o_bias = down_bias = None
+            down_weight = self._corrected(ffn.down.weight, scores.heavy["ffn"], plan.neurons)
+        prune_attention(adapter, layer, level, o_weight, o_bias)
+        prune_ffn(adapter, layer, keep, down_weight, down_bias)
+
+    def _compensated_o(self, attn, level: AttentionLevel, grams) -> torch.Tensor | None:
+        """O refitted on the level's kept channels to the dense outputs (also when every head stays:
+        the pruned inputs still differ from the dense ones)."""
+        G, C = grams
+        kept, _ = _channels(attn, level, G.device)
+        W = attn.o.weight.detach().double().to(G.device)
+        return compensated_weight(G, C, W, kept, float(self.ridge)).to(attn.o.weight.dtype)
 
     def _corrected(self, weight: torch.Tensor, fact: Factorization, k: int) -> torch.Tensor | None:
         """W[:, kept] + W[:, removed] T^T, the output weights with the removed units folded in."""
@@ -127,3 +263,59 @@ class StatPruner(Pruner):
         W = weight.detach().double().to(fact.R.device)
         kept, removed = fact.perm[:k], fact.perm[k:]
         return (W[:, kept] + W[:, removed] @ fact.correction(k).T).to(weight.dtype)
+
+    def _neuron_fold(self, down: nn.Linear, fold: "NeuronFold", k: int):
+        """(weight, bias) of the down projection keeping the first k neurons of the fold's order."""
+        if not self.correction or k >= down.in_features:
+            return None, None
+        W = down.weight.detach().double().to(fold.gram.device)
+        kept, removed = fold.perm[:k], fold.perm[k:]
+        T = fold.correction(k)
+        return (W[:, kept] + W[:, removed] @ T.T).to(down.weight.dtype), \
+            _folded_bias(down, W[:, removed], fold.mean, kept, removed, T)
+
+    def _head_fold(self, attn, level: AttentionLevel, index: int, folds: dict):
+        """(weight, bias) of O keeping the level's heads, the removed channels folded in."""
+        if not self.correction or level.num_heads == attn.num_heads:
+            return None, None
+        kept, removed = _channels(attn, level, folds["gram"].device)
+        T = fold_map(folds["gram"], kept, removed, folds["ridges"][index])
+        W = attn.o.weight.detach().double().to(T.device)
+        return (W[:, kept] + W[:, removed] @ T.T).to(attn.o.weight.dtype), \
+            _folded_bias(attn.o, W[:, removed], folds["mean"], kept, removed, T)
+
+
+class NeuronFold:
+    """The FFN correction of every keep-count: unit order, column weights, the weighted Gram in that
+    order (centred with an intercept), the ridge chosen for each count, the channel means."""
+
+    def __init__(self, perm: torch.Tensor, weights: torch.Tensor, gram: torch.Tensor, ridge_at: list[float],
+                 mean: torch.Tensor | None):
+        self.perm, self.weights, self.gram, self.ridge_at, self.mean = perm, weights, gram, ridge_at, mean
+
+    def correction(self, k: int) -> torch.Tensor:
+        """T (k x m-k) in the original (unweighted) scale, with the ridge chosen for k."""
+        R = ridged_cholesky(self.gram, self.ridge_at[k])
+        return Factorization(perm=self.perm, R=R, weights=self.weights).correction(k)
+
+
+def _unit_weights(W: torch.Tensor) -> torch.Tensor:
+    """Column norms of the output weights, floored: what neurons are pivoted by."""
+    w = W.norm(dim=0)
+    return w.clamp_min(float(w.max()) * 1e-12 if w.max() > 0 else 1.0)
+
+
+def _channels(attn, level: AttentionLevel, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, removed) O-input channels of a level, on `device`."""
+    kept = head_channels(level.heads, attn.head_dim)
+    removed = head_channels(sorted(set(range(attn.num_heads)) - set(level.heads)), attn.head_dim)
+    return kept.to(device), removed.to(device)
+
+
+def _folded_bias(linear: nn.Linear, W_removed: torch.Tensor, mean: torch.Tensor | None, kept: torch.Tensor,
+                 removed: torch.Tensor, T: torch.Tensor) -> torch.Tensor | None:
+    """b + W_r (mu_r - T^T mu_k): the intercept of the fit, or None without one."""
+    if mean is None:
+        return None
+    bias = W_removed @ (mean[removed] - T.T @ mean[kept])
+    return bias if linear.bias is None else bias + linear.bias.detach().double().to(bias.device)

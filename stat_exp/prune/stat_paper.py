@@ -194,7 +194,8 @@ class StatPaperPruner(StatPruner):
                  "" if self.recompute_heads else "heads from the dense pass"]
         return ", ".join(p for p in parts if p)
 
-    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]]) -> None:
+    def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                examples: list[dict[str, torch.Tensor]] | None = None) -> None:
         if self.procedure == "auto":
             self._resolved = "opt" if adapter.causal else "bert"
 

@@ -1,0 +1,115 @@
+"""The least-squares correction STAT folds into a layer's output weights, from Gram statistics.
+
+For units in an order (most important first) and a keep-count k, the removed units' activations
+are predicted from the kept ones, Z_r ~= Z_k T, and W_k <- W_k + W_r T^T is folded into the output
+projection. A ridge shrinks T toward 0 (plain slicing), T = (G_kk + ridge diag(G_kk))^-1 G_kr, a
+penalty relative to each unit's own energy so it does not depend on the activation scale or the
+token count's units. One Cholesky factor R of G + ridge diag(G), in that order, gives T for every
+k (the ridge is diagonal: the off-diagonal blocks are G's own).
+
+The output error of every keep-count, measured on any Gram G_e (the fit's own, or one of
+held-out tokens), comes from the same R: with Y = Z_e R^-1, the residual of keeping k units is
+Y[:, k:] R[k:, k:], so E[k] = sum_{i,j>=k} H_ij (U U^T)_ij with H = R^-T G_e R^-1, U = R V^T.
+
+An intercept (mean term) fits Z_r ~= Z_k T + 1 c^T: the same algebra on Grams centred by the fit's
+channel means, with c = mu_r - T^T mu_k folded into the output bias, b <- b + W_r c.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+JITTER = 1e-10  # smallest relative diagonal lift, for Grams of collinear or dead units
+
+
+def ridged_cholesky(G: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
+    """Upper R with R^T R = G + ridge diag(G) + eps mean(diag(G)) I, the smallest eps from JITTER
+    up that succeeds: a rank-deficient Gram (few tokens, dead units, float32 blocks) still factors."""
+    scale = max(float(G.diagonal().mean()), 1e-300)
+    A = G + torch.diag(ridge * G.diagonal()) if ridge else G
+    eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    eps = JITTER
+    while True:
+        L, info = torch.linalg.cholesky_ex(A + eps * scale * eye)
+        if int(info) == 0:
+            return L.T
+        eps *= 100
+
+
+def tail_sums(C: torch.Tensor) -> torch.Tensor:
+    """S[k] = sum_{i,j>=k} C_ij for a symmetric C (m x m), k = 0..m (S[m] = 0)."""
+    step = C.diagonal() + 2 * torch.triu(C, 1).sum(1)
+    tail = torch.flip(torch.cumsum(torch.flip(step, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def error_curve(R: torch.Tensor, V: torch.Tensor, G_eval: torch.Tensor) -> torch.Tensor:
+    """E[k] = ||(Z_r - Z_k T_k) V_r^T||_F^2 on the tokens of G_eval, for k = 0..m.
+
+    R: the fit's upper factor, V: output weights (d_out x m), G_eval: a Gram; all in the unit order.
+    """
+    U = R @ V.T
+    H = torch.linalg.solve_triangular(R.T, torch.linalg.solve_triangular(R, G_eval, upper=True, left=False),
+                                      upper=False)
+    return tail_sums(H * (U @ U.T))
+
+
+def centred(G: torch.Tensor, sums: torch.Tensor, n: int, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t (z_t - mu)(z_t - mu)^T from G = sum z z^T and sums = sum z over n tokens; mu defaults
+    to these tokens' own mean (for held-out tokens, pass the fit's mean)."""
+    mu = sums / max(n, 1) if mean is None else mean
+    return G - torch.outer(sums, mu) - torch.outer(mu, sums) + n * torch.outer(mu, mu)
+
+
+@dataclass
+class HeldOutGram:
+    """Statistics of the calibration tokens split in two: the fit's part and a held-out part."""
+
+    fit: torch.Tensor
+    held_out: torch.Tensor
+    fit_sums: torch.Tensor | None = None
+    held_out_sums: torch.Tensor | None = None
+    n_fit: int = 0
+    n_held_out: int = 0
+
+
+@dataclass
+class ModuleGrams:
+    """One prunable input's calibration statistics: the Gram over all tokens (and channel sums for
+    an intercept), and, when a choice needs validation, the same split into fit and held-out parts."""
+
+    full: torch.Tensor
+    n: int
+    sums: torch.Tensor | None = None
+    fit: torch.Tensor | None = None
+    held_out: torch.Tensor | None = None
+    held_out_sums: torch.Tensor | None = None
+    n_held_out: int = 0
+
+    @property
+    def mean(self) -> torch.Tensor | None:
+        return None if self.sums is None else self.sums / max(self.n, 1)
+
+    def centred(self) -> "ModuleGrams":
+        """The same statistics about the fit's means (the held-out part about the fit part's mean)."""
+        if self.sums is None:
+            return self
+        full = centred(self.full, self.sums, self.n)
+        if self.fit is None:
+            return ModuleGrams(full, self.n, self.sums)
+        fit_sums, n_fit = self.sums - self.held_out_sums, self.n - self.n_held_out
+        fit_mean = fit_sums / max(n_fit, 1)
+        return ModuleGrams(full, self.n, self.sums, centred(self.fit, fit_sums, n_fit),
+                           centred(self.held_out, self.held_out_sums, self.n_held_out, fit_mean),
+                           self.held_out_sums, self.n_held_out)
+
+    def scaled(self, w: torch.Tensor, perm: torch.Tensor) -> "ModuleGrams":
+        """Column weights w, then units in the order perm (sums follow)."""
+        def f(G):
+            return None if G is None else (G * w[:, None] * w[None, :])[perm][:, perm]
+
+        def v(s):
+            return None if s is None else (s * w)[perm]
+        return ModuleGrams(f(self.full), self.n, v(self.sums), f(self.fit), f(self.held_out), v(self.held_out_sums),
+                           self.n_held_out)
