@@ -5,7 +5,10 @@ Each job is exactly what a user runs: the Hydra config composed with overrides, 
 `stat_exp.pipeline.run_pipeline` (calibration 64 x 256 tokens of wiki_calib, perplexity on
 wiki_eval at seq_len 256 and 16384 tokens). Every job's results.json lands under --out.
 
-    python -m benchmarks.compare_pruners [--flops 0.9 0.7 0.5] [--pruners stat wanda_sp ...]
+    python -m benchmarks.compare_pruners [--flops 0.9 0.7 0.5] [--pruners stat wanda_sp ...] [--set key=value ...]
+
+`--set` adds overrides to every job (e.g. `--pruners kwon --set pruner.fisher_examples=64`: Kwon et al.'s
+Fisher information from 64 examples instead of their 2,048, which take about an hour of gradients here).
 """
 from __future__ import annotations
 
@@ -33,8 +36,8 @@ def jobs(pruners: list[str], flops: list[float]) -> list[tuple[str, str | None, 
     return out
 
 
-def run(pruner: str, allocation: str | None, flops: float, out: Path) -> RunRecord | str:
-    overrides = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}"]
+def run(pruner: str, allocation: str | None, flops: float, out: Path, extra: list[str] = ()) -> RunRecord | str:
+    overrides = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}", *(extra if pruner != "none" else [])]
     overrides += [f"budget.allocation={allocation}"] if allocation else []
     return run_job(overrides, out / f"{pruner}_{allocation or 'default'}_{flops}")
 
@@ -52,13 +55,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     parser.add_argument("--pruners", nargs="+", default=PRUNERS)
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every pruned job")
     parser.add_argument("--out", type=Path,
                         default=Path("outputs/bench") / time.strftime("compare_pruners_%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args()
     lines = ["| pruner | kept FLOPs target | achieved | wiki_eval ppl | calibrate (s) | prune (s) |",
              "|---|---|---|---|---|---|"]
     for job in jobs(args.pruners, args.flops):
-        lines.append(row(*job, run(*job, args.out)))
+        lines.append(row(*job, run(*job, args.out, args.set)))
         print(lines[-1], flush=True)
     table = save_table(lines, args.out, "compare_pruners")
     print(f"\n{table}\n\ncalibrate: calibration data and the layer stream; prune: scoring, search and surgery "
