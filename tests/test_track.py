@@ -235,6 +235,13 @@ def test_report_tables_and_plot(sweep):
     assert paths["png"].stat().st_size > 1000
 
 
+def test_copies_of_results_inside_a_job_folder_are_not_jobs(sweep):
+    """logger=wandb attaches results.json to the run, and W&B keeps a copy under the job's wandb/."""
+    job = json.loads((sweep / "0" / RESULTS_FILE).read_text())
+    write_json_atomic(sweep / "0" / "wandb" / "offline-run-1" / "files" / RESULTS_FILE, job)
+    assert sorted(r["run_dir"] for r in collect(sweep)) == [str(i) for i in range(7)]
+
+
 def test_report_metric_choice(sweep):
     columns = list(to_table(collect(sweep), "wiki/ppl").columns)
     assert columns.index("wiki/ppl") < columns.index("acc/accuracy")

@@ -21,9 +21,14 @@ MISSING = "no results.json: the job ended before it began"
 
 
 def collect(sweep_dir: Path) -> list[dict]:
-    """Load every results.json below sweep_dir, failed jobs included; "run_dir" says where each was."""
+    """Load every results.json below sweep_dir, failed jobs included; "run_dir" says where each was.
+    A results.json inside a job's own folder is a copy (the W&B run's attached file), not a job."""
     records = []
-    for path in sorted(Path(sweep_dir).rglob(RESULTS_FILE)):
+    paths = sorted(Path(sweep_dir).rglob(RESULTS_FILE))
+    job_dirs = {path.parent for path in paths}
+    for path in paths:
+        if any(parent in job_dirs for parent in path.parent.parents):
+            continue
         record = json.loads(path.read_text(encoding="utf-8"))
         record["run_dir"] = str(path.parent.relative_to(sweep_dir))
         record["published"] = published_columns(record, path.parent)
