@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.common import run_job, save_table
@@ -36,7 +37,7 @@ def jobs(pruners: list[str], flops: list[float]) -> list[tuple[str, str | None, 
     return out
 
 
-def run(pruner: str, allocation: str | None, flops: float, out: Path, extra: list[str] = ()) -> RunRecord | str:
+def run(pruner: str, allocation: str | None, flops: float, out: Path, extra: Sequence[str] = ()) -> RunRecord | str:
     overrides = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}", *(extra if pruner != "none" else [])]
     overrides += [f"budget.allocation={allocation}"] if allocation else []
     return run_job(overrides, out / f"{pruner}_{allocation or 'default'}_{flops}")

@@ -200,7 +200,10 @@ def main() -> None:
     args.sizes = [int(s) for s in args.sizes.split(",")]
     default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
     args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
-    default_variants = list(VARIANTS) if args.study == "options" else ["today's default", "ridge auto + greedy heads"]
+    encoder_variants = ["today's default", "ridge 0.3", "ridge auto", "held-out costs", "ridge 0.3 + held-out costs",
+                        "ridge auto + held-out costs"]
+    default_variants = {"options": list(VARIANTS), "encoder": encoder_variants}.get(
+        args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
     {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder}[args.study](args)
 

@@ -159,14 +159,15 @@ def value_error(key: str, value: Any, hint: Any, error: ValidationError) -> str:
     where = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
     shown = first["input"] if path else value
     open_errors = [e for e in errors if e["type"] != "literal_error"]
-    if len(open_errors) < len(errors):
+    closed = len(open_errors) < len(errors)
+    if closed:
         allowed = [str(v) for v in closed_choices(hint)]
         if not path and _optional(hint):
             allowed.append("null")
-        if not open_errors or all(e["type"].endswith("_type") for e in open_errors):
+        if all(e["type"].endswith("_type") for e in open_errors):  # not even the right kind of value
             return f"{where}={shown!r}; allowed: {', '.join(allowed)}"
     reasons = list(dict.fromkeys(re.sub(r"^Input should be ", "", e["msg"]) for e in open_errors or errors))
-    if len(open_errors) < len(errors):  # a number out of range where a name is also allowed: say both
+    if closed:  # a number out of range where a name is also allowed: say both
         reasons.append(f"one of: {', '.join(allowed)}")
     return f"{where}={shown!r}; must be {' or '.join(reasons)}"
 
