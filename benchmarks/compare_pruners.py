@@ -9,6 +9,8 @@ wiki_eval at seq_len 256 and 16384 tokens). Every job's results.json lands under
 
 `--set` adds overrides to every job (e.g. `--pruners kwon --set pruner.fisher_examples=64`: Kwon et al.'s
 Fisher information from 64 examples instead of their 2,048, which take about an hour of gradients here).
+Kwon et al.'s gradients do not depend on the budget: its jobs share them through `pruner.fisher_cache`
+in --out, so the first kwon job's prune time includes the gradient pass and the others' do not.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ def jobs(pruners: list[str], flops: list[float]) -> list[tuple[str, str | None, 
 def run(pruner: str, allocation: str | None, flops: float, out: Path, extra: Sequence[str] = ()) -> RunRecord | str:
     overrides = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}", *(extra if pruner != "none" else [])]
     overrides += [f"budget.allocation={allocation}"] if allocation else []
+    overrides += [f"pruner.fisher_cache={(out / 'kwon_fisher.pt').resolve()}"] if pruner == "kwon" else []
     return run_job(overrides, out / f"{pruner}_{allocation or 'default'}_{flops}")
 
 
@@ -67,7 +70,7 @@ def main() -> None:
         print(lines[-1], flush=True)
     table = save_table(lines, args.out, "compare_pruners")
     print(f"\n{table}\n\ncalibrate: calibration data and the layer stream; prune: scoring, search and surgery "
-          f"(kwon: also its gradient pass). Runs in {args.out}")
+          f"(kwon: also its gradient pass, in its first job only). Runs in {args.out}")
 
 
 if __name__ == "__main__":

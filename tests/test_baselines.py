@@ -20,7 +20,7 @@ from stat_exp.models import get_adapter
 from stat_exp.export.load import load_pruned
 from stat_exp.export.save import save_pruned
 from stat_exp.prune.flap import FlapPruner
-from stat_exp.prune.kwon import KwonPruner, mask_gradients, rearranged
+from stat_exp.prune.kwon import KwonPruner, cached_mask_gradients, mask_gradients, rearranged
 from stat_exp.prune.kwon_tuning import MaskTuner, _unit_mask
 from stat_exp.prune.random import RandomPruner
 from stat_exp.prune.budget import FlopsModel
@@ -347,6 +347,32 @@ def test_a_pruner_can_fix_its_propagation(batches):
     assert any(fixed[k].shape != dense[k].shape or not torch.equal(fixed[k], dense[k]) for k in fixed)
     with pytest.raises(ConfigError, match="pruner.propagate"):
         check_node("pruner", {"_target_": "stat_exp.prune.wanda.WandaPruner", "propagate": "sideways"})
+
+
+def test_kwon_fisher_cache_is_reused_only_for_the_same_weights_and_examples(batches, tmp_path, monkeypatch):
+    """A budget sweep computes the mask gradients once; other weights or other examples recompute them."""
+    import stat_exp.prune.kwon as kwon
+
+    calls = []
+    monkeypatch.setattr(kwon, "mask_gradients", lambda *a: calls.append(1) or mask_gradients(*a))
+    cache = tmp_path / "sweep" / "fisher.pt"
+    model = llama()
+    first = cached_mask_gradients(model, get_adapter(model), batches, cache)
+    again = cached_mask_gradients(llama(), get_adapter(model), batches, cache)
+    assert len(calls) == 1 and cache.is_file() and not list(cache.parent.glob(".*tmp"))
+    for (h1, n1), (h2, n2) in zip(first, again):
+        assert torch.equal(h1, h2) and torch.equal(n1, n2)
+    cached_mask_gradients(model, get_adapter(model), batches[:2], cache)  # other examples
+    assert len(calls) == 2
+    other = llama()
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight[0, 0] += 1e-3  # other weights
+    cached_mask_gradients(other, get_adapter(other), batches[:2], cache)
+    assert len(calls) == 3
+    pruned = [prune(KwonPruner(fisher_examples=None, fisher_cache=str(cache)), batches, 0.6)[0] for _ in range(2)]
+    assert len(calls) == 4  # the two jobs of a sweep: one gradient pass
+    x = batches[0]["input_ids"]
+    assert torch.equal(pruned[0](x).logits, pruned[1](x).logits)
 
 
 def test_kwon_takes_its_fisher_information_from_its_own_examples(batches, tokenizer):

@@ -24,11 +24,17 @@
 
 Fisher information comes from `fisher_examples` calibration examples (their default: 2,048),
 drawn for this pruner alone, independent of calib.num_examples; the tuning uses the calibration
-batches. Deviations: the paper's search may empty a layer (here each keeps its floor), and its
+batches. The gradients do not depend on the budget, so a sweep over budgets can keep them in
+`fisher_cache` (a file) and compute them once; a cache is used only when it was computed from the
+same weights and examples, and replaced otherwise. Deviations: the paper's search may empty a layer (here each keeps its floor), and its
 FLOPs come from the shared FlopsModel (Kwon's MAC count x 2 for encoders).
 """
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +51,8 @@ from stat_exp.prune.kwon_tuning import MaskTuner
 from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
 
+log = logging.getLogger(__name__)
+
 SCHEDULE_STEPS = 2  # their get_pruning_schedule(target, num_iter=2): the teacher keeps target ** (1/2)
 
 
@@ -55,13 +63,15 @@ class KwonPruner(Pruner):
 
     def __init__(self, gqa: GqaMode = "per_group", rearrange: bool = True, tune: bool = True,
                  max_scale: PositiveFloat = 10.0, allocation: AllocationChoice = "budget",
-                 fisher_examples: PositiveInt | None = 2048):
+                 fisher_examples: PositiveInt | None = 2048, fisher_cache: str | None = None):
         """`rearrange`: the greedy rearrangement of which units are kept (counts fixed); `tune`: layer-wise
         least-squares scales of kept heads/neurons toward the teacher, as published (a fitted scale outside
         [-max_scale, max_scale] stops the tuning of this and later layers); `fisher_examples`: calibration
-        examples for the Fisher information (their 2,048 by default; None: the calibration batches)."""
+        examples for the Fisher information (their 2,048 by default; None: the calibration batches);
+        `fisher_cache`: a file keeping the mask gradients between the jobs of a sweep."""
         super().__init__(gqa, allocation)
         self.rearrange, self.tune, self.max_scale = rearrange, tune, max_scale
+        self.fisher_cache = Path(fisher_cache).expanduser() if fisher_cache else None
         self.prepare_examples = fisher_examples
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._teacher_plans: dict[int, LayerPlan] = {}
@@ -77,7 +87,7 @@ class KwonPruner(Pruner):
         if not adapter.causal and not all(LABELS in b for b in fisher):
             raise ConfigError("pruner=kwon needs a loss: a causal LM, or a task model calibrated on labelled "
                               "data (calib=glue)")
-        self.grads = mask_gradients(model, adapter, fisher)
+        self.grads = cached_mask_gradients(model, adapter, fisher, self.fisher_cache)
         device = next(model.parameters()).device
         self._tuner = MaskTuner(model, adapter, batches, device, self.max_scale) if self.tune else None
 
@@ -228,6 +238,43 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
             p.requires_grad_(True)
     stacked = [torch.stack(g) for g in grads]
     return list(zip(stacked[0::2], stacked[1::2]))
+
+
+def cached_mask_gradients(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                          cache: Path | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`mask_gradients`, read from `cache` when it holds those of the same weights and examples, else
+    computed and written there (atomically: jobs of a parallel sweep may share the file)."""
+    if cache is None:
+        return mask_gradients(model, adapter, batches)
+    key = fingerprint(model, batches)
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        if saved.get("key") == key:
+            log.info("kwon: mask gradients read from %s", cache)
+            return [tuple(pair) for pair in saved["grads"]]
+        log.info("kwon: %s holds another model's or other examples' gradients; recomputing", cache)
+    grads = mask_gradients(model, adapter, batches)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+    torch.save({"key": key, "grads": grads}, partial)
+    partial.replace(cache)
+    return grads
+
+
+def fingerprint(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> str:
+    """A digest of the examples (every tensor) and the weights (names, shapes, sums)."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            values = batch[name] if isinstance(batch[name], dict) else {"": batch[name]}
+            for part in sorted(values):
+                tensor = values[part]
+                digest.update(f"{name}/{part}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for name, p in model.named_parameters():
+        total, size = torch.sum(p.detach(), dtype=torch.float64), torch.sum(p.detach().abs(), dtype=torch.float64)
+        digest.update(f"{name}{tuple(p.shape)}{total.item():.17g}{size.item():.17g}".encode())
+    return digest.hexdigest()
 
 
 def _masking(mask: torch.Tensor, size: int):
