@@ -134,8 +134,13 @@ def test_bad_options_are_config_errors(tmp_path):
     data = str(squad_file(tmp_path / "s.json"))
     with pytest.raises(ConfigError, match="eval.squad.version='3'; allowed: 1.1, 2.0"):
         SquadEval(version="3", data_file=data)
-    with pytest.raises(ConfigError, match="calib.num_examples=0 must be a positive integer"):
-        SquadCalibration(data_file=data, num_examples=0)
+    from stat_exp.config.signature import check_node
+
+    with pytest.raises(ConfigError, match="calib.num_examples"):
+        check_node("calib", {"_target_": "stat_exp.data.squad.SquadCalibration", "data_file": data, "num_examples": 0})
+    with pytest.raises(ConfigError, match="eval.squad.max_examples"):
+        check_node("eval.squad", {"_target_": "stat_exp.eval.squad.SquadEval", "data_file": data, "max_examples": 0})
+    check_node("eval.squad", {"_target_": "stat_exp.eval.squad.SquadEval", "data_file": data, "doc_stride": 0})
 
 
 def test_kwon_takes_its_fisher_information_from_the_qa_loss(tmp_path, tokenizer):

@@ -17,7 +17,8 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.calibrate import LABELS, PROPAGATE_MODES
+from stat_exp.calibrate import LABELS, Propagate
+from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 from stat_exp.eval.squad_metric import VERSIONS
@@ -174,21 +175,15 @@ class SquadCalibration:
 
     version: Literal["1.1", "2.0"] = "1.1"
     data_file: str | None = None
-    num_examples: int = 512
-    max_length: int = 384
-    doc_stride: int = 128
-    batch_size: int = 32
+    num_examples: PositiveInt = 512
+    max_length: PositiveInt = 384
+    doc_stride: NonNegativeInt = 128
+    batch_size: PositiveInt = 32
     seed: int = 0
-    propagate: str = "dense"
+    propagate: Propagate = "dense"
 
     def __post_init__(self) -> None:
         self.version = check_version(self.version, "calib.version")
-        for name in ("num_examples", "max_length", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"calib.{name}={value!r} must be a positive integer")
-        if self.propagate not in PROPAGATE_MODES:
-            raise ConfigError(f"calib.propagate={self.propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
 
     def batches(self, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
         examples = load_examples(self.version, "train", self.data_file, self.num_examples, self.seed)

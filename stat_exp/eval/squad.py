@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.calibrate import model_inputs
+from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.data.squad import Features, SquadExample, check_version, encode, load_examples
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
@@ -49,17 +50,11 @@ class SquadEval(Evaluator):
 
     name = "squad"
 
-    def __init__(self, version: Literal["1.1", "2.0"] = "1.1", data_file: str | None = None, max_length: int = 384,
-                 doc_stride: int = 128, batch_size: int = 32, n_best: int = 20, max_answer_length: int = 30,
-                 null_score_diff_threshold: float = 0.0, max_examples: int | None = None, seed: int = 0,
-                 progress: bool = True):
+    def __init__(self, version: Literal["1.1", "2.0"] = "1.1", data_file: str | None = None,
+                 max_length: PositiveInt = 384, doc_stride: NonNegativeInt = 128, batch_size: PositiveInt = 32,
+                 n_best: PositiveInt = 20, max_answer_length: PositiveInt = 30, null_score_diff_threshold: float = 0.0,
+                 max_examples: PositiveInt | None = None, seed: int = 0, progress: bool = True):
         self.version = check_version(version, "eval.squad.version")
-        for key, value in (("max_length", max_length), ("batch_size", batch_size), ("n_best", n_best),
-                           ("max_answer_length", max_answer_length)):
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"eval.squad.{key}={value!r} must be a positive integer")
-        if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-            raise ConfigError(f"eval.squad.max_examples={max_examples!r} must be null or a positive integer")
         self.max_length, self.doc_stride, self.batch_size = max_length, doc_stride, batch_size
         self.n_best, self.max_answer_length, self.null_threshold = n_best, max_answer_length, null_score_diff_threshold
         self.progress = progress
