@@ -73,6 +73,27 @@ class CrossGram:
 
 
 @dataclass
+class NormGain:
+    """How much a sublayer's post-norm (Gemma 2 and later: x + norm(attn(x))) scales an error in the
+    output it normalises before the error reaches the residual stream: per token ||norm(y)||^2 /
+    ||y||^2 (about g^2 / rms(y)^2), as a geometric mean over tokens, so a few tiny outputs do not
+    dominate. 1 where the sublayer has no post-norm."""
+
+    log_sum: float = 0.0
+    n_tokens: int = 0
+
+    def update(self, y: torch.Tensor, normed: torch.Tensor) -> None:
+        y_sq = torch.linalg.vector_norm(y.float(), dim=-1).double().square()
+        out_sq = torch.linalg.vector_norm(normed.float(), dim=-1).double().square()
+        self.log_sum += float((out_sq.clamp_min(1e-300) / y_sq.clamp_min(1e-300)).log().sum())
+        self.n_tokens += y_sq.numel()
+
+    @property
+    def value(self) -> float:
+        return float(torch.tensor(self.log_sum / self.n_tokens).exp()) if self.n_tokens else 1.0
+
+
+@dataclass
 class LayerStats:
     """Statistics of one block's two prunable inputs: the head outputs (input of O) and the FFN
     hidden activations (input of down), over non-padding calibration tokens."""
@@ -89,6 +110,8 @@ class LayerStats:
     # kept batch after batch would pin glibc's heap between the large temporary ones, and the
     # process would grow with every calibration batch (measured: ~200 MB per batch of 8 x 256).
     token_energy: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
+    attn_gain: NormGain = field(default_factory=NormGain)  # the attention output's post-norm, if any
+    ffn_gain: NormGain = field(default_factory=NormGain)
     extra: dict = field(default_factory=dict)
 
     def add_token_energy(self, energy: torch.Tensor) -> None:
@@ -303,10 +326,17 @@ class LayerStream:
         def block_input(module, args, kwargs):
             _record_input(stats, args[0] if args else kwargs["hidden_states"], mask[0])
 
+        def post_norm(gain: NormGain):
+            def fn(module, args, output):
+                gain.update(real_tokens(args[0], mask[0]), real_tokens(output, mask[0]))
+            return fn
+
+        attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         attn_hook = accumulate(stats.attn, stats.attn_factor, stats.attn_cross, "o")
         ffn_hook = accumulate(stats.ffn, stats.ffn_factor, stats.ffn_cross, "down")
-        handles = [self.adapter.attention(layer).o.register_forward_pre_hook(attn_hook),
-                   self.adapter.ffn(layer).down.register_forward_pre_hook(ffn_hook)]
+        handles = [attn.o.register_forward_pre_hook(attn_hook), ffn.down.register_forward_pre_hook(ffn_hook)]
+        handles += [part.post_norm.register_forward_hook(post_norm(gain))
+                    for part, gain in ((attn, stats.attn_gain), (ffn, stats.ffn_gain)) if part.post_norm is not None]
         if energy:
             handles.append(layer.register_forward_pre_hook(block_input, with_kwargs=True))
         return handles

@@ -14,7 +14,7 @@ from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.prune.wanda import WandaPruner
-from tests.tiny import batches, clone, tiny_llama
+from tests.tiny import batches, clone, tiny_gemma2, tiny_llama
 
 CPU = torch.device("cpu")
 
@@ -216,6 +216,45 @@ def test_typical_energy_ignores_a_few_massive_tokens():
     stats.add_token_energy(torch.ones(99, dtype=torch.float64))
     stats.add_token_energy(torch.tensor([1e6], dtype=torch.float64))  # past the (empty) capacity: grows
     assert stats.n_tokens == 100 and stats.typical_energy == pytest.approx(100.0)
+
+
+def test_errors_are_priced_after_a_post_norm():
+    """Gemma 2 normalises each sublayer's output before adding it to the residual stream, so scaling
+    a sublayer's output weights changes nothing downstream: it must not change what STAT keeps either
+    (priced before the post-norm, those heads would look 64x costlier)."""
+    torch.manual_seed(0)
+    model = tiny_gemma2(layers=3)
+    scaled = clone(model)
+    for module in (*model.modules(), *scaled.modules()):
+        if hasattr(module, "eps"):
+            module.eps = 1e-12  # the norms' epsilon is the only thing the scaling could still reach
+    with torch.no_grad():
+        scaled.model.layers[0].self_attn.o_proj.weight.mul_(8.0)
+        scaled.model.layers[1].mlp.down_proj.weight.mul_(0.125)
+    data = batches(n=3, seq=24)
+    torch.testing.assert_close(scaled(data[0]["input_ids"]).logits, model(data[0]["input_ids"]).logits, atol=1e-4, rtol=0)
+    plans = []
+    for m in (model, scaled):
+        outcome = PruneRunner(StatPruner(), BudgetSpec(0.6, 24), GramBackend(), progress=False).run(
+            m, get_adapter(m), data, CPU)
+        plans.append(outcome.structure)
+    assert plans[0] == plans[1]
+    stats = next(iter(LayerStream(model, get_adapter(model), data, CPU, "dense", GramBackend().accumulator,
+                                  progress=False)))[2]
+    assert stats.attn_gain.n_tokens == stats.n_tokens and stats.attn_gain.value != 1.0
+    llama_stats = next(iter(LayerStream(tiny_llama(), get_adapter(tiny_llama()), data, CPU, "dense",
+                                        GramBackend().accumulator, progress=False)))[2]
+    assert llama_stats.ffn_gain.value == 1.0  # no post-norm: priced as before
+
+
+def test_norm_gain_is_the_post_norms_squared_scale_per_token():
+    from stat_exp.calibrate import NormGain
+
+    y = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # the same direction at two scales
+    gain = NormGain()
+    gain.update(y, y / y.norm(dim=-1, keepdim=True) * 2.0)  # a norm to length 2
+    assert gain.n_tokens == 2 and gain.value == pytest.approx((4.0 / 25.0 * 4.0 / 0.25) ** 0.5)  # geometric mean
+    assert NormGain().value == 1.0
 
 
 @pytest.mark.parametrize("make,moments", [(StatPruner, False), (WandaPruner, True), (FlapPruner, True)])

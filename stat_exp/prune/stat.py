@@ -10,7 +10,10 @@ The cost of a keep-count is the exact output error the corrected layer adds, rel
 typical energy of the residual stream it is added to (n_tokens x the median token's squared norm),
 so costs compare across layers. The median matters: from some block on, a few tokens carry massive
 activations that dominate the summed energy (100x in SmolLM2 from block 12) and would make every
-later block look cheap to prune.
+later block look cheap to prune. Where a family normalises a sublayer's output before adding it
+(Gemma 2 and later: x + post_norm(attn(x))), the error is priced after that norm: scaled by the
+norm's measured squared gain (`calibrate.NormGain`), so a sublayer's raw output scale, which the
+norm removes, does not decide what it keeps.
 
 Options (each measured in benchmarks/stat_quality.py): `ridge` shrinks the correction toward plain
 slicing, a fixed strength or `auto` (chosen per keep-count on held-out calibration batches);
@@ -127,8 +130,10 @@ class StatPruner(Pruner):
             levels, attn_cost, attn_folds = self._head_folds(attn, self._grams(stats.attn_factor, stats.attn))
             heavy |= {"ffn_fold": ffn_fold, "attn_folds": attn_folds}
             ffn_order = ffn_fold.perm
-        return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(ffn_cost / scale).cpu().numpy(), attn_levels=levels,
-                           attn_cost=(attn_cost / scale).cpu().numpy(), extra=extra, heavy=heavy)
+        # priced where the error enters the residual stream: through the sublayer's post-norm, if any
+        ffn_price, attn_price = stats.ffn_gain.value / scale, stats.attn_gain.value / scale
+        return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(ffn_cost * ffn_price).cpu().numpy(), attn_levels=levels,
+                           attn_cost=(attn_cost * attn_price).cpu().numpy(), extra=extra, heavy=heavy)
 
     def _grams(self, acc: Accumulator, moments: ChannelMoments | None) -> ModuleGrams:
         full = acc.gram()
