@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks.common import CPU
-from stat_exp.calibrate import ChannelMoments, LayerStats, LayerStream
+from stat_exp.calibrate import ChannelMoments, LayerStats, LayerStream, NormGain
 from stat_exp.data.calibration import sample_windows
 from stat_exp.data.text import encode, load_text
 from stat_exp.eval.perplexity import perplexity
@@ -54,6 +54,7 @@ class Statistics:
         self.accumulators: list = []
         self.moments: list[tuple[ChannelMoments, ChannelMoments]] = []
         self.energy: list[list[torch.Tensor]] = []
+        self.gains: list[tuple[NormGain, NormGain]] = []
 
     def grow(self, batches: list[dict[str, torch.Tensor]]) -> None:
         """Stream more batches into the same statistics (whole multiples of the held-out period)."""
@@ -69,18 +70,23 @@ class Statistics:
         for i, _, stats in stream:
             if i == len(self.moments):
                 self.moments.append((stats.attn, stats.ffn))
+                self.gains.append((stats.attn_gain, stats.ffn_gain))
                 self.energy.append([])
             else:
                 for mine, new in zip(self.moments[i], (stats.attn, stats.ffn)):
                     mine.n_tokens += new.n_tokens
                     mine.sum += new.sum
                     mine.sumsq += new.sumsq
+                for mine, new in zip(self.gains[i], (stats.attn_gain, stats.ffn_gain)):
+                    mine.log_sum += new.log_sum
+                    mine.n_tokens += new.n_tokens
             self.energy[i].append(stats.token_energy[: stats.n_tokens].clone())
 
     def layer(self, i: int) -> LayerStats:
         energy = torch.cat(self.energy[i])
         return LayerStats(attn=self.moments[i][0], ffn=self.moments[i][1], attn_factor=self.accumulators[2 * i],
-                          ffn_factor=self.accumulators[2 * i + 1], n_tokens=len(energy), token_energy=energy)
+                          ffn_factor=self.accumulators[2 * i + 1], n_tokens=len(energy), token_energy=energy,
+                          attn_gain=self.gains[i][0], ffn_gain=self.gains[i][1])
 
     def scored(self, pruner: StatPruner) -> list:
         """(scores, stats) of every layer under `pruner`'s options, from the held statistics."""

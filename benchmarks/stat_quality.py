@@ -4,7 +4,8 @@
     python -m benchmarks.stat_quality sizes    [--sizes 64,128,256,512,1024] [--variants ...]
     python -m benchmarks.stat_quality sequential [--examples 64]
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
-    python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5]
+    python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
+    python -m benchmarks.stat_quality transfer [--examples 64] [--budgets 0.9,0.8,0.7,0.6,0.5]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
 wiki_calib without its last articles, perplexity on those articles): one table per option, each
@@ -14,7 +15,9 @@ the FFN correction (held-out / in-sample error at the 0.7 plan). `sequential` ru
 (its statistics need the pruned model's own stream). `report` compares the shipped STAT, its
 no-correction ablation and the recommended options on wiki_eval, global and uniform, at every budget. `encoder` checks variants on the other
 architecture we have: the fine-tuned MiniLM polarity model (ordinary jobs, as benchmarks.encoder_stat),
-held-out accuracy.
+held-out accuracy. `transfer` checks that the global allocation beats uniform on every architecture
+we can run (SmolLM2: validation perplexity; the MiniLM-L6 sentence encoder: how far its embeddings
+of the validation text move), with the fewest heads and neurons the global allocation leaves a layer.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ import copy
 import time
 
 import numpy as np
+import torch
 
 from benchmarks.common import CPU, markdown, smollm2
-from benchmarks.held_out import Statistics, calibration_batches, validation_ppl
-from stat_exp.data.text import load_text
+from benchmarks.held_out import SEQ_LEN, Statistics, calibration_batches, split_wiki_calib, validation_ppl
+from stat_exp.data.text import encode, load_text
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
@@ -166,7 +170,8 @@ def encoder(args) -> None:
     from benchmarks.encoder_stat import polarity_settings
 
     out = Path("outputs/benchmarks/stat_quality_encoder")
-    base = [*polarity_settings(), "logger=none", "progress=false", "device=cpu", "pruner=stat"]
+    base = [*polarity_settings(), "logger=none", "progress=false", "device=cpu", "pruner=stat",
+            f"budget.allocation={args.allocation}"]
     dense = run_job([*base, "budget.flops=1.0"], out / "dense")
     rows = [{"variant": "dense", **{str(t): dense.metrics["glue/accuracy"] for t in args.budgets[:1]}}]
     for name in args.variants:
@@ -178,8 +183,51 @@ def encoder(args) -> None:
             row[str(target)] = r.metrics["glue/accuracy"] if not isinstance(r, str) else r
         rows.append(row)
         print(row, flush=True)
-    print("\nMiniLM polarity, held-out accuracy (50 sentences), calibrated on its 150 training sentences:\n")
+    print(f"\nMiniLM polarity, held-out accuracy (50 sentences), calibrated on its 150 training sentences, "
+          f"allocation {args.allocation}:\n")
     print(markdown(_fill(rows)))
+
+
+def transfer(args) -> None:
+    pruners = {"STAT": StatPruner(**DEFAULT), "stat_heldout": StatPruner(**RECOMMENDED)}
+    for name, label in (("smollm2_135m", "validation perplexity"),
+                        ("minilm_l6", "embedding drift: 100 x (1 - cosine to the dense embedding)")):
+        model, tok = load_model(name)
+        stats = Statistics(model)
+        stats.grow(calibration_batches(tok, args.examples))
+        score = ((lambda m: validation_ppl(m, tok, args.max_tokens)) if name.startswith("smollm2")
+                 else embedding_drift(model, tok, args.max_tokens))
+        dense = score(model)
+        rows = [{"kept FLOPs": "1.0 (dense)", **{f"{p} {a}": dense for p in pruners for a in ("global", "uniform")}}]
+        width = stats.adapter.ffn(stats.adapter.layers()[0]).width
+        for target in args.budgets:
+            rows.append({"kept FLOPs": target})
+        for pruner_name, pruner in pruners.items():
+            scored = stats.scored(pruner)
+            for row, target in zip(rows[1:], args.budgets):
+                for allocation in ("uniform", "global"):
+                    pruned, plans = prune_copy(model, stats, pruner, scored, target, allocation)
+                    row[f"{pruner_name} {allocation}"] = score(pruned)
+                row[f"{pruner_name}: fewest heads / neurons (of {width}) in a layer"] = (
+                    f"{min(len(sc.attn_levels[p.attn_level].heads) for (sc, _), p in zip(scored, plans))} / "
+                    f"{min(p.neurons for p in plans)}")
+                print(name, row, flush=True)
+        print(f"\n{name}: {label}, {args.examples} x {SEQ_LEN} calibration tokens:\n")
+        print(markdown(_fill(rows)))
+
+
+def embedding_drift(model, tokenizer, max_tokens: int):
+    """A scorer: how far a pruned copy's mean-pooled embeddings of the validation text (windows of
+    SEQ_LEN tokens) move from the dense model's, as 100 x (1 - mean cosine)."""
+    ids = encode(tokenizer, split_wiki_calib()[1])[: max_tokens // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)
+
+    @torch.inference_mode()
+    def pooled(m) -> torch.Tensor:
+        return torch.cat([m.base_model(input_ids=b, attention_mask=torch.ones_like(b)).last_hidden_state.mean(1)
+                          for b in ids.split(8)])
+
+    dense = pooled(model)
+    return lambda m: float(100 * (1 - torch.nn.functional.cosine_similarity(pooled(m), dense, dim=-1).mean()))
 
 
 def _fill(rows: list[dict]) -> list[dict]:
@@ -189,7 +237,7 @@ def _fill(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder"])
+    parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer"])
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--sizes", default="64,128,256,512,1024")
     parser.add_argument("--budgets", default=None)
@@ -198,14 +246,15 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens (study)")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
-    default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
+    default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "transfer": "0.9,0.8,0.7,0.6,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
     args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
     encoder_variants = ["today's default", "ridge 0.3", "ridge auto", "held-out costs", "ridge 0.3 + held-out costs",
                         "ridge auto + held-out costs"]
     default_variants = {"options": list(VARIANTS), "encoder": encoder_variants}.get(
         args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
-    {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder}[args.study](args)
+    {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder,
+     "transfer": transfer}[args.study](args)
 
 
 if __name__ == "__main__":
