@@ -241,9 +241,15 @@ def test_bad_adapter_config_is_one_line(cfg, message):
 
 
 def test_discovery_reads_shapes_on_the_meta_device():
-    """A planner works from the config alone: discovery then reads shapes and traces nothing."""
+    """A planner works from the config alone: discovery then reads shapes, and traces post-norms on
+    shapes where the model runs there (so offload=disk prices Gemma 2 as offload=none does)."""
     with torch.device("meta"):
-        model = tiny_gpt2()
+        model = tiny_gpt2()  # reads a value in its forward: nothing traced
     adapter = get_adapter(model)
     assert adapter.structure() == {"heads": [4, 4], "kv_heads": [4, 4], "neurons": [64, 64]}
     assert adapter.plan.attn_post_norm is None and adapter.attention(adapter.layers()[0]).qkv.weight.is_meta
+    with torch.device("meta"):
+        gemma = get_adapter(tiny_gemma2())
+    layer = gemma.layers()[0]
+    assert gemma.attention(layer).post_norm is layer.post_attention_layernorm
+    assert gemma.ffn(layer).post_norm is layer.post_feedforward_layernorm

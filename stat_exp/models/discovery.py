@@ -219,11 +219,9 @@ def _is_norm(module: nn.Module) -> bool:
 def trace_post_norms(model: nn.Module, block: nn.Module, plan: BlockPlan) -> BlockPlan:
     """Run two tokens up to the end of `block` and note which norm takes the attention output (O's
     output) or the FFN output (down's output) itself: those outputs are normalised before the
-    residual add. On the meta device (shapes only, where some models cannot run: GPT-2 reads a
-    value) nothing is traced and no post-norms are recorded."""
+    residual add. On the meta device (weights still on disk, `offload=disk`) the trace runs on
+    shapes alone; a model that cannot run there (GPT-2 reads a value) records no post-norms."""
     device = next(model.parameters()).device
-    if device.type == "meta":
-        return plan
     outputs: dict[str, torch.Tensor] = {}
     found: dict[str, str] = {}
 
@@ -253,6 +251,8 @@ def trace_post_norms(model: nn.Module, block: nn.Module, plan: BlockPlan) -> Blo
     except _Stop:
         pass
     except Exception as e:
+        if device.type == "meta":
+            return plan
         raise UnsupportedModelError(f"block {type(block).__name__}: a forward pass of two tokens, run to find its "
                                     f"post-norms, failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
     finally:
