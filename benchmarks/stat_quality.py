@@ -5,7 +5,7 @@
     python -m benchmarks.stat_quality sequential [--examples 64]
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
     python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
-    python -m benchmarks.stat_quality transfer [--examples 64] [--budgets 0.9,0.8,0.7,0.6,0.5]
+    python -m benchmarks.stat_quality transfer [--examples 64] [--budgets 0.9,0.8,0.7,0.6,0.5] [--variants ...]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
 wiki_calib without its last articles, perplexity on those articles): one table per option, each
@@ -189,7 +189,7 @@ def encoder(args) -> None:
 
 
 def transfer(args) -> None:
-    pruners = {"STAT": StatPruner(**DEFAULT), "stat_heldout": StatPruner(**RECOMMENDED)}
+    pruners = {name: StatPruner(**VARIANTS[name]) for name in args.variants}
     for name, label in (("smollm2_135m", "validation perplexity"),
                         ("minilm_l6", "embedding drift: 100 x (1 - cosine to the dense embedding)")):
         model, tok = load_model(name)
