@@ -51,7 +51,7 @@ VARIANTS = {
     "held-out costs": {"costs": "held_out"},
     "ridge auto + greedy heads": {"ridge": "auto", "heads": "greedy"},
     "ridge 0.3 + held-out costs": {"ridge": 0.3, "costs": "held_out"},
-    "ridge auto + held-out costs": {"ridge": "auto", "costs": "held_out"},
+    "ridge auto + held-out costs": RECOMMENDED,
 }
 SEQUENTIAL = {"propagate dense (default)": ({}, "dense"), "propagate pruned": ({}, "pruned"),
               "compensate (propagate pruned, dense targets)": ({"compensate": True}, "pruned")}
@@ -176,9 +176,9 @@ def encoder(args) -> None:
     rows = [{"variant": "dense", **{str(t): dense.metrics["glue/accuracy"] for t in args.budgets[:1]}}]
     for name in args.variants:
         row = {"variant": name}
+        overrides = [f"pruner.{key}={value}" for key, value in VARIANTS[name].items()]
+        slug = "".join(c if c.isalnum() else "_" for c in name)
         for target in args.budgets:
-            overrides = [f"pruner.{key}={value}" for key, value in VARIANTS[name].items()]
-            slug = "".join(c if c.isalnum() else "_" for c in name)
             r = run_job([*base, f"budget.flops={target}", *overrides], out / f"{slug}_{target}")
             row[str(target)] = r.metrics["glue/accuracy"] if not isinstance(r, str) else r
         rows.append(row)

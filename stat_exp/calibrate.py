@@ -7,6 +7,7 @@ with their weights moved to the device in turn (see `LayerStream`).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ class NormGain:
 
     @property
     def value(self) -> float:
-        return float(torch.tensor(self.log_sum / self.n_tokens).exp()) if self.n_tokens else 1.0
+        return math.exp(self.log_sum / self.n_tokens) if self.n_tokens else 1.0
 
 
 @dataclass

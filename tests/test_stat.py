@@ -242,8 +242,9 @@ def test_errors_are_priced_after_a_post_norm():
     stats = next(iter(LayerStream(model, get_adapter(model), data, CPU, "dense", GramBackend().accumulator,
                                   progress=False)))[2]
     assert stats.attn_gain.n_tokens == stats.n_tokens and stats.attn_gain.value != 1.0
-    llama_stats = next(iter(LayerStream(tiny_llama(), get_adapter(tiny_llama()), data, CPU, "dense",
-                                        GramBackend().accumulator, progress=False)))[2]
+    llama = tiny_llama()
+    llama_stats = next(iter(LayerStream(llama, get_adapter(llama), data, CPU, "dense", GramBackend().accumulator,
+                                        progress=False)))[2]
     assert llama_stats.ffn_gain.value == 1.0  # no post-norm: priced as before
 
 

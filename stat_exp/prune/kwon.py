@@ -26,8 +26,9 @@ Fisher information comes from `fisher_examples` calibration examples (their defa
 drawn for this pruner alone, independent of calib.num_examples; the tuning uses the calibration
 batches. The gradients do not depend on the budget, so a sweep over budgets can keep them in
 `fisher_cache` (a file) and compute them once; a cache is used only when it was computed from the
-same weights and examples, and replaced otherwise. Deviations: the paper's search may empty a layer (here each keeps its floor), and its
-FLOPs come from the shared FlopsModel (Kwon's MAC count x 2 for encoders).
+same weights and examples, and replaced otherwise. Deviations: the paper's search may empty a
+layer (here each keeps its floor), and its FLOPs come from the shared FlopsModel (Kwon's MAC count
+x 2 for encoders).
 """
 from __future__ import annotations
 
@@ -272,8 +273,8 @@ def fingerprint(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> str
                 digest.update(f"{name}/{part}{tuple(tensor.shape)}".encode())
                 digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     for name, p in model.named_parameters():
-        total, size = torch.sum(p.detach(), dtype=torch.float64), torch.sum(p.detach().abs(), dtype=torch.float64)
-        digest.update(f"{name}{tuple(p.shape)}{total.item():.17g}{size.item():.17g}".encode())
+        total, magnitude = torch.sum(p.detach(), dtype=torch.float64), torch.sum(p.detach().abs(), dtype=torch.float64)
+        digest.update(f"{name}{tuple(p.shape)}{total.item():.17g}{magnitude.item():.17g}".encode())
     return digest.hexdigest()
 
 
