@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from stat_exp.config.types import PositiveFloat
+from stat_exp.types import PositiveFloat
 from stat_exp.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.types import NonNegativeInt, PositiveInt
 from stat_exp.models.loading import DTYPES, TASKS
 
 

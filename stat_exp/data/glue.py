@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import AssetError, corpus_path
 from stat_exp.calibrate import LABELS, Propagate
-from stat_exp.config.types import PositiveInt
+from stat_exp.types import PositiveInt
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 

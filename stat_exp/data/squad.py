@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.calibrate import LABELS, Propagate
-from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.types import NonNegativeInt, PositiveInt
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 from stat_exp.eval.squad_metric import VERSIONS

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import corpus_path
-from stat_exp.config.types import PositiveInt
+from stat_exp.types import PositiveInt
 from stat_exp.eval.base import Evaluator
 
 Benchmark = Literal["lee", "simlex", "polarity"]

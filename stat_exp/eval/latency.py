@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.types import NonNegativeInt, PositiveInt
 from stat_exp.eval.base import Evaluator
 
 

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from transformers import GenerationMixin, PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.types import NonNegativeInt, PositiveInt
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.base import Evaluator
 from stat_exp.eval.tasks import TASK_NAMES, prepare_tasks, write_atomic

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from tqdm.auto import tqdm
 
-from stat_exp.config.types import PositiveInt
+from stat_exp.types import PositiveInt
 from stat_exp.data.text import DataError, encode, load_text
 from stat_exp.eval.base import Evaluator
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.calibrate import model_inputs
-from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.types import NonNegativeInt, PositiveInt
 from stat_exp.data.squad import Features, SquadExample, check_version, encode, load_examples
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator

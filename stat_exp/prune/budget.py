@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from stat_exp.config.types import Fraction, PositiveInt
+from stat_exp.types import Fraction, PositiveInt
 from stat_exp.errors import UserError
 from stat_exp.models.base import AttentionParts, FFNParts
 from stat_exp.prune.scores import LayerScores

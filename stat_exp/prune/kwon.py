@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import LABELS, LayerStats, model_inputs
-from stat_exp.config.types import PositiveFloat, PositiveInt
+from stat_exp.types import PositiveFloat, PositiveInt
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner

@@ -30,7 +30,7 @@ from torch import nn
 
 from stat_exp.calibrate import ChannelMoments, LayerStats
 from stat_exp.errors import ConfigError
-from stat_exp.config.types import NonNegativeFloat, OpenFraction
+from stat_exp.types import NonNegativeFloat, OpenFraction
 from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
