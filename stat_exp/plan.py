@@ -27,8 +27,8 @@ from torch import nn
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.execution import ExecutionSpec, Resolved
 from stat_exp.models import adapter_from_config, get_adapter
-from stat_exp.prune.budget import FlopsModel
-from stat_exp.prune.runner import shapes_of
+from stat_exp.models.flops import FlopsModel
+from stat_exp.models.flops import shapes_of
 
 MB = 2**20
 FLOAT64 = 8

@@ -21,7 +21,8 @@ from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.models.loading import TASKS
 from stat_exp.export import load_pruned, save_pruned
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.scores import GQA_MODES, attention_levels, attention_units

@@ -11,7 +11,7 @@ from transformers import (BertConfig, BertForSequenceClassification, BertModel, 
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.models.encoders import BertAdapter, DistilBertAdapter
-from stat_exp.prune.budget import FlopsModel, LayerShape
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner

@@ -46,7 +46,8 @@ from stat_exp.types import PositiveFloat, PositiveInt
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
+from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.global_rank import Increments
 from stat_exp.prune.kwon_tuning import MaskTuner
 from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_units

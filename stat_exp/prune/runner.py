@@ -24,7 +24,8 @@ from stat_exp.factorize.base import Backend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.offload import BlockStore
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
+from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
+from stat_exp.models.flops import FlopsModel, LayerShape, model_flops, prunable_params, shapes_of
 from stat_exp.prune.pending import Pending, SpilledPending
 from stat_exp.prune.scores import LayerScores
 
@@ -39,24 +40,6 @@ class PruneOutcome:
     achieved: dict[str, float]
     structure: dict[str, list[int]]
     timing_s: dict[str, float] = field(default_factory=dict)
-
-
-def prunable_params(adapter: ModelAdapter) -> int:
-    """Parameters of the projections pruning can cut (attention and FFN of every block)."""
-    total = 0
-    for layer in adapter.layers():
-        for lin in (*adapter.attention(layer).projections, *adapter.ffn(layer).projections):
-            total += sum(p.numel() for p in lin.parameters())
-    return total
-
-
-def shapes_of(adapter: ModelAdapter) -> list[LayerShape]:
-    return [LayerShape.of(adapter.attention(l), adapter.ffn(l)) for l in adapter.layers()]
-
-
-def model_flops(adapter: ModelAdapter, flops: FlopsModel) -> float:
-    """Prunable FLOPs of the model as it is now."""
-    return sum(flops.layer(s, s.num_heads, s.num_kv_heads, s.ffn_width) for s in shapes_of(adapter))
 
 
 class PruneRunner:
