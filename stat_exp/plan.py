@@ -113,7 +113,7 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
     """The model on the meta device: shapes without weights."""
     from transformers import AutoConfig
 
-    from stat_exp.export.load import model_class
+    from stat_exp.models.checkpoint import model_class
     from stat_exp.models.loading import resolve_source
 
     try:

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from stat_exp.calibrate import LayerStream
 from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.export.load import load_pruned
+from stat_exp.export import load_pruned
 from stat_exp.export.save import save_pruned
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.kwon import KwonPruner, cached_mask_gradients, mask_gradients, rearranged
