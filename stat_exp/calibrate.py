@@ -11,7 +11,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -20,10 +19,7 @@ from tqdm.auto import tqdm
 from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
 from stat_exp.offload import BlockStore
-
-Propagate = Literal["dense", "pruned"]
-PROPAGATE_MODES = get_args(Propagate)
-LABELS = "labels"  # batch key for task labels: used by loss-based pruners, never fed to the stream
+from stat_exp.types import LABELS, PROPAGATE_MODES
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from stat_exp.types import PositiveFloat
 from stat_exp.errors import ConfigError
+from stat_exp.types import PositiveFloat
 
 if TYPE_CHECKING:
     from stat_exp.plan import Sizes

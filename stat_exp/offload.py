@@ -238,8 +238,8 @@ def open_model(source: str, task: str, dtype: str, device: torch.device, offload
     """(model, tokenizer, store) with block weights where `offload` says; everything outside the
     blocks on the device. `work_dir`: where a disk store writes pruned blocks. `adapter_factory`:
     the configured adapter (`model.adapter`), None for the default."""
-    from stat_exp.models.checkpoint import load_model
     from stat_exp.models import get_adapter
+    from stat_exp.models.checkpoint import load_model
 
     if offload == "disk":
         return _open_on_disk(source, task, dtype, device, work_dir, adapter_factory)
@@ -261,8 +261,8 @@ def _open_on_disk(source: str, task: str, dtype: str, device: torch.device,
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoTokenizer
 
-    from stat_exp.models.checkpoint import model_class
     from stat_exp.models import get_adapter
+    from stat_exp.models.checkpoint import model_class
     from stat_exp.models.conv1d import TransposedLinear
     from stat_exp.models.loading import resolve_source
 

@@ -27,8 +27,7 @@ from torch import nn
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.execution import ExecutionSpec, Resolved
 from stat_exp.models import adapter_from_config, get_adapter
-from stat_exp.models.flops import FlopsModel
-from stat_exp.models.flops import shapes_of
+from stat_exp.models.flops import FlopsModel, shapes_of
 
 MB = 2**20
 FLOAT64 = 8

@@ -5,8 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, BertModel, DistilBertConfig,
-                          DistilBertForSequenceClassification, DistilBertModel, RobertaConfig, RobertaModel)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter

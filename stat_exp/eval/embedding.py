@@ -17,18 +17,18 @@ from typing import Annotated, Literal, get_args
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, MinLen
 from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from annotated_types import Ge, MinLen
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import corpus_path
-from stat_exp.types import PositiveInt
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import PositiveInt
 
 Benchmark = Literal["lee", "simlex", "polarity"]
 BENCHMARKS = get_args(Benchmark)

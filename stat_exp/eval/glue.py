@@ -17,10 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.types import NonNegativeInt, PositiveInt
 from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import NonNegativeInt, PositiveInt
 
 
 def accuracy(pred: Sequence, label: Sequence) -> float:

@@ -33,10 +33,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from transformers import GenerationMixin, PreTrainedTokenizerBase
 
-from stat_exp.types import NonNegativeInt, PositiveInt
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.base import Evaluator
 from stat_exp.eval.tasks import TASK_NAMES, prepare_tasks, write_atomic
+from stat_exp.types import NonNegativeInt, PositiveInt
 
 if TYPE_CHECKING:  # lm_eval is imported when used: it is slow to import
     from lm_eval.api.group import Group

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from tqdm.auto import tqdm
 
-from stat_exp.types import PositiveInt
 from stat_exp.data.text import DataError, encode, load_text
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import PositiveInt
 
 
 def perplexity(

@@ -13,14 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import PROPAGATE_MODES, LayerStats
+from stat_exp.calibrate import LayerStats
 from stat_exp.factorize.base import Accumulator, Backend
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.budget import Allocation, BudgetSpec, LayerPlan
 from stat_exp.models.flops import FlopsModel, LayerShape
-from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
+from stat_exp.prune.budget import BudgetSpec, LayerPlan
+from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import prune_attention, prune_ffn
-
+from stat_exp.types import PROPAGATE_MODES, Allocation, GqaMode
 
 # "budget": follow budget.allocation; "global" or "uniform": a pruner that fixes its own.
 AllocationChoice = Literal["budget"] | Allocation

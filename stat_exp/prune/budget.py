@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 
-from stat_exp.types import Fraction, PositiveInt
 from stat_exp.errors import UserError
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.scores import LayerScores
+from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt
 
-Allocation = Literal["global", "uniform"]
-ALLOCATIONS = get_args(Allocation)
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
 

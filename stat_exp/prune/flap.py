@@ -28,9 +28,9 @@ from torch import nn
 
 from stat_exp.calibrate import ChannelMoments, LayerStats
 from stat_exp.models.base import ModelAdapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan
-from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.global_rank import Increments
 from stat_exp.prune.scores import LayerScores
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn

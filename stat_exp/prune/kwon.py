@@ -41,17 +41,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import LABELS, LayerStats, model_inputs
-from stat_exp.types import PositiveFloat, PositiveInt
+from stat_exp.calibrate import LayerStats, model_inputs
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import AttentionParts, ModelAdapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
-from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.global_rank import Increments
 from stat_exp.prune.kwon_tuning import MaskTuner
-from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_units
+from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
+from stat_exp.types import LABELS, GqaMode, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ from torch import nn
 from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import ModelAdapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan
-from stat_exp.models.flops import FlopsModel, LayerShape
-from stat_exp.prune.scores import GqaMode, LayerScores
+from stat_exp.prune.scores import LayerScores
+from stat_exp.types import GqaMode
 
 STRUCTURE_KEYS = ("heads", "kv_heads", "neurons")
 

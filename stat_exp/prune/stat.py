@@ -30,7 +30,6 @@ from torch import nn
 
 from stat_exp.calibrate import ChannelMoments, LayerStats
 from stat_exp.errors import ConfigError
-from stat_exp.types import NonNegativeFloat, OpenFraction
 from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
@@ -39,8 +38,9 @@ from stat_exp.prune.compensation import CompensatedFold, compensated_error, comp
 from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
 from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
 from stat_exp.prune.held_out import HeldOutAccumulator
-from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_levels, attention_units
+from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
+from stat_exp.types import GqaMode, NonNegativeFloat, OpenFraction
 
 RIDGES = (0.0, 0.03, 0.1, 0.3, 1.0)  # the strengths `ridge=auto` chooses from (relative to each unit's energy)
 
