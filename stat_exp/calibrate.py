@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stat_exp.execution.offload import BlockStore
 from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
-from stat_exp.offload import BlockStore
 from stat_exp.types import LABELS, PROPAGATE_MODES
 
 

@@ -17,14 +17,14 @@ from stat_exp.config.validate import checked_config
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
+from stat_exp.execution.offload import open_model
+from stat_exp.execution.plan import make_plan
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
 from stat_exp.models import adapter_from_config, get_adapter
-from stat_exp.offload import open_model
-from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
 from stat_exp.track.report import label

@@ -8,10 +8,9 @@ import torch
 from stat_exp.calibrate import ChannelMoments, LayerStream
 from stat_exp.factorize import GramBackend, QRBackend, RankError
 from stat_exp.models import get_adapter
-from stat_exp.prune.budget import BudgetError, LayerPlan
-from stat_exp.prune.budget import BudgetSpec
-from stat_exp.prune.runner import PruneRunner
+from stat_exp.prune.budget import BudgetError, BudgetSpec, LayerPlan
 from stat_exp.prune.flap import FlapPruner
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.prune.wanda import WandaPruner
 from tests.tiny import batches, clone, tiny_gemma2, tiny_llama

@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from stat_exp.calibrate import LayerStats, LayerStream
 from stat_exp.errors import ConfigError
+from stat_exp.execution.factors import Pending, SpilledPending
+from stat_exp.execution.offload import BlockStore
 from stat_exp.factorize.base import Backend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape, model_flops, prunable_params, shapes_of
-from stat_exp.offload import BlockStore
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
-from stat_exp.prune.pending import Pending, SpilledPending
 from stat_exp.prune.scores import LayerScores
 
 STREAMS = ("model", "block")

@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 
 from stat_exp.track.logger import make_logger
-from stat_exp.track.published import COLUMNS as PUBLISHED, published_columns
+from stat_exp.track.published import COLUMNS as PUBLISHED
+from stat_exp.track.published import published_columns
 from stat_exp.track.results import RESULTS_FILE
 
 DENSE = "none"

@@ -22,7 +22,7 @@ from stat_exp.errors import ConfigError
 from stat_exp.types import PositiveFloat
 
 if TYPE_CHECKING:
-    from stat_exp.plan import Sizes
+    from stat_exp.execution.plan import Sizes
 
 MB = 2**20
 # Shares of the available memory the `auto` rules let each choice use before switching to the

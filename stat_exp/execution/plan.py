@@ -1,6 +1,6 @@
 """The planner: peak memory, disk and time of a run, predicted from the model's config alone.
 
-    python -m stat_exp.plan <the same overrides as a run>
+    python -m stat_exp.execution.plan <the same overrides as a run>
 
 The model is built on the meta device (no weights are read); the sizes of everything a run holds
 (weights, block-boundary hidden states, statistics, factorizations, activations of one batch,
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from stat_exp.errors import ConfigError, UserError
-from stat_exp.execution import ExecutionSpec, Resolved
+from stat_exp.execution.choices import ExecutionSpec, Resolved
 from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
 
@@ -324,7 +324,7 @@ def render(plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m stat_exp.plan <overrides>`: the table, then one JSON line."""
+    """`python -m stat_exp.execution.plan <overrides>`: the table, then one JSON line."""
     from omegaconf import OmegaConf
 
     from stat_exp.config.cli import compose_config
