@@ -74,6 +74,9 @@ class EmbeddingEval(Evaluator):
         self.batch_size, self.max_length, self.folds, self.seed = batch_size, max_length, folds, seed
         self.max_pairs, self.max_docs = max_pairs, max_docs
 
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.max_length
+
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         def encode(texts: Sequence[str]) -> torch.Tensor:
             return embed(model, tokenizer, texts, device, self.batch_size, self.max_length)

@@ -81,6 +81,9 @@ class GlueEval(Evaluator):
         self.max_examples, self.seed, self.progress = max_examples, seed, progress
         self.label_map = _check_label_map(label_map, self.spec)
 
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.max_length
+
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         metrics: dict[str, float] = {}
         for i, split in enumerate(self.spec.eval_splits):

@@ -80,6 +80,9 @@ class LatencyEval(Evaluator):
         self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
         self.warmup, self.repeats, self.threads, self.seed = warmup, repeats, threads, seed
 
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.seq_len
+
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)
         ids = torch.randint(0, model.config.vocab_size, (self.batch_size, self.seq_len), generator=generator).to(device)

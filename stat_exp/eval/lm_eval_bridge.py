@@ -91,6 +91,9 @@ class LMEvalEval(Evaluator):
                       "rewrite_requests_cache": rewrite_requests_cache, "delete_requests_cache": delete_requests_cache}
         self._manager, self._tasks = load_tasks(self.specs)
 
+    def lengths(self) -> tuple[int, int]:
+        return (self.batch_size if isinstance(self.batch_size, int) else 8), 256  # "auto": lm-eval's own choice
+
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         results = self.results(model, tokenizer, device)
         if self.output_dir is not None:

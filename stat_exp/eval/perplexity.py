@@ -102,6 +102,9 @@ class PerplexityEval(Evaluator):
         self.source = text_file or "wiki_eval"
         self.seq_len, self.max_tokens, self.batch_size, self.progress = seq_len, max_tokens, batch_size, progress
 
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.seq_len
+
     def __call__(self, model, tokenizer, device) -> dict[str, float]:
         result = perplexity(model, tokenizer, load_text(self.source), self.seq_len, self.max_tokens,
                             self.batch_size, device, self.progress)

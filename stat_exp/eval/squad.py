@@ -59,6 +59,9 @@ class SquadEval(Evaluator):
         # read now: a missing or malformed file fails before the model is pruned
         self.examples = load_examples(self.version, "validation", data_file, max_examples, seed)
 
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.max_length
+
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         predictions = self.predict(model, tokenizer, self.examples, device)
         scores = squad_scores(predictions, {e.id: e.answers for e in self.examples}, self.version)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import ChannelMoments, LayerStats
+from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import Pruner
@@ -48,7 +49,7 @@ def fluctuation_scores(linear: nn.Linear, moments: ChannelMoments) -> torch.Tens
 
 class FlapPruner(Pruner):
     name = "flap"
-    needs_moments = True
+    requirements = Requirements(moments=True)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
