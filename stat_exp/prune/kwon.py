@@ -46,6 +46,7 @@ from stat_exp.errors import ConfigError
 from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import AttentionParts, ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.models.hooks import Hooks
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
 from stat_exp.prune.global_rank import Increments
@@ -213,19 +214,19 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
                    batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: (batches x heads, batches x neurons) gradients of the loss w.r.t. unit masks."""
     param = next(model.parameters())
-    masks, handles = [], []
+    masks, hooks = [], Hooks()
     for layer in adapter.layers():
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         for linear, width, size in ((attn.o, attn.num_heads, attn.head_dim), (ffn.down, ffn.width, 1)):
             mask = torch.ones(width, dtype=param.dtype, device=param.device, requires_grad=True)
-            handles.append(linear.register_forward_pre_hook(_masking(mask, size)))
+            hooks.pre(linear, _masking(mask, size))
             masks.append(mask)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     grads: list[list[torch.Tensor]] = [[] for _ in masks]
     try:
-        with torch.enable_grad():
+        with hooks, torch.enable_grad():
             for batch in batches:
                 inputs = model_inputs(batch, param.device)
                 labels = (batch[LABELS] if LABELS in batch
@@ -235,8 +236,6 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
                 for acc, grad in zip(grads, torch.autograd.grad(loss, masks)):
                     acc.append(grad.detach().double().cpu())
     finally:
-        for h in handles:
-            h.remove()
         for p in frozen:
             p.requires_grad_(True)
     stacked = [torch.stack(g) for g in grads]
