@@ -7,13 +7,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from stat_exp.config.cli import compose_config  # noqa: E402
-from stat_exp.data.calibration import calibration_batches  # noqa: E402
-from stat_exp.models.loading import load_model  # noqa: E402
-from stat_exp.pipeline import run_pipeline  # noqa: E402
-from stat_exp.track.results import RunRecord  # noqa: E402
+from stat_exp.config.cli import compose_config
+from stat_exp.data.calibration import calibration_batches
+from stat_exp.models.loading import load_model
+from stat_exp.pipeline import run_pipeline
+from stat_exp.track.results import RunRecord
 
 CPU = torch.device("cpu")
 

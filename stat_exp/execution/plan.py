@@ -70,16 +70,19 @@ class Plan:
 
 
 class SizedPruner(Protocol):
-    """What the planner reads of a pruner."""
+    """What the planner reads of a pruner (`stat_exp.prune.base.Pruner`)."""
 
-    requirements: Requirements
-    prunes: bool
+    @property
+    def requirements(self) -> Requirements: ...
+
+    def allocation_under(self, budget_allocation: Any) -> str: ...
 
 
 class SizedBackend(Protocol):
     """What the planner reads of a factorization backend (`stat_exp.factorize.Backend`)."""
 
-    holds_activations: bool
+    @property
+    def holds_activations(self) -> bool: ...
 
     def statistics_bytes(self, dim: int, tokens: int) -> int: ...
 
@@ -93,8 +96,11 @@ class SizedEvaluator(Protocol):
 class SizedCalibration(Protocol):
     """What the planner reads of a calibration source."""
 
-    num_examples: int
-    batch_size: int
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
 
 
 @dataclass
@@ -115,16 +121,24 @@ class Job:
     prunes: bool = True
 
 
-@dataclass
-class Parts:
-    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.build_parts`):
+class RunParts(Protocol):
+    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.Parts`):
     the planner sizes these, it does not build them again."""
 
-    pruner: Any  # a stat_exp.prune.base.Pruner
-    backend: SizedBackend | None
-    calibration: SizedCalibration
-    evaluators: Mapping[str, SizedEvaluator]
-    adapter: AdapterFactory | None = None
+    @property
+    def pruner(self) -> SizedPruner: ...
+
+    @property
+    def backend(self) -> SizedBackend | None: ...
+
+    @property
+    def calibration(self) -> SizedCalibration: ...
+
+    @property
+    def evaluators(self) -> Mapping[str, SizedEvaluator]: ...
+
+    @property
+    def adapter(self) -> AdapterFactory | None: ...
 
 
 def calibration_length(calibration: SizedCalibration) -> int:
@@ -152,7 +166,7 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
         return model_class(config, task)._from_config(config, dtype=getattr(torch, dtype))
 
 
-def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: Parts,
+def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: RunParts,
            prunes: bool = True) -> Job:
     """The Job of a run from its model config and the parts the run built."""
     model = meta_model(model_cfg["source"], model_cfg["task"], model_cfg["dtype"])
@@ -249,7 +263,7 @@ def current_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def make_plan(cfg: Mapping[str, Any], parts: Parts, device: torch.device, run_dir: Path | None = None,
+def make_plan(cfg: Mapping[str, Any], parts: RunParts, device: torch.device, run_dir: Path | None = None,
               prunes: bool = True) -> Plan:
     """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`)."""
     job = job_of(cfg["model"], cfg["budget"]["allocation"], cfg["calib"].get("propagate", "dense"), parts, prunes)
@@ -309,7 +323,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
         else:
             work = max(b.stats + b.score_work + b.activations for b in blocks)
         work += held
-    device_peak = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
+    device_peak: float = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
     host_hidden = hidden if (not store.resident or on_cpu) else 0
     if on_cpu:
         host_peak = baseline + host_weights + max(work + hidden, s.eval_work)

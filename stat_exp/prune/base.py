@@ -40,7 +40,7 @@ class Pruner(ABC):
     stages: tuple[str, ...] = ("prune",)
 
     def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget",
-                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):
+                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):  # type: ignore[valid-type]
         """`gqa`: per_group keeps the same query heads per KV group; whole_groups removes KV groups whole.
         `allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
         pruner (the baselines whose scores do not compare across layers were published uniform).
@@ -49,7 +49,7 @@ class Pruner(ABC):
         a job starts (stat_exp.config)."""
         self.gqa, self.allocation, self.propagate = gqa, allocation, propagate
 
-    def allocation_under(self, budget_allocation: str) -> str:
+    def allocation_under(self, budget_allocation: Allocation) -> Allocation:
         """The allocation this pruner runs with when the budget asks for `budget_allocation`."""
         return budget_allocation if self.allocation == "budget" else self.allocation
 
