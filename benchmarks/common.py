@@ -13,6 +13,7 @@ from stat_exp.config.cli import compose_config
 from stat_exp.data.calibration import calibration_batches
 from stat_exp.models.loading import load_model
 from stat_exp.pipeline import run_pipeline
+from stat_exp.track.markdown import markdown_table
 from stat_exp.track.results import RunRecord
 
 CPU = torch.device("cpu")
@@ -26,9 +27,7 @@ def smollm2(num_examples: int = 64, seq_len: int = 256, batch_size: int = 8):
 
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(keys, ([f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows))
 
 
 def run_job(overrides: list[str], out: Path) -> RunRecord | str:

@@ -33,6 +33,7 @@ from stat_exp.execution.requirements import Requirements
 from stat_exp.execution.sizes import FLOAT64, MB, BlockSizes, Sizes
 from stat_exp.models import AdapterFactory, get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.track.markdown import markdown_table
 
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
@@ -346,9 +347,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
 
 
 def render(plan: Plan) -> str:
-    lines = [f"| plan ({plan.device}; {plan.execution.describe()}) | MB |", "|---|---|"]
-    lines += [f"| {what} | {mb:,.0f} |" for what, mb in plan.rows]
-    lines += [f"| peak host memory | {plan.peak_host_mb:,.0f} |", f"| peak device memory | {plan.peak_device_mb:,.0f} |",
-              f"| disk | {plan.disk_mb:,.0f} |",
-              f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]
-    return "\n".join(lines)
+    rows = [(what, f"{mb:,.0f}") for what, mb in plan.rows]
+    rows += [("peak host memory", f"{plan.peak_host_mb:,.0f}"), ("peak device memory", f"{plan.peak_device_mb:,.0f}"),
+             ("disk", f"{plan.disk_mb:,.0f}"), (f"pruning time at {plan.tflops:g} TFLOP/s", f"{plan.seconds:,.0f} s")]
+    return markdown_table([f"plan ({plan.device}; {plan.execution.describe()})", "MB"], rows)

@@ -84,9 +84,10 @@ class Pruner(ABC):
         None to use the shared allocation. Called wherever the runner would allocate."""
         return None
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
-        """Slice the layer to the plan, keeping the best-ranked units. Correcting pruners override."""
+        """Slice layer `index` (as in `score`) to the plan, keeping the best-ranked units. Correcting pruners
+        override."""
         prune_attention(adapter, layer, scores.attn_levels[plan.attn_level])
         prune_ffn(adapter, layer, scores.ffn_order[: plan.neurons])
 

@@ -100,7 +100,7 @@ class KwonPruner(Pruner):
         head_grads, neuron_grads = self.grads[index]
         heads, neurons = head_grads.square().sum(0), neuron_grads.square().sum(0)
         scores = self.ranked(adapter, layer, (heads / attn.head_dim).repeat_interleave(attn.head_dim), neurons)
-        scores.extra.update(fisher=(heads, neurons), grads=(head_grads, neuron_grads), index=index)
+        scores.extra.update(fisher=(heads, neurons), grads=(head_grads, neuron_grads))
         return scores
 
     def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
@@ -116,7 +116,7 @@ class KwonPruner(Pruner):
         inc = Increments.build(scores, shapes, flops, budget.round_to, [sc.extra["fisher"] for sc in scores], "sum")
         return inc.plans(mac_search(inc, inc.headroom(target)))
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         level = scores.attn_levels[plan.attn_level]
@@ -127,7 +127,6 @@ class KwonPruner(Pruner):
             neurons = rearranged(neuron_grads, neurons, [list(range(ffn.width))])
         o_weight = down_weight = None
         if self._tuner is not None:
-            index = scores.extra["index"]
             teacher = self._teacher_plans[index]
             teacher_units = (list(scores.attn_levels[teacher.attn_level].heads), scores.ffn_order[: teacher.neurons])
             head_scales, neuron_scales = self._tuner.tune(index, layer, teacher_units, (list(level.heads), neurons))
@@ -136,7 +135,7 @@ class KwonPruner(Pruner):
         prune_attention(adapter, layer, level, o_weight)
         prune_ffn(adapter, layer, neurons, down_weight)
         if self._tuner is not None:
-            self._tuner.advance(scores.extra["index"], layer)
+            self._tuner.advance(index, layer)
 
     def _rearranged_level(self, attn: AttentionParts, level: AttentionLevel, head_grads: torch.Tensor) -> AttentionLevel:
         """The level's counts with the units re-picked by the greedy rearrangement."""

@@ -224,7 +224,7 @@ class StatPruner(Pruner):
         kept, removed = _channels(attn, level, G.device)
         return corrected_error(G, W, kept, removed)
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         n_tokens = scores.extra["n_tokens"]
