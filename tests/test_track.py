@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from stat_exp.track import wandb_logger
 from stat_exp.track.callbacks import SweepReport
+from stat_exp.track.logger import NullLogger, make_logger, metric_tables, run_name
 from stat_exp.track.report import choose_metric, collect, to_table, write_report
 from stat_exp.track.results import (
     RESULTS_FILE,
@@ -21,8 +23,6 @@ from stat_exp.track.results import (
     validate_results,
     write_json_atomic,
 )
-from stat_exp.track import wandb_logger
-from stat_exp.track.logger import NullLogger, make_logger, metric_tables, run_name
 from stat_exp.track.wandb_logger import WandbLogger, wandb_env
 
 WANDB_ENV = (

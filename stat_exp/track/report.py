@@ -13,7 +13,8 @@ import pandas as pd
 
 from stat_exp.track.logger import make_logger
 from stat_exp.track.plots import DENSE, metric_plot
-from stat_exp.track.published import COLUMNS as PUBLISHED, published_columns
+from stat_exp.track.published import COLUMNS as PUBLISHED
+from stat_exp.track.published import published_columns
 from stat_exp.track.results import RESULTS_FILE
 
 KILLED = "stopped before it finished (killed or crashed): results.json still says running"
