@@ -29,8 +29,10 @@ from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
+from stat_exp.track.plots import STRUCTURE_PLOT, structure_plot
 from stat_exp.track.report import label
 from stat_exp.track.results import RunRecord, Timings, config_hash, peak_rss_mb
+from stat_exp.track.summary import plan_line
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +89,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             prunes = pruner.prunes and cfg.budget.flops < 1
             plan = make_plan(cfg, parts, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
+            record.tracker = logger.location
+            if (line := plan_line(record.plan)) is not None:
+                print(line, flush=True)
             work_dir = Path(cfg.execution.dir) if cfg.execution.dir else run_dir / "offload"
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -96,6 +101,7 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             log.info("loaded %s in %.1f s (%s)", cfg.model.source, timings.seconds["load"], plan.execution.describe())
             try:
                 adapter = get_adapter(model)
+                record.dense_structure = adapter.structure()
                 batches, examples = [], None
                 needs = pruner.requirements
                 if prunes and needs.calibration:
@@ -119,6 +125,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 log.info("metrics: %s", record.metrics)
                 if cfg.save_model:
                     save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                if record.structure != record.dense_structure:
+                    structure_plot(record.structure, record.dense_structure, run_dir / STRUCTURE_PLOT,
+                                   f"{record.model}, {label(record.to_dict())}")
             finally:
                 store.close()
                 if device.type == "cuda":
@@ -134,6 +143,8 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             logger.log_metrics({**record.metrics, **{f"achieved/{k}": v for k, v in record.achieved.items()},
                                 **{f"timing_s/{k}": v for k, v in record.timing_s.items()}})
             logger.log_structure(record.structure)
+            if (run_dir / STRUCTURE_PLOT).exists():
+                logger.log_image("structure_plot", run_dir / STRUCTURE_PLOT)
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record

@@ -142,6 +142,8 @@ def test_wandb_offline_keeps_files_in_run_dirs_and_names_what_ran(home, tmp_path
         run = logger._run
         assert run.name == "tiny stat (no correction) @0.7" and run.group == "multirun-2026-11-25_04-30-00"
         assert set(run.tags) == {"tiny", "StatPruner", "GramBackend", "flops=0.7", "perplexity", "mine"}
+        assert logger.location.startswith(str(sweep / job / "wandb" / "offline-run-"))  # the run's summary says so
+        assert logger.location.endswith("uploads it)")
         with logger:
             logger.log_metrics({"lm_eval/piqa/acc": 0.6, "lm_eval/piqa/acc_stderr": 0.01, "perplexity/ppl": 20.0})
             logger.log_structure({"heads": [2, 1], "neurons": [8, 4]})

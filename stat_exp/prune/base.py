@@ -72,7 +72,7 @@ class Pruner(ABC):
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                 examples: list[dict[str, torch.Tensor]] | None = None) -> None:
         """Whole-model work before the layer stream (e.g. gradients); most pruners need none.
-        `examples`: the `prepare_examples` calibration examples, when the pruner asks for them."""
+        `examples`: the `requirements.examples` calibration examples, when the pruner asks for them."""
 
     @abstractmethod
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:

@@ -66,7 +66,7 @@ class PruneRunner:
     def run(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
             device: torch.device, store: BlockStore | None = None,
             examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
-        """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any."""
+        """`examples`: the calibration examples the pruner asked for (`requirements.examples`), if any."""
         store = store or BlockStore(model, adapter, device)
         if not store.resident and self.pruner.requirements.whole_model:
             raise ConfigError(f"pruner={self.pruner.name} runs the whole model at once (gradients); "
