@@ -82,6 +82,9 @@ def main() -> None:
     sys.argv[1:] = command_line(argv)
     _job()
     outcome = SweepReport.last
+    if outcome is not None and outcome.earlier:
+        print(f"not part of this sweep (job folders of earlier sweeps): {', '.join(outcome.earlier)}",
+              file=sys.stderr)
     if outcome is not None and outcome.failed:
         print(f"{len(outcome.failed)} of {outcome.jobs} job(s) failed:", file=sys.stderr)
         for run_dir, error in outcome.failed:

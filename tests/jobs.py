@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from stat_exp.assets import cache_dir
 from stat_exp.data.text import load_text
 from tests.tiny import save_tiny_causal_lm
@@ -55,3 +57,37 @@ def statuses(sweep: Path) -> dict[str, str]:
     """{job subdirectory: status} of every results.json below a sweep directory."""
     return {str(p.parent.relative_to(sweep)): json.loads(p.read_text())["status"]
             for p in sorted(sweep.rglob("results.json"))}
+
+
+KILLER = '''
+import os, signal
+from pathlib import Path
+from stat_exp.prune.magnitude import MagnitudePruner
+
+
+class KillOnce(MagnitudePruner):
+    """Magnitude pruning whose first run is killed half-way (SIGKILL, as the out-of-memory killer or a
+    pre-empted cluster job does); later runs go through."""
+
+    name = "kill_once"
+
+    def __init__(self, marker: str):
+        super().__init__(allocation="uniform")
+        self.marker = Path(marker)
+
+    def prepare(self, model, adapter, batches, *args, **kwargs):
+        if not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def kill_once_plugin(folder: Path) -> tuple[list[str], dict]:
+    """A plug-in pruner `kill_once` from a config dir outside the package (--config-dir, module on
+    PYTHONPATH): the command-line flags and the environment that use it."""
+    plugin = folder / "plugin"
+    (plugin / "pruner").mkdir(parents=True)
+    (plugin / "killing.py").write_text(KILLER)
+    (plugin / "pruner" / "kill_once.yaml").write_text(
+        yaml.safe_dump({"_target_": "killing.KillOnce", "marker": str(folder / "killed")}))
+    return ["--config-dir", str(plugin)], {**ENV, "PYTHONPATH": f"{plugin}{os.pathsep}{ENV['PYTHONPATH']}"}

@@ -116,10 +116,13 @@ def _leaves_default(override: Override) -> bool:
 
 def command_line(argv: Sequence[str]) -> list[str]:
     """argv with its overrides made overridable (see `overridable`), flags untouched, and the
-    experiment sweeper for sweeps that need it (see `_sweeper_for`)."""
+    experiment sweeper for sweeps that need it (see `_sweeper_for`) right after the last override:
+    Hydra's parser takes overrides only as one run of arguments, so not after a trailing flag."""
     overrides = _args(argv).overrides
     rewritten = dict(zip(overrides, overridable(overrides)))
-    return [rewritten.get(arg, arg) for arg in argv] + _sweeper_for(argv)
+    line = [rewritten.get(arg, arg) for arg in argv]
+    end = max((i + 1 for i, arg in enumerate(argv) if arg in overrides), default=len(argv))
+    return line[:end] + _sweeper_for(argv) + line[end:]
 
 
 def compose_config(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:
