@@ -13,6 +13,7 @@ import yaml
 
 from stat_exp.assets import cache_dir
 from stat_exp.data.text import load_text
+from stat_exp.track.sweep import job_folders
 from tests.tiny import save_tiny_causal_lm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,9 +55,10 @@ def run_cli(args: list[str], cwd: Path, executable: str | None = None, env: dict
 
 
 def statuses(sweep: Path) -> dict[str, str]:
-    """{job subdirectory: status} of every results.json below a sweep directory."""
-    return {str(p.parent.relative_to(sweep)): json.loads(p.read_text())["status"]
-            for p in sorted(sweep.rglob("results.json"))}
+    """{job subdirectory: status} of every job's results.json in a sweep directory (not the runs moved
+    aside into a job's previous-* folder)."""
+    return {job: json.loads((sweep / job / "results.json").read_text())["status"]
+            for job in job_folders(sweep) if (sweep / job / "results.json").exists()}
 
 
 KILLER = '''

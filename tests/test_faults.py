@@ -134,3 +134,14 @@ def test_failed_jobs_carry_the_pruners_name_not_its_class():
 def test_the_experiment_sweeper_goes_before_a_trailing_flag():
     line = command_line(["-m", "pruner=stat,none", "--config-dir", "conf"])
     assert line == ["-m", "pruner=stat,none", "hydra/sweeper=experiment", "--config-dir", "conf"]
+
+
+def test_an_optuna_search_with_a_misconfigured_objective_is_a_failed_sweep(tiny_job, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "experiment=search_stat", *tiny_job.args(
+        f"hydra.sweep.dir={sweep}", "hydra.sweeper.n_trials=1", "objective=nope", pruner="none",
+        **{"budget.flops": None, "calib.num_examples": None, "calib.seq_len": None})], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert statuses(sweep) == {"0": "failed"}
+    assert "1 of 1 job(s) failed:\n  0: ConfigError: objective='nope' is not among this job's metrics" in proc.stderr
+    assert "Traceback" not in proc.stderr and (sweep / "report.md").exists()
