@@ -97,10 +97,11 @@ def manifest_jobs(sweep_dir: Path) -> list[ManifestJob] | None:
 
 
 def job_folders(sweep_dir: Path) -> list[str]:
-    """Every job folder below sweep_dir (one holding results.json or Hydra's .hydra), relative to it,
-    leaving out folders inside a job folder (W&B's copies, runs moved aside into previous-*)."""
+    """Every job folder in sweep_dir (one holding results.json or Hydra's .hydra; "." when sweep_dir
+    is a run's own folder), relative to it, leaving out folders inside a job folder (W&B's copies,
+    runs moved aside into previous-*)."""
     sweep_dir = Path(sweep_dir)
-    marked = {p.parent for name in (RESULTS_FILE, ".hydra") for p in sweep_dir.rglob(name)} - {sweep_dir}
+    marked = {p.parent for name in (RESULTS_FILE, ".hydra") for p in sweep_dir.rglob(name)}
     outer = [d for d in marked if not any(parent in marked for parent in d.parents)]
     return sorted(str(d.relative_to(sweep_dir)) for d in outer)
 
