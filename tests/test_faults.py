@@ -73,7 +73,8 @@ def test_a_sweep_over_an_earlier_sweeps_folder_counts_only_its_own_jobs(tiny_job
 def test_an_unreadable_results_json_is_a_failed_job_and_the_report_never_raises(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     start_manifest(sweep, resume=False)
-    add_to_manifest(sweep, [ManifestJob(0, "0", [], "a", "stat", "tiny"), ManifestJob(1, "1", [], "b", "wanda_sp", "tiny"),
+    add_to_manifest(sweep, [ManifestJob(0, "0", [], "a", "stat", "tiny"),
+                            ManifestJob(1, "1", [], "b", "wanda_sp", "tiny"),
                             ManifestJob(2, "2", [], None, "random", "tiny")])
     write_json_atomic(sweep / "0" / RESULTS_FILE, record())
     (sweep / "1").mkdir()
