@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,11 @@ from hydra.core.override_parser.types import ChoiceSweep, Glob, Override, Sweep
 from omegaconf import DictConfig
 
 from stat_exp.errors import UserError
+
+# conf/hydra/launcher/*.yaml (basic, the default, too) refine the launcher plug-ins' configs of the same
+# name: Hydra merges them onto the plug-in's typed config (so a misspelt launcher field is still an
+# error) and warns about it, on every composition (stat-exp and compose_config alike).
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
