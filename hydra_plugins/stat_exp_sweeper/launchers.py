@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 def prepare_batch(launcher: Launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> None:
     """Free each job's folder (earlier outputs moved aside, a resumed job that is done kept) and add
     the batch to the sweep's manifest, with each job's config hash, before any job starts."""
-    from stat_exp.track.run_dir import free_job_dir, job_hash
+    from stat_exp.config.run_folder import job_hash
+    from stat_exp.track.run_dir import free_job_dir
     from stat_exp.track.sweep import ManifestJob, add_to_manifest
 
     config, loader = launcher.config, launcher.hydra_context.config_loader

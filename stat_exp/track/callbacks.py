@@ -1,5 +1,4 @@
-"""Hydra callbacks of the launching process: a sweep folder held by one sweep, reported when it
-ends; a single run's folder checked before Hydra writes into it."""
+"""Hydra callback of the launching process: a sweep folder held by one sweep, reported when it ends."""
 
 from __future__ import annotations
 
@@ -8,19 +7,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.errors import UserError, one_line
 from stat_exp.track.report import SweepOutcome, log_report, outcome, print_table, write_report
-from stat_exp.track.run_dir import check_run_dir, job_hash
 from stat_exp.track.sweep import lock_sweep_dir, start_manifest, unlock_sweep_dir
-
-
-def _refuse(error: UserError) -> None:
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 class SweepReport(Callback):
@@ -40,8 +32,9 @@ class SweepReport(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             lock_sweep_dir(sweep_dir)
-        except UserError as e:
-            _refuse(e)
+        except UserError as e:  # before Hydra writes anything: one line, exit 2
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
         start_manifest(sweep_dir, bool(OmegaConf.select(config, "resume")))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -61,19 +54,3 @@ class SweepReport(Callback):
                 SweepReport.last = SweepOutcome(jobs=0, failed=[(str(sweep_dir), f"no outcome: {one_line(e)}")])
         finally:
             unlock_sweep_dir(sweep_dir)
-
-
-class RunFolder(Callback):
-    """A single run into a folder that holds an earlier run: one line and exit 2, before Hydra writes
-    its .hydra/ and log there (stat_exp.track.run_dir)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if OmegaConf.select(config, "dry_run"):
-            return
-        resume = bool(OmegaConf.select(config, "resume"))
-        if resume:
-            HydraConfig.instance().set_config(config)  # the job's hash resolves ${hydra:...}
-        try:
-            check_run_dir(Path(config.hydra.run.dir), resume, job_hash(config) if resume else None)
-        except UserError as e:
-            _refuse(e)

@@ -6,34 +6,17 @@ user named (even `.`), so a run into one that holds an earlier run's results.jso
 `resume=true` keeps a folder whose run is ok for the same config: the job then returns that record."""
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
-
 from stat_exp.errors import UserError
-from stat_exp.track.results import RESULTS_FILE, RunRecord, config_hash
+from stat_exp.track.results import RESULTS_FILE, RunRecord
 
 PREVIOUS = "previous-"
 
 
 class RunFolderInUse(UserError):
     """A single run's folder already holds an earlier run."""
-
-
-def job_hash(cfg: DictConfig) -> str | None:
-    """The config hash the job of a composed config (hydra node included) records; None when its
-    config does not check (the job then fails, saying why)."""
-    from stat_exp.config.validate import checked_config  # loads the pruner registry: not at plug-in discovery
-
-    task = copy.deepcopy(cfg)
-    with open_dict(task):
-        task.pop("hydra", None)
-    try:
-        return config_hash(checked_config(task))
-    except Exception:  # noqa: BLE001 - the job reports it, in its own record
-        return None
 
 
 def is_done(run_dir: Path, digest: str | None) -> bool:
