@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
@@ -47,14 +47,23 @@ def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
     return ", ".join(parts) or None
 
 
+def pruner_name(cfg: DictConfig) -> str:
+    """The name a pruner's records carry (its class's `name`, as in its config file's name), known
+    before anything is built, so a job that fails early is listed under it."""
+    target = str(OmegaConf.select(cfg, "pruner._target_", default="?"))
+    try:
+        return str(get_class(target).name)
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported by the config check
+        return target.rsplit(".", 1)[-1]
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> RunRecord:
     """Run one job and write run_dir/results.json (status failed, with the error, if it fails).
 
     With `resume=true`, a run_dir whose results.json is ok for the same config hash is not run again:
     its record is returned as it is."""
     run_dir = Path(run_dir)
-    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")),
-                       pruner=str(OmegaConf.select(cfg, "pruner._target_", default="?")).rsplit(".", 1)[-1])
+    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")), pruner=pruner_name(cfg))
     try:
         plain = checked_config(cfg)
     except BaseException as e:
@@ -123,6 +132,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 with timings("eval"):
                     record.metrics = evaluate(parts.evaluators, model, tokenizer, device)
                 log.info("metrics: %s", record.metrics)
+                if cfg.objective is not None and cfg.objective not in record.metrics:
+                    raise ConfigError(f"objective={cfg.objective!r} is not among this job's metrics: "
+                                      f"{', '.join(record.metrics)}")
                 if cfg.save_model:
                     save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
                 if record.structure != record.dense_structure:

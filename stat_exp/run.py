@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -27,9 +26,6 @@ from stat_exp.track.callbacks import SweepReport
 from stat_exp.track.report import main_metric
 from stat_exp.track.summary import run_summary
 
-# conf/hydra/launcher/*.yaml refine the launcher plug-ins' configs of the same name: Hydra merges them
-# onto the plug-in's typed config (so a misspelt launcher field is still an error) and warns about it.
-warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 register_resolvers()
 trace = logging.getLogger("stat_exp.trace")  # the job's log file only (conf/hydra/job_logging)
 
@@ -84,6 +80,9 @@ def main() -> None:
     sys.argv[1:] = command_line(argv)
     _job()
     outcome = SweepReport.last
+    if outcome is not None and outcome.earlier:
+        print(f"not part of this sweep (job folders of earlier sweeps): {', '.join(outcome.earlier)}",
+              file=sys.stderr)
     if outcome is not None and outcome.failed:
         print(f"{len(outcome.failed)} of {outcome.jobs} job(s) failed:", file=sys.stderr)
         for run_dir, error in outcome.failed:
