@@ -10,7 +10,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
@@ -22,6 +21,7 @@ from stat_exp.export.save import save_pruned
 from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.offload import open_model
 from stat_exp.plan import make_plan
+from stat_exp.preflight import prepare
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
@@ -76,16 +76,14 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             record.write(run_dir)
             torch.manual_seed(cfg.seed)
             device = resolve_device(cfg.device)
-            pruner: Pruner = instantiate(cfg.pruner)
+            parts = prepare(cfg, run_dir, device)  # every check that needs no weights
+            pruner, backend, calibration, evaluators, prunes = (parts.pruner, parts.backend, parts.calibration,
+                                                                parts.evaluators, parts.prunes)
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
             user_adapter = adapter_from_config(cfg.model.get("adapter"))
-            evaluators = make_evaluators(cfg.eval, run_dir)
-            backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
-            calibration = instantiate(cfg.calib)
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
-            prunes = pruner.prunes and cfg.budget.flops < 1
             plan = make_plan(cfg, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
             work_dir = Path(cfg.execution.dir) if cfg.execution.dir else run_dir / "offload"
@@ -137,17 +135,6 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record
-
-
-def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:
-    """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several), built before
-    the model loads so a bad evaluation setting fails first. Evaluators that write files (tables)
-    get the run directory unless their config names one."""
-    evaluators = {}
-    for name, sub in eval_cfg.items():
-        extra = {"output_dir": str(run_dir)} if "output_dir" in sub and sub.output_dir is None else {}
-        evaluators[name] = instantiate(sub, **extra)
-    return evaluators
 
 
 def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.device) -> dict[str, float]:

@@ -86,8 +86,11 @@ class Plan:
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
 
     def summary(self) -> dict:
-        return {"peak_host_mb": round(self.peak_host_mb, 1), "peak_device_mb": round(self.peak_device_mb, 1),
-                "disk_mb": round(self.disk_mb, 1), "seconds": round(self.seconds, 1), "tflops": self.tflops,
+        """The plan as JSON values (a quantity too large to be a finite float is null, never Infinity)."""
+        numbers = {"peak_host_mb": self.peak_host_mb, "peak_device_mb": self.peak_device_mb, "disk_mb": self.disk_mb,
+                   "seconds": self.seconds, "tflops": self.tflops}
+        return {**{k: round(v, 1) if k != "tflops" else v for k, v in numbers.items() if math.isfinite(v)},
+                **{k: None for k, v in numbers.items() if not math.isfinite(v)},
                 "device": self.device, **asdict(self.execution)}
 
 
@@ -324,22 +327,40 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m stat_exp.plan <overrides>`: the table, then one JSON line."""
-    from omegaconf import OmegaConf
+USAGE = """usage: python -m stat_exp.plan [KEY=VALUE ...]
 
-    from stat_exp.config.cli import compose_config
-    from stat_exp.config.validate import checked_config
+Peak host and device memory, disk and time of the run `stat-exp KEY=VALUE ...` would start, from
+the model's config alone (no weights are read). The same overrides as a run (model=..., pruner=...,
+budget.flops=..., calib.num_examples=..., execution.offload=..., device=cuda
+execution.device_memory_mb=...). Prints a table, then one JSON line. Bad input: one line, exit 2."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m stat_exp.plan <overrides>`: the table, then one JSON line (`--help`: usage); every
+    check of a run that needs no weights first (stat_exp.preflight), each failure in one line."""
+    from stat_exp.exits import exit_cleanly
 
     overrides = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = OmegaConf.create(checked_config(compose_config(overrides)))
-        plan = make_plan(cfg, _plan_device(cfg.device))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if {"-h", "--help"} & set(overrides):
+        print(USAGE)
+        return
+    exit_cleanly(lambda: _main(overrides))
+
+
+def _main(overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    from stat_exp.config.cli import check_overrides, compose_config
+    from stat_exp.config.validate import checked_config
+    from stat_exp.preflight import prepare
+
+    check_overrides(overrides)
+    cfg = OmegaConf.create(checked_config(compose_config(overrides)))
+    device = _plan_device(cfg.device)
+    prepare(cfg, None, torch.device("cpu"))  # the device is only where a backend would run
+    plan = make_plan(cfg, device)
     print(render(plan))
-    print(json.dumps(plan.summary()))
+    print(json.dumps(plan.summary(), allow_nan=False))
 
 
 def _plan_device(name: str) -> torch.device:

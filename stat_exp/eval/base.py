@@ -10,9 +10,22 @@ from transformers import PreTrainedTokenizerBase
 
 
 class Evaluator(ABC):
-    """Instantiated from conf/eval/*.yaml; returns metrics keyed "<name>/<metric>"."""
+    """Instantiated from conf/eval/*.yaml; returns metrics keyed "<name>/<metric>".
+
+    What it says about itself is checked before the weights load (stat_exp.preflight): the model
+    tasks it can measure, whether it needs an encoder, its longest input and its data files."""
 
     name: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = ()  # the model.task values it can measure (empty: any)
+    encoders_only: ClassVar[bool] = False  # measures an encoder's representations, not a decoder's
+
+    @property
+    def longest_sequence(self) -> int | None:
+        """Tokens of the longest sequence it feeds the model (None: it does not say)."""
+        return None
+
+    def check(self) -> None:
+        """What can be checked before the model loads (its data files); raises a one-line DataError."""
 
     @abstractmethod
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:

@@ -8,6 +8,7 @@ task (MRPC/QQP: mean of F1 and accuracy; STS-B: mean of Pearson and Spearman).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,8 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
-from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split
+from stat_exp.config.types import NonNegativeInt, PositiveInt, Seed
+from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split, local_split
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
 
@@ -70,9 +71,10 @@ class GlueEval(Evaluator):
     """
 
     name = "glue"
+    tasks = ("sequence_classification",)
 
     def __init__(self, task: str | None, data_dir: str | None = None, max_length: PositiveInt = 128,
-                 batch_size: PositiveInt = 64, max_examples: PositiveInt | None = None, seed: int = 0,
+                 batch_size: PositiveInt = 64, max_examples: PositiveInt | None = None, seed: Seed = 0,
                  label_map: Sequence[NonNegativeInt] | None = None, progress: bool = True):
         if task is None:
             raise ConfigError("eval=glue needs a task: eval.glue.task=<name> (or a model config with glue_task)")
@@ -80,6 +82,15 @@ class GlueEval(Evaluator):
         self.data_dir, self.max_length, self.batch_size = data_dir, max_length, batch_size
         self.max_examples, self.seed, self.progress = max_examples, seed, progress
         self.label_map = _check_label_map(label_map, self.spec)
+
+    @property
+    def longest_sequence(self) -> int:
+        return self.max_length
+
+    def check(self) -> None:
+        if self.data_dir is not None:
+            for split in self.spec.eval_splits:
+                local_split(Path(self.data_dir).expanduser(), split)
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         metrics: dict[str, float] = {}

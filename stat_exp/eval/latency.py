@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.config.types import NonNegativeInt, PositiveInt, Seed
 from stat_exp.eval.base import Evaluator
 
 
@@ -75,10 +75,14 @@ class LatencyEval(Evaluator):
     name = "latency"
 
     def __init__(self, batch_size: PositiveInt = 1, seq_len: PositiveInt = 256, decode_tokens: PositiveInt = 32,
-                 warmup: NonNegativeInt = 1, repeats: PositiveInt = 5, threads: PositiveInt | None = None, seed: int = 0):
+                 warmup: NonNegativeInt = 1, repeats: PositiveInt = 5, threads: PositiveInt | None = None, seed: Seed = 0):
         """`threads`: CPU threads while timing (None: torch's current count)."""
         self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
         self.warmup, self.repeats, self.threads, self.seed = warmup, repeats, threads, seed
+
+    @property
+    def longest_sequence(self) -> int:
+        return self.seq_len + self.decode_tokens
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)

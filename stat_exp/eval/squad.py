@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.calibrate import model_inputs
-from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.config.types import NonNegativeInt, PositiveInt, Seed
 from stat_exp.data.squad import Features, SquadExample, check_version, encode, load_examples
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
@@ -49,17 +49,22 @@ class SquadEval(Evaluator):
     """`eval=squad`: a question-answering model on SQuAD's validation questions (or a local file)."""
 
     name = "squad"
+    tasks = ("question_answering",)
 
     def __init__(self, version: Literal["1.1", "2.0"] = "1.1", data_file: str | None = None,
                  max_length: PositiveInt = 384, doc_stride: NonNegativeInt = 128, batch_size: PositiveInt = 32,
                  n_best: PositiveInt = 20, max_answer_length: PositiveInt = 30, null_score_diff_threshold: float = 0.0,
-                 max_examples: PositiveInt | None = None, seed: int = 0, progress: bool = True):
+                 max_examples: PositiveInt | None = None, seed: Seed = 0, progress: bool = True):
         self.version = check_version(version, "eval.squad.version")
         self.max_length, self.doc_stride, self.batch_size = max_length, doc_stride, batch_size
         self.n_best, self.max_answer_length, self.null_threshold = n_best, max_answer_length, null_score_diff_threshold
         self.progress = progress
         # read now: a missing or malformed file fails before the model is pruned
         self.examples = load_examples(self.version, "validation", data_file, max_examples, seed)
+
+    @property
+    def longest_sequence(self) -> int:
+        return self.max_length
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         predictions = self.predict(model, tokenizer, self.examples, device)

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from stat_exp.config.types import Fraction, PositiveInt
+from stat_exp.config.types import Fraction, PositiveInt, SeqLen
 from stat_exp.errors import UserError
 from stat_exp.models.base import AttentionParts, FFNParts
 from stat_exp.prune.scores import LayerScores
@@ -71,7 +71,7 @@ class BudgetSpec:
     """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
 
     flops: Fraction = 1.0
-    seq_len: PositiveInt = 256
+    seq_len: SeqLen = 256
     allocation: Allocation = "global"
     round_to: PositiveInt = 1
 

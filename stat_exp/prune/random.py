@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import LayerStats
+from stat_exp.config.types import Seed
 from stat_exp.errors import ConfigError
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
@@ -44,7 +45,7 @@ class RandomPruner(Pruner):
     name = "random"
     needs_calibration = False
 
-    def __init__(self, gqa: GqaMode = "per_group", seed: int = 0, allocation: AllocationChoice = "uniform",
+    def __init__(self, gqa: GqaMode = "per_group", seed: Seed = 0, allocation: AllocationChoice = "uniform",
                  structure_file: str | None = None):
         """`allocation="uniform"`: random scores cannot inform a global allocation. `structure_file`: a
         results.json or structure.json whose per-layer counts are copied (random units; budget ignored)."""
