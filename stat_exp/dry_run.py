@@ -29,8 +29,9 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
     # what a run checks first; completed with the signatures' defaults, as the run sees it
     cfg = OmegaConf.create(checked_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     choices = choices or {}
-    pruner = prepare(cfg, run_dir, torch.device("cpu")).pruner  # the device is only where a backend would run
-    variant = variant_of(cfg, pruner)
+    parts = prepare(cfg, run_dir, torch.device("cpu"))  # the device is only where a backend would run
+    pruner = parts.pruner
+    variant = variant_of(cfg, pruner, parts.calibration)
     budget = cfg.budget
     prunes = pruner.prunes and budget.flops < 1
     experiment = choices.get("experiment")

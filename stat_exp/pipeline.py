@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
+from stat_exp.data.base import Calibration
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
@@ -33,11 +34,11 @@ from stat_exp.track.results import RunRecord, Timings, config_hash, peak_rss_mb
 log = logging.getLogger(__name__)
 
 
-def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
+def variant_of(cfg: DictConfig, pruner: Pruner, calibration: Calibration) -> str | None:
     """What distinguishes this job from the default protocol (for tables and plots): the pruner's
     own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
     allocation = pruner.allocation_under(cfg.budget.allocation)
-    propagate = pruner.propagate_under(cfg.calib.propagate)
+    propagate = pruner.propagate_under(calibration.propagate)
     parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
                          f"propagate {propagate}" if propagate != "dense" else "") if p]
     return ", ".join(parts) or None
@@ -79,7 +80,7 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             parts = prepare(cfg, run_dir, device)  # every check that needs no weights
             pruner, backend, calibration, evaluators, prunes = (parts.pruner, parts.backend, parts.calibration,
                                                                 parts.evaluators, parts.prunes)
-            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner, calibration)
             user_adapter = adapter_from_config(cfg.model.get("adapter"))
             record.factorization = backend.name if backend else None
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
