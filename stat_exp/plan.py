@@ -87,10 +87,11 @@ class Plan:
 
     def summary(self) -> dict:
         """The plan as JSON values (a quantity too large to be a finite float is null, never Infinity)."""
-        numbers = {"peak_host_mb": self.peak_host_mb, "peak_device_mb": self.peak_device_mb, "disk_mb": self.disk_mb,
-                   "seconds": self.seconds, "tflops": self.tflops}
-        return {**{k: round(v, 1) if k != "tflops" else v for k, v in numbers.items() if math.isfinite(v)},
-                **{k: None for k, v in numbers.items() if not math.isfinite(v)},
+        def finite(value: float, digits: int | None = 1) -> float | None:
+            return (round(value, digits) if digits else value) if math.isfinite(value) else None
+
+        return {"peak_host_mb": finite(self.peak_host_mb), "peak_device_mb": finite(self.peak_device_mb),
+                "disk_mb": finite(self.disk_mb), "seconds": finite(self.seconds), "tflops": finite(self.tflops, None),
                 "device": self.device, **asdict(self.execution)}
 
 

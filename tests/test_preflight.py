@@ -125,3 +125,38 @@ def test_unknown_top_level_keys_and_bad_override_syntax_fail_at_the_command_line
 def test_a_calibration_class_must_be_a_calibration(tiny_job):
     args = [a for a in tiny_job.args() if not a.startswith("calib.")]
     _fails([*args, "~calib", "+calib._target_=stat_exp.eval.latency.LatencyEval"], "is not a calibration source")
+
+
+def test_the_planner_prints_usage_and_ends_every_error_in_one_line(tiny_job, capsys):
+    from stat_exp.plan import main
+
+    main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m stat_exp.plan")
+    for args, message in [(["budget.flops=["], "error: cannot parse override"),
+                          (tiny_job.args(**{"eval.perplexity.seq_len": 4096}), "error: eval.perplexity asks for"),
+                          (tiny_job.args(**{"model.source": "/no/such/model"}), "no such folder")]:
+        with pytest.raises(SystemExit) as end:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert end.value.code == 2 and message in err and "\n" not in err, err
+
+
+def test_the_planners_json_line_is_strict_json(tiny_job, capsys):
+    """A throughput so small that the time overflows is null, not Infinity (which JSON does not have)."""
+    from stat_exp.plan import main
+
+    main(tiny_job.args("execution.tflops=1e-320", pruner="stat"))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    plan = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the planner's JSON line"))
+    assert plan["seconds"] is None and plan["peak_host_mb"] > 0
+
+
+def test_dry_run_runs_every_check(tiny_job, tmp_path):
+    from tests.jobs import run_cli
+
+    bad = tmp_path / "nul.txt"
+    bad.write_bytes(b"\0" * 100)
+    proc = run_cli(tiny_job.args("dry_run=true", f"hydra.run.dir={tmp_path / 'run'}",
+                                 **{"eval.perplexity.text_file": bad}), tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: data file is not text: {bad} holds NUL bytes"
+    assert not (tmp_path / "run" / "results.json").exists()
