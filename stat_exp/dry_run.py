@@ -16,8 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stat_exp.config.validate import checked_config
-from stat_exp.pipeline import variant_of
-from stat_exp.preflight import prepare
+from stat_exp.pipeline import build_parts, variant_of
+from stat_exp.preflight import preflight
 
 # The settings that identify what an evaluator or a calibration reads (shown when present and set).
 IDENTIFYING = ("task", "tasks", "version", "source", "text_file", "data_file", "data_dir", "seq_len",
@@ -29,9 +29,10 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
     # what a run checks first; completed with the signatures' defaults, as the run sees it
     cfg = OmegaConf.create(checked_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     choices = choices or {}
-    parts = prepare(cfg, run_dir, torch.device("cpu"))  # the device is only where a backend would run
-    pruner = parts.pruner
-    variant = variant_of(cfg, pruner, parts.calibration)
+    built = build_parts(cfg, torch.device("cpu"), run_dir)  # the device is only where a backend would run
+    preflight(cfg, built)
+    pruner = built.pruner
+    variant = variant_of(cfg, pruner, built.calibration)
     budget = cfg.budget
     prunes = pruner.prunes and budget.flops < 1
     experiment = choices.get("experiment")
@@ -42,9 +43,9 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
         f"budget.flops={budget.flops} " + (f"(seq_len={budget.seq_len}, {pruner.allocation_under(budget.allocation)})"
                                             if prunes else "(nothing pruned)"),
     ]
-    if prunes and pruner.needs_calibration:
+    if prunes and pruner.requirements.calibration:
         parts.append(f"calib={choices.get('calib', '?')}{_settings(cfg.calib)}")
-    if prunes and pruner.needs_factorization:
+    if prunes and pruner.requirements.factorization:
         parts.append(f"factorization={choices.get('factorization', '?')}")
     parts.append("eval=[" + ", ".join(f"{name}{_settings(sub)}" for name, sub in cfg.eval.items()) + "]")
     parts.append(f"run_dir={run_dir}")

@@ -1,23 +1,20 @@
 """Every check a run can make before its weights load, in one place.
 
 The config has already been checked value by value against its typed definitions
-(stat_exp.config.validate); here its parts are built and checked against each other, against the
-model's config.json and against the data files: the model folder (config.json, weight headers,
-the head the task needs), each evaluator against the model's task and architecture, every length
-against the model's positions, each data file (exists, readable, text; hub names parse), and the
-calibration tokens against the largest rank the budget can keep. A real run (stat_exp.pipeline),
-`dry_run=true` (stat_exp.dry_run) and the planner's command line (stat_exp.plan) all call `prepare`,
-so each mistake is one line, exit 2, found in seconds instead of after calibration and pruning.
+(stat_exp.config.validate) and its parts built (stat_exp.pipeline.build_parts); here they are
+checked against each other, against the model's config.json and against the data files: the model
+folder (config.json, weight headers, the head the task needs), each evaluator against the model's
+task and architecture, every length against the model's positions, each data file (exists,
+readable, text; hub names parse), and the calibration tokens against the largest rank the budget
+can keep. A real run (stat_exp.pipeline), `dry_run=true` (stat_exp.dry_run) and the planner's
+command line (stat_exp.execution) all call `preflight`, so each mistake is one line, exit 2, found
+in seconds instead of after calibration and pruning.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from hydra.errors import HydraException
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
@@ -26,9 +23,11 @@ from stat_exp import assets
 from stat_exp.data.base import Calibration
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.base import Evaluator
-from stat_exp.export.load import check_folder
+from stat_exp.execution.plan import Parts, meta_model
+from stat_exp.models import get_adapter
+from stat_exp.models.checkpoint import check_folder
+from stat_exp.models.flops import shapes_of
 from stat_exp.models.loading import resolve_source
-from stat_exp.prune.base import Pruner
 
 # The class-name endings of checkpoints trained with the head a task loads (anything else leaves
 # that head untrained). model.task=encoder loads the base model of any checkpoint.
@@ -36,64 +35,31 @@ HEADS = {"causal_lm": ("ForCausalLM", "LMHeadModel"), "question_answering": ("Fo
          "sequence_classification": ("ForSequenceClassification",)}
 
 
-@dataclass
-class Parts:
-    """What a run builds from its config before the weights load."""
-
-    pruner: Pruner
-    backend: object | None  # a factorization Backend, when the pruner factorizes
-    calibration: Calibration
-    evaluators: dict[str, Evaluator]
-    model_config: PretrainedConfig
-    prunes: bool  # the pruner prunes and the budget keeps less than everything
-
-
-def prepare(cfg: DictConfig, run_dir: Path | None, device: torch.device) -> Parts:
-    """Build every part of a checked config (stat_exp.config.validate.checked_config) and run every
-    check that needs no weights; raises a one-line UserError for the first problem."""
-    pruner: Pruner = build(cfg.pruner)
-    evaluators = make_evaluators(cfg.eval, run_dir)
-    backend = build(cfg.factorization, device=device) if pruner.needs_factorization else None
-    calibration = build(cfg.calib)
+def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig:
+    """Every check of a run that needs no weights, on its checked config (stat_exp.config.validate)
+    and the parts built from it (stat_exp.pipeline.build_parts); returns the model's config.
+    Raises a one-line UserError for the first problem."""
+    pruner, calibration, evaluators = parts.pruner, parts.calibration, parts.evaluators
     if not isinstance(calibration, Calibration):
         raise ConfigError(f"calib._target_={cfg.calib._target_} is not a calibration source: subclass "
                           f"stat_exp.data.base.Calibration")
+    for name, evaluator in evaluators.items():
+        if not isinstance(evaluator, Evaluator):
+            raise ConfigError(f"eval.{name}._target_={cfg.eval[name]._target_} is not an evaluator: subclass "
+                              f"stat_exp.eval.base.Evaluator")
     config = model_config(cfg.model.source, cfg.model.task)
     prunes = pruner.prunes and cfg.budget.flops < 1
-    calibrates = prunes and pruner.needs_calibration
+    calibrates = prunes and pruner.requirements.calibration
     check_evaluators(config, cfg.model.task, evaluators)
-    lengths = {f"eval.{name}": e.longest_sequence for name, e in evaluators.items()}
+    lengths = {f"eval.{name}": e.lengths()[1] for name, e in evaluators.items()}
     lengths |= {"calib": calibration.longest_sequence} if calibrates else {}
     lengths |= {"budget.seq_len": cfg.budget.seq_len} if prunes else {}
     check_lengths(config, cfg.model.source, lengths)
     for part in ([calibration] if calibrates else []) + list(evaluators.values()):
         part.check()
     if calibrates and pruner.corrects and pruner.allocation_under(cfg.budget.allocation) == "global":
-        check_tokens(calibration, cfg)
-    return Parts(pruner, backend, calibration, evaluators, config, prunes)
-
-
-def build(node: DictConfig, **kwargs):
-    """instantiate(node), with a plug-in's own one-line UserError unwrapped from Hydra's wrapper."""
-    try:
-        return instantiate(node, **kwargs)
-    except HydraException as err:
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
-
-
-def make_evaluators(eval_cfg: DictConfig, run_dir: Path | None) -> dict[str, Evaluator]:
-    """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several). Evaluators
-    that write files (tables) get the run directory unless their config names one."""
-    evaluators = {}
-    for name, sub in eval_cfg.items():
-        extra = {"output_dir": str(run_dir)} if run_dir and "output_dir" in sub and sub.output_dir is None else {}
-        evaluators[name] = build(sub, **extra)
-        if not isinstance(evaluators[name], Evaluator):
-            raise ConfigError(f"eval.{name}._target_={sub._target_} is not an evaluator: subclass "
-                              f"stat_exp.eval.base.Evaluator")
-    return evaluators
+        check_tokens(calibration, cfg, parts)
+    return config
 
 
 def model_config(source: str, task: str) -> PretrainedConfig:
@@ -169,19 +135,15 @@ def check_lengths(config: PretrainedConfig, source: str, lengths: dict[str, int 
             raise ConfigError(f"{key} asks for sequences of {length} tokens; model {source} has {limit} positions")
 
 
-def check_tokens(calibration: Calibration, cfg: DictConfig) -> None:
+def check_tokens(calibration: Calibration, cfg: DictConfig, parts: Parts) -> None:
     """A correction fitted per layer needs at least as many calibration tokens as units a layer keeps;
     the global allocation may keep all but one unit of any layer. Sources whose token count depends
     on the data (padded examples) are checked when pruning instead."""
     tokens = calibration.tokens
     if tokens is None:
         return
-    from stat_exp.models import adapter_from_config, get_adapter
-    from stat_exp.plan import meta_model
-    from stat_exp.prune.runner import shapes_of
-
     model = meta_model(cfg.model.source, cfg.model.task, cfg.model.dtype)
-    width = max(s.ffn_width for s in shapes_of(get_adapter(model, adapter_from_config(cfg.model.get("adapter")))))
+    width = max(s.ffn_width for s in shapes_of(get_adapter(model, parts.adapter)))
     if tokens < width - 1:
         raise ConfigError(f"calibration has {tokens} tokens (calib.num_examples x its sequence length) but the "
                           f"global allocation may keep up to {width - 1} neurons of a layer, and the correction "

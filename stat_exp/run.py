@@ -27,6 +27,7 @@ from stat_exp.exits import exit_cleanly, log_failure, user_error
 from stat_exp.pipeline import run_pipeline
 from stat_exp.track.callbacks import SweepReport
 from stat_exp.track.report import main_metric
+from stat_exp.track.summary import run_summary
 
 # conf/hydra/launcher/*.yaml refine the launcher plug-ins' configs of the same name: Hydra merges them
 # onto the plug-in's typed config (so a misspelt launcher field is still an error) and warns about it.
@@ -47,6 +48,7 @@ def _job(cfg: DictConfig) -> float | None:
             print(describe(cfg, run_dir, hc.runtime.choices), flush=True)
             return None
         record = run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
+        print(run_summary(record.to_dict(), run_dir, run_dir / "model" if cfg.save_model else None), flush=True)
     except Exception as e:
         log_failure(e)
         if not multirun:  # raised again outside Hydra, which would print a line of its own

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,15 +14,18 @@ from omegaconf import OmegaConf
 from stat_exp.config.cli import check_overrides, compose_config
 from stat_exp.config.validate import checked_config
 from stat_exp.errors import UserError
-from stat_exp.preflight import prepare
+from stat_exp.pipeline import build_parts
+from stat_exp.preflight import preflight
 
 CPU = torch.device("cpu")
 NO_PERPLEXITY = {"eval.perplexity.text_file": None, "eval.perplexity.seq_len": None, "eval.perplexity.max_tokens": None}
 
 
 def _prepare(args: list[str]):
+    """(the run's parts, the model's config) after every check before the weights."""
     cfg = OmegaConf.create(checked_config(compose_config(args)))
-    return prepare(cfg, None, CPU)
+    parts = build_parts(cfg, CPU, Path(tempfile.gettempdir()))
+    return parts, preflight(cfg, parts)
 
 
 def _fails(args: list[str], message: str) -> str:
@@ -32,9 +37,9 @@ def _fails(args: list[str], message: str) -> str:
 
 
 def test_a_good_job_prepares_every_part(tiny_job):
-    parts = _prepare(tiny_job.args(pruner="stat"))
-    assert parts.prunes and parts.pruner.corrects and set(parts.evaluators) == {"perplexity"}
-    assert parts.calibration.tokens == 4 * 32 and parts.model_config.max_position_embeddings == 2048
+    parts, config = _prepare(tiny_job.args(pruner="stat"))
+    assert parts.pruner.corrects and set(parts.evaluators) == {"perplexity"}
+    assert parts.calibration.tokens == 4 * 32 and config.max_position_embeddings == 2048
 
 
 def test_a_missing_model_folder_is_named_as_a_folder_not_a_repo_id(tiny_job, tmp_path):
@@ -128,10 +133,10 @@ def test_a_calibration_class_must_be_a_calibration(tiny_job):
 
 
 def test_the_planner_prints_usage_and_ends_every_error_in_one_line(tiny_job, capsys):
-    from stat_exp.plan import main
+    from stat_exp.execution.__main__ import main
 
     main(["--help"])
-    assert capsys.readouterr().out.startswith("usage: python -m stat_exp.plan")
+    assert capsys.readouterr().out.startswith("usage: python -m stat_exp.execution")
     for args, message in [(["budget.flops=["], "error: cannot parse override"),
                           (tiny_job.args(**{"eval.perplexity.seq_len": 4096}), "error: eval.perplexity asks for"),
                           (tiny_job.args(**{"model.source": "/no/such/model"}), "no such folder")]:
@@ -143,7 +148,7 @@ def test_the_planner_prints_usage_and_ends_every_error_in_one_line(tiny_job, cap
 
 def test_the_planners_json_line_is_strict_json(tiny_job, capsys):
     """A throughput so small that the time overflows is null, not Infinity (which JSON does not have)."""
-    from stat_exp.plan import main
+    from stat_exp.execution.__main__ import main
 
     main(tiny_job.args("execution.tflops=1e-320", pruner="stat"))
     line = capsys.readouterr().out.strip().splitlines()[-1]

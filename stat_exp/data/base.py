@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.calibrate import Propagate
+from stat_exp.types import Propagate
 
 
 class Calibration(ABC):

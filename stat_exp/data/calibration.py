@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from stat_exp.calibrate import Propagate
-from stat_exp.config.types import PositiveInt, Seed, SeqLen
 from stat_exp.data.base import Calibration
 from stat_exp.data.text import DataError, check_text_source, encode, load_text
+from stat_exp.types import PositiveInt, Propagate, Seed, SeqLen
 
 
 def calibration_batches(

@@ -18,10 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt, Seed
 from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split, local_split
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import NonNegativeInt, PositiveInt, Seed
 
 
 def accuracy(pred: Sequence, label: Sequence) -> float:
@@ -83,9 +83,8 @@ class GlueEval(Evaluator):
         self.max_examples, self.seed, self.progress = max_examples, seed, progress
         self.label_map = _check_label_map(label_map, self.spec)
 
-    @property
-    def longest_sequence(self) -> int:
-        return self.max_length
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.max_length
 
     def check(self) -> None:
         if self.data_dir is not None:

@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt, Seed
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import NonNegativeInt, PositiveInt, Seed
 
 
 def time_runs(fn: Callable[[], object], warmup: int, repeats: int, setup: Callable[[], None] | None = None,
@@ -80,9 +80,8 @@ class LatencyEval(Evaluator):
         self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
         self.warmup, self.repeats, self.threads, self.seed = warmup, repeats, threads, seed
 
-    @property
-    def longest_sequence(self) -> int:
-        return self.seq_len + self.decode_tokens
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.seq_len + self.decode_tokens  # the last decode step attends to all of them
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)

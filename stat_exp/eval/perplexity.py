@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from tqdm.auto import tqdm
 
-from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError, check_text_source, encode, load_text
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import PositiveInt
 
 
 def perplexity(
@@ -103,9 +103,8 @@ class PerplexityEval(Evaluator):
         self.source = text_file or "wiki_eval"
         self.seq_len, self.max_tokens, self.batch_size, self.progress = seq_len, max_tokens, batch_size, progress
 
-    @property
-    def longest_sequence(self) -> int:
-        return self.seq_len
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.seq_len
 
     def check(self) -> None:
         check_text_source(self.source)
