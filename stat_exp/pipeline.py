@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
+from stat_exp.data.base import Calibration
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
@@ -24,6 +25,7 @@ from stat_exp.factorize.base import Backend
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
 from stat_exp.models import AdapterFactory, adapter_from_config, get_adapter
+from stat_exp.preflight import preflight
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.none import NoPruner
@@ -37,11 +39,11 @@ from stat_exp.track.summary import plan_line
 log = logging.getLogger(__name__)
 
 
-def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
+def variant_of(cfg: DictConfig, pruner: Pruner, calibration: Calibration) -> str | None:
     """What distinguishes this job from the default protocol (for tables and plots): the pruner's
     own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
     allocation = pruner.allocation_under(cfg.budget.allocation)
-    propagate = pruner.propagate_under(cfg.calib.propagate)
+    propagate = pruner.propagate_under(calibration.propagate)
     parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
                          f"propagate {propagate}" if propagate != "dense" else "") if p]
     return ", ".join(parts) or None
@@ -90,8 +92,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             torch.manual_seed(cfg.seed)
             device = resolve_device(cfg.device)
             parts = build_parts(cfg, device, run_dir)
+            preflight(cfg, parts)  # every check that needs no weights
             pruner, backend, calibration = parts.pruner, parts.backend, parts.calibration
-            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner, calibration)
             record.factorization = backend.name if backend else None
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
