@@ -6,7 +6,7 @@ adds Hydra around it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
+from stat_exp.data.calib_size import real_tokens
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
@@ -23,6 +24,7 @@ from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.offload import open_model
 from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
+from stat_exp.prune.calibration_check import overfit_warning
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.runner import PruneRunner
@@ -100,9 +102,16 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 batches, examples = [], None
                 if prunes and pruner.needs_calibration:
                     with timings("calibrate"):
-                        batches = calibration.batches(tokenizer)
+                        size = plan.calibration
+                        count = calibration.examples_for(tokenizer, size.tokens) if size.auto else None
+                        batches = calibration.batches(tokenizer, num_examples=count)
                         if pruner.prepare_examples:
                             examples = calibration.batches(tokenizer, num_examples=pruner.prepare_examples)
+                    size = replace(size, num_examples=sum(len(b["input_ids"]) for b in batches),
+                                   tokens=real_tokens(batches))
+                    record.calibration = size.summary()
+                    if size.warning():
+                        log.warning(size.warning())
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
                                     cfg.budget.allocation, cfg.budget.round_to)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
@@ -110,6 +119,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 outcome = runner.run(model, adapter, batches, device, store, examples)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
+                record.calibration.update(outcome.diagnostics)
+                if overfit_warning(outcome.diagnostics):
+                    log.warning(overfit_warning(outcome.diagnostics))
                 record.achieved = against_dense(model, adapter, outcome.achieved, budget)
                 record.structure = outcome.structure
                 log.info("pruned: %s", record.achieved)

@@ -18,12 +18,13 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from stat_exp.data.calib_size import AUTO, AUTO_MAX_SECONDS, CalibrationSize, auto_examples, knee_tokens, largest_rank
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.execution import ExecutionSpec, Resolved
 from stat_exp.models import adapter_from_config, get_adapter
@@ -37,6 +38,10 @@ CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + c
 # device cannot be measured here; sustained, not peak. The factorizations run at `FACTOR_SHARE`
 # of it (pivoted Cholesky is memory-bound).
 ASSUMED_TFLOPS = {"cuda": 200.0}
+# The throughput a decision that changes results (the `auto` calibration size) assumes unless
+# `execution.tflops` declares one: nominal per device kind, never a probe, so a loaded machine
+# does not calibrate on fewer tokens than an idle one.
+DECISION_TFLOPS = {**ASSUMED_TFLOPS, "cpu": 1.0}
 FACTOR_SHARE = 0.05
 # Off the CPU the pivoted factorizations are a loop of small kernels, one step per column: their
 # time is launches and synchronisations, not FLOPs (assumed per step; LAPACK on the CPU has none).
@@ -84,11 +89,13 @@ class Plan:
     tflops: float
     device: str
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
+    calibration: CalibrationSize | None = None  # the calibration size planned for (`auto` resolved)
 
     def summary(self) -> dict:
         return {"peak_host_mb": round(self.peak_host_mb, 1), "peak_device_mb": round(self.peak_device_mb, 1),
                 "disk_mb": round(self.disk_mb, 1), "seconds": round(self.seconds, 1), "tflops": self.tflops,
-                "device": self.device, **asdict(self.execution)}
+                "device": self.device, **asdict(self.execution),
+                **({"calibration": self.calibration.summary()} if self.calibration else {})}
 
 
 @dataclass
@@ -107,6 +114,8 @@ class Job:
     propagate: str = "dense"
     allocation: str = "global"  # the effective allocation
     prunes: bool = True
+    auto_calibration: bool = False  # calib.num_examples=auto: `sequences` is the knee's, before the planner's bounds
+    largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
 
 
 def meta_model(source: str, task: str, dtype: str) -> nn.Module:
@@ -134,10 +143,12 @@ def job_of(cfg, prunes: bool = True) -> Job:
     evals = list(cfg.eval.values()) if cfg.get("eval") else []
     first = evals[0] if evals else {}
     model = meta_model(cfg.model.source, cfg.model.task, cfg.model.dtype)
-    get_adapter(model, adapter_from_config(cfg.model.get("adapter")))  # the configured adapter stays the model's
-    return Job(model=model, pruner=pruner, backend=backend,
-               dtype=getattr(torch, cfg.model.dtype), sequences=int(calib.num_examples),
-               seq_len=int(calib.get("seq_len") or calib.get("max_length")), batch_size=int(calib.batch_size),
+    adapter = get_adapter(model, adapter_from_config(cfg.model.get("adapter")))  # the configured adapter stays
+    seq_len, auto = int(calib.get("seq_len") or calib.get("max_length")), calib.num_examples == AUTO
+    rank = largest_rank(shapes_of(adapter))
+    return Job(model=model, pruner=pruner, backend=backend, dtype=getattr(torch, cfg.model.dtype),
+               sequences=math.ceil(knee_tokens(rank) / seq_len) if auto else int(calib.num_examples),
+               seq_len=seq_len, batch_size=int(calib.batch_size), auto_calibration=auto, largest_rank=rank,
                eval_batch=int(first.get("batch_size", 8) or 8), eval_len=int(first.get("seq_len", 256) or 256),
                propagate=calib.get("propagate", "dense"), allocation=pruner.allocation_under(cfg.budget.allocation),
                prunes=prunes and pruner.prunes and cfg.budget.flops < 1)
@@ -160,7 +171,8 @@ def plan_sizes(job: Job) -> Sizes:
         if pruner.needs_factorization and backend is not None:
             rows = {"gram": lambda d: d, "qr": lambda d: tokens,
                     "sketch": lambda d: math.ceil(getattr(backend, "rows_per_unit", 1.5) * d)}[backend.name]
-            stats = (rows(d_attn) * d_attn + rows(d_ffn) * d_ffn) * FLOAT64
+            parts = 2 if pruner.splits_statistics(backend) else 1  # fit and held-out statistics
+            stats = (rows(d_attn) * d_attn + rows(d_ffn) * d_ffn) * FLOAT64 * parts
             heavy = (d_attn * d_attn + d_ffn * d_ffn) * FLOAT64  # R factors
             # scoring the FFN: the weighted Gram and the factor beside the statistics, and V R^T
             work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
@@ -230,13 +242,37 @@ def current_rss_mb() -> float:
 
 
 def make_plan(cfg, device: torch.device, run_dir: Path | None = None, prunes: bool = True) -> Plan:
-    """The plan of a composed run config on `device` (see `plan_job`)."""
-    return plan_job(job_of(cfg, prunes), ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
+    """The plan of a composed run config on `device` (see `plan_job`), `calib.num_examples=auto`
+    resolved (see `sized_job`)."""
+    job, spec, size = sized_job(job_of(cfg, prunes), ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
+    return plan_job(job, spec, device, run_dir, size)
 
 
-def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None) -> Plan:
+def sized_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None
+              ) -> tuple[Job, ExecutionSpec, CalibrationSize]:
+    """The job with its calibration size settled: an explicit count as it is; `auto` at the knee, or
+    the largest count whose plan fits the memory and `AUTO_MAX_SECONDS` of pruning time predicted at
+    `DECISION_TFLOPS` (or the declared `execution.tflops`)."""
+    if not (job.auto_calibration and job.prunes):
+        return job, spec, CalibrationSize(job.sequences, job.sequences * job.seq_len, job.largest_rank,
+                                          job.auto_calibration)
+    nominal = replace(spec, tflops=spec.tflops or DECISION_TFLOPS.get(device.type, 100.0))
+
+    def exceeds(sequences: int) -> str | None:
+        try:
+            plan = plan_job(replace(job, sequences=sequences), nominal, device, run_dir)
+        except PlanError:
+            return "memory"
+        return "time" if plan.seconds > AUTO_MAX_SECONDS else None
+
+    size = auto_examples(job.largest_rank, job.seq_len, exceeds)
+    return replace(job, sequences=size.num_examples), spec, size
+
+
+def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None,
+             size: CalibrationSize | None = None) -> Plan:
     """The plan of `job` on `device`, `execution=auto` choices resolved; raises PlanError when the
-    run would not fit the memory it may use."""
+    run would not fit the memory it may use. `size`: the calibration size it records."""
     sizes = plan_sizes(job)
     host_free, device_free = free_memory_mb(device, spec.device_memory_mb)
     host_limit = spec.host_memory_mb or host_free
@@ -256,6 +292,7 @@ def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path 
         raise PlanError(f"the plan needs {plan.peak_device_mb:,.0f} MB of {device} memory, {device_limit:,.0f} MB are "
                         f"available (execution: {resolved.describe()}); try execution.offload=cpu, "
                         f"execution.factors=spill or a smaller calib.batch_size")
+    plan.calibration = size
     return plan
 
 
@@ -318,6 +355,11 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
 def render(plan: Plan) -> str:
     lines = [f"| plan ({plan.device}; {plan.execution.describe()}) | MB |", "|---|---|"]
     lines += [f"| {what} | {mb:,.0f} |" for what, mb in plan.rows]
+    if plan.calibration:
+        c = plan.calibration
+        lines.append(f"| calibration ({'auto' + (f', capped by {c.capped_by}' if c.capped_by else '') if c.auto else 'set'})"
+                     f" | {c.num_examples:,} x {c.tokens // max(c.num_examples, 1):,} tokens, "
+                     f"{c.tokens_per_unit:.1f} per unit of rank {c.largest_rank:,} |")
     lines += [f"| peak host memory | {plan.peak_host_mb:,.0f} |", f"| peak device memory | {plan.peak_device_mb:,.0f} |",
               f"| disk | {plan.disk_mb:,.0f} |",
               f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]

@@ -11,6 +11,7 @@ import torch
 
 from stat_exp.calibrate import Propagate
 from stat_exp.config.types import PositiveInt
+from stat_exp.data.calib_size import NumExamples, resolved
 from stat_exp.data.text import DataError, encode, load_text
 
 
@@ -51,15 +52,22 @@ class TextCalibration:
     """The calibration config (conf/calib/wiki.yaml): random windows of a text source.
 
     `propagate` says what the next block is fed while pruning: the dense outputs of the previous
-    block (`dense`, as in the paper's code) or its pruned outputs (`pruned`).
+    block (`dense`, as in the paper's code) or its pruned outputs (`pruned`). `num_examples=auto`
+    follows the model (stat_exp.data.calib_size); the planner resolves it.
     """
 
-    def __init__(self, source: str, num_examples: PositiveInt, seq_len: PositiveInt, batch_size: PositiveInt = 8,
+    def __init__(self, source: str, num_examples: NumExamples, seq_len: PositiveInt, batch_size: PositiveInt = 8,
                  seed: int = 0, propagate: Propagate = "dense"):
         self.source, self.num_examples, self.seq_len = source, num_examples, seq_len
         self.batch_size, self.seed, self.propagate = batch_size, seed, propagate
 
     def batches(self, tokenizer, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
-        return calibration_batches(tokenizer, self.source, num_examples or self.num_examples, self.seq_len, self.seed,
-                                   self.batch_size)
+        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw,
+        or the count `auto` resolved to)."""
+        return calibration_batches(tokenizer, self.source, num_examples or resolved(self.num_examples), self.seq_len,
+                                   self.seed, self.batch_size)
+
+    def examples_for(self, tokenizer, tokens: int) -> int:
+        """How many windows hold `tokens` tokens."""
+        return -(-tokens // self.seq_len)
+

@@ -19,6 +19,8 @@ from transformers import PreTrainedTokenizerBase
 
 from stat_exp.calibrate import LABELS, Propagate
 from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.data.calib_size import (AUTO, SAMPLE_EXAMPLES, NumExamples, examples_for_tokens, real_tokens,
+                                      resolved)
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 from stat_exp.eval.squad_metric import VERSIONS
@@ -171,11 +173,12 @@ def _answer_span(example: SquadExample, offsets: list[tuple[int, int] | None], c
 class SquadCalibration:
     """Calibration on SQuAD training questions (`calib=squad`): `num_examples` random questions, every
     window of their contexts, with their answer spans (`pruner=kwon` takes its Fisher information
-    from the QA loss; the layer stream ignores them)."""
+    from the QA loss; the layer stream ignores them). `num_examples=auto` follows the model
+    (stat_exp.data.calib_size)."""
 
     version: Literal["1.1", "2.0"] = "1.1"
     data_file: str | None = None
-    num_examples: PositiveInt = 512
+    num_examples: NumExamples = AUTO
     max_length: PositiveInt = 384
     doc_stride: NonNegativeInt = 128
     batch_size: PositiveInt = 32
@@ -185,6 +188,15 @@ class SquadCalibration:
     def __post_init__(self) -> None:
         self.version = check_version(self.version, "calib.version")
 
-    def batches(self, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
-        examples = load_examples(self.version, "train", self.data_file, self.num_examples, self.seed)
+    def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw,
+        or the count `auto` resolved to)."""
+        examples = load_examples(self.version, "train", self.data_file, num_examples or resolved(self.num_examples),
+                                 self.seed)
         return encode(tokenizer, examples, self.max_length, self.doc_stride, self.batch_size, labels=True).batches
+
+    def examples_for(self, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+        """How many questions hold `tokens` real tokens over all their windows (from a seeded sample)."""
+        sample = load_examples(self.version, "train", self.data_file, SAMPLE_EXAMPLES, self.seed)
+        held = real_tokens(encode(tokenizer, sample, self.max_length, self.doc_stride, self.batch_size).batches)
+        return examples_for_tokens(held, len(sample), tokens)

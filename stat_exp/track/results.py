@@ -105,6 +105,7 @@ class RunRecord:
     peak_device_mb: float | None = None  # torch.cuda.max_memory_allocated, on CUDA
     execution: dict[str, str] = field(default_factory=dict)  # offload, stream, factors as resolved
     plan: dict[str, Any] = field(default_factory=dict)  # the planner's prediction, beside the measurement
+    calibration: dict[str, Any] = field(default_factory=dict)  # its size and whether it was enough (data.calib_size)
     seed: int | None = None
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=versions)
