@@ -96,6 +96,14 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     return mean, float(t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def wilson(accuracy: float, n: int) -> tuple[float, float]:
+    """95% Wilson interval of an accuracy over n independent sentences (fine-tuning spread excluded)."""
+    z = 1.959964
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
 def write_fold(folder: Path, rows: list[dict], test: list[int]) -> None:
     """train.jsonl (every row not in `test`) and validation.jsonl (the rows of `test`)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,19 +148,23 @@ def run_fold(fold: int, data: Path, out: Path, args, seq_len: int) -> dict[str, 
 
 def table(per_fold: list[dict[str, float]], flops: list[float], methods: list[str], test_size: int) -> list[str]:
     """Mean accuracy with its 95% interval, and the paired difference to the reference method."""
-    lines = [f"| method | kept FLOPs | accuracy (mean of {len(per_fold)} folds) | 95% CI | "
-             f"minus {REFERENCE} (paired) | 95% CI | folds ahead of {REFERENCE} |", "|---|---|---|---|---|---|---|"]
+    sentences = test_size * len(per_fold)
+    lines = [f"| method | kept FLOPs | accuracy (mean of {len(per_fold)} folds) | 95% CI over folds | "
+             f"95% CI over the {sentences} test sentences | minus {REFERENCE} (paired by fold) | 95% CI | "
+             f"folds ahead of {REFERENCE} |", "|---|---|---|---|---|---|---|---|"]
 
     def row(label: str, budget: str, key: str, ref: str | None) -> str:
         mean, half = t_interval([f[key] for f in per_fold])
-        cells = [label, budget, f"{mean:.3f}", f"{mean - half:.3f} to {mean + half:.3f}"]
+        low, high = wilson(mean, sentences) if not math.isnan(mean) else (math.nan, math.nan)
+        cells = [label, budget, f"{mean:.3f}", f"{mean - half:.3f} to {mean + half:.3f}" if half == half else "-",
+                 f"{low:.3f} to {high:.3f}"]
         if ref is None or key == ref:
             return "| " + " | ".join([*cells, "", "", ""]) + " |"
         diffs = [f[key] - f[ref] for f in per_fold]
         d, dh = t_interval(diffs)
         ahead = sum(x > 0 for x in diffs)
         ties = sum(x == 0 for x in diffs)
-        return "| " + " | ".join([*cells, f"{d:+.3f}", f"{d - dh:+.3f} to {d + dh:+.3f}",
+        return "| " + " | ".join([*cells, f"{d:+.3f}", f"{d - dh:+.3f} to {d + dh:+.3f}" if dh == dh else "-",
                                   f"{ahead} of {len(diffs)}" + (f" ({ties} tied)" if ties else "")]) + " |"
 
     lines.append(row("dense", "1.0", "dense", None))
@@ -179,12 +191,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flops", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=MAIN)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table-from", type=Path, help="only print the table of a finished (or partial) run's "
+                                                         "accuracy.json in this folder")
     parser.add_argument("--out", type=Path,
                         default=Path("outputs/bench") / time.strftime("encoder_kfold_%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
     rows = balanced_pool(labelled_rows(args.corpus), args.pool, args.seed)
     folds = stratified_folds(rows, args.folds, args.seed)
+    if args.table_from:
+        per_fold = json.loads((args.table_from / "accuracy.json").read_text(encoding="utf-8"))
+        print("\n".join(table(per_fold, args.flops, args.methods, len(rows) // args.folds)))
+        return
     seq_len = mean_tokens(rows)
     per_fold = []
     for fold, test in enumerate(folds):
