@@ -33,7 +33,7 @@ from pathlib import Path
 
 from benchmarks.common import run_job, save_table
 from stat_exp.assets import corpus_path
-from stat_exp.finetune import INFO_FILE, Recipe, finetune
+from stat_exp.finetune.classifier import INFO_FILE, Recipe, finetune
 from stat_exp.track.results import RunRecord
 
 TASK = "pang_lee"  # the task spec of single-sentence binary polarity (columns "sentence", "label")

@@ -19,12 +19,13 @@ from stat_exp.data.glue import GlueCalibration
 from stat_exp.data.text import DataError
 from stat_exp.factorize import GramBackend, QRBackend
 from stat_exp.models import get_adapter
-from stat_exp.pipeline import run_pipeline
-from stat_exp.plan import make_plan
-from stat_exp.prune.budget import BudgetSpec, LayerShape
+from stat_exp.execution import plan as execution_plan
+from stat_exp.models.flops import LayerShape, shapes_of
+from stat_exp.pipeline import build_parts, run_pipeline
+from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.calibration_check import KEY, WARN_RATIO, OverfitCheck, overfit_warning
 from stat_exp.prune.held_out import HeldOutAccumulator
-from stat_exp.prune.runner import PruneRunner, shapes_of
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from tests.tiny import batches, clone, tiny_llama
 
@@ -34,6 +35,10 @@ CPU = torch.device("cpu")
 def _config(tiny_job, *overrides: str):
     """The checked config of a job on the tiny saved Llama (hidden 32, FFN 64) and its text file."""
     return OmegaConf.create(checked_config(compose_config(tiny_job.args(*overrides, **{"calib.num_examples": None}))))
+
+
+def make_plan(cfg, device: torch.device):
+    return execution_plan.make_plan(cfg, build_parts(cfg, device, None), device)
 
 
 def test_the_knee_is_the_studys_point_and_follows_the_widest_layer():

@@ -9,7 +9,7 @@ nothing beyond noise. `auto` asks for the same number of tokens per unit of the 
 can keep (its FFN width or attention width, whichever is wider: a budget may keep a layer whole):
 1,536 units -> 65,536 tokens, Llama-2-7B's 11,008 -> 469,675 tokens.
 
-The planner bounds it (stat_exp.plan): `auto` takes the largest count whose plan fits the memory the
+The planner bounds it (stat_exp.execution.plan): `auto` takes the largest count whose plan fits the memory the
 run has and whose predicted pruning time stays within `AUTO_MAX_SECONDS` (an hour; at a nominal
 throughput per device kind, 1 TFLOP/s on a CPU and 200 on a GPU unless `execution.tflops` says
 otherwise, so the choice does not depend on the machine's load), and says in one line what it gave
@@ -24,9 +24,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError
-from stat_exp.prune.budget import LayerShape
+from stat_exp.models.flops import LayerShape
+from stat_exp.types import PositiveInt
 
 AUTO = "auto"
 NumExamples = PositiveInt | Literal["auto"]
@@ -37,7 +37,7 @@ AUTO_MAX_SECONDS = 3600.0  # the planner's predicted pruning time `auto` may spe
 def resolved(num_examples: NumExamples) -> int:
     """A configured count, which must not be `auto` any more (the planner resolves it)."""
     if num_examples == AUTO:
-        raise DataError("calib.num_examples=auto is resolved by the planner (stat_exp.plan); pass the count")
+        raise DataError("calib.num_examples=auto is resolved by the planner (stat_exp.execution.plan); pass the count")
     return num_examples
 
 
