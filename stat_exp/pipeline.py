@@ -6,8 +6,9 @@ adds Hydra around it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -19,10 +20,11 @@ from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
 from stat_exp.execution.offload import open_model
-from stat_exp.execution.plan import Parts, make_plan
+from stat_exp.execution.plan import make_plan
+from stat_exp.factorize.base import Backend
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
-from stat_exp.models import adapter_from_config, get_adapter
+from stat_exp.models import AdapterFactory, adapter_from_config, get_adapter
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.calibration_check import overfit_warning
@@ -160,6 +162,17 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
     return record
 
 
+@dataclass(frozen=True)
+class Parts:
+    """Every part of a run built from its config, before the model loads."""
+
+    pruner: Pruner
+    backend: Backend | None
+    calibration: Any  # a calibration source: num_examples, batch_size, propagate, batches(tokenizer, num_examples)
+    evaluators: dict[str, Evaluator]
+    adapter: AdapterFactory | None = None
+
+
 def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
     """Every part of a run built from its config, before the model loads (so a bad setting fails
     first); the planner sizes these same objects."""
@@ -174,10 +187,10 @@ def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]
     """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several), built before
     the model loads so a bad evaluation setting fails first. Evaluators that write files (tables)
     get the run directory unless their config names one."""
-    evaluators = {}
+    evaluators: dict[str, Evaluator] = {}
     for name, sub in eval_cfg.items():
         extra = {"output_dir": str(run_dir)} if "output_dir" in sub and sub.output_dir is None else {}
-        evaluators[name] = instantiate(sub, **extra)
+        evaluators[str(name)] = instantiate(sub, **extra)
     return evaluators
 
 

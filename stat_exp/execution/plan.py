@@ -35,6 +35,7 @@ from stat_exp.execution.requirements import Requirements
 from stat_exp.execution.sizes import FLOAT64, MB, BlockSizes, Sizes
 from stat_exp.models import AdapterFactory, get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.track.markdown import markdown_table
 
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
@@ -78,16 +79,19 @@ class Plan:
 
 
 class SizedPruner(Protocol):
-    """What the planner reads of a pruner."""
+    """What the planner reads of a pruner (`stat_exp.prune.base.Pruner`)."""
 
-    requirements: Requirements
-    prunes: bool
+    @property
+    def requirements(self) -> Requirements: ...
+
+    def allocation_under(self, budget_allocation: Any) -> str: ...
 
 
 class SizedBackend(Protocol):
     """What the planner reads of a factorization backend (`stat_exp.factorize.Backend`)."""
 
-    holds_activations: bool
+    @property
+    def holds_activations(self) -> bool: ...
 
     def statistics_bytes(self, dim: int, tokens: int) -> int: ...
 
@@ -101,8 +105,11 @@ class SizedEvaluator(Protocol):
 class SizedCalibration(Protocol):
     """What the planner reads of a calibration source."""
 
-    num_examples: int | str  # or "auto"
-    batch_size: int
+    @property
+    def num_examples(self) -> int | str: ...  # or "auto"
+
+    @property
+    def batch_size(self) -> int: ...
 
 
 @dataclass
@@ -125,16 +132,24 @@ class Job:
     largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
 
 
-@dataclass
-class Parts:
-    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.build_parts`):
+class RunParts(Protocol):
+    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.Parts`):
     the planner sizes these, it does not build them again."""
 
-    pruner: Any  # a stat_exp.prune.base.Pruner
-    backend: SizedBackend | None
-    calibration: SizedCalibration
-    evaluators: Mapping[str, SizedEvaluator]
-    adapter: AdapterFactory | None = None
+    @property
+    def pruner(self) -> SizedPruner: ...
+
+    @property
+    def backend(self) -> SizedBackend | None: ...
+
+    @property
+    def calibration(self) -> SizedCalibration: ...
+
+    @property
+    def evaluators(self) -> Mapping[str, SizedEvaluator]: ...
+
+    @property
+    def adapter(self) -> AdapterFactory | None: ...
 
 
 def calibration_length(calibration: SizedCalibration) -> int:
@@ -162,7 +177,7 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
         return model_class(config, task)._from_config(config, dtype=getattr(torch, dtype))
 
 
-def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: Parts,
+def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: RunParts,
            prunes: bool = True) -> Job:
     """The Job of a run from its model config and the parts the run built (`calib.num_examples=auto`:
     the knee's count, before `sized_job` bounds it)."""
@@ -264,7 +279,7 @@ def current_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def make_plan(cfg: Mapping[str, Any], parts: Parts, device: torch.device, run_dir: Path | None = None,
+def make_plan(cfg: Mapping[str, Any], parts: RunParts, device: torch.device, run_dir: Path | None = None,
               prunes: bool = True) -> Plan:
     """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`),
     `calib.num_examples=auto` resolved (see `sized_job`)."""
@@ -349,7 +364,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
         else:
             work = max(b.stats + b.score_work + b.activations for b in blocks)
         work += held
-    device_peak = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
+    device_peak: float = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
     host_hidden = hidden if (not store.resident or on_cpu) else 0
     if on_cpu:
         host_peak = baseline + host_weights + max(work + hidden, s.eval_work)
@@ -372,14 +387,12 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
 
 
 def render(plan: Plan) -> str:
-    lines = [f"| plan ({plan.device}; {plan.execution.describe()}) | MB |", "|---|---|"]
-    lines += [f"| {what} | {mb:,.0f} |" for what, mb in plan.rows]
+    rows = [(what, f"{mb:,.0f}") for what, mb in plan.rows]
     if plan.calibration:
         c = plan.calibration
-        lines.append(f"| calibration ({'auto' + (f', capped by {c.capped_by}' if c.capped_by else '') if c.auto else 'set'})"
-                     f" | {c.num_examples:,} x {c.tokens // max(c.num_examples, 1):,} tokens, "
-                     f"{c.tokens_per_unit:.1f} per unit of rank {c.largest_rank:,} |")
-    lines += [f"| peak host memory | {plan.peak_host_mb:,.0f} |", f"| peak device memory | {plan.peak_device_mb:,.0f} |",
-              f"| disk | {plan.disk_mb:,.0f} |",
-              f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]
-    return "\n".join(lines)
+        rows.append((f"calibration ({'auto' + (f', capped by {c.capped_by}' if c.capped_by else '') if c.auto else 'set'})",
+                     f"{c.num_examples:,} x {c.tokens // max(c.num_examples, 1):,} tokens, "
+                     f"{c.tokens_per_unit:.1f} per unit of rank {c.largest_rank:,}"))
+    rows += [("peak host memory", f"{plan.peak_host_mb:,.0f}"), ("peak device memory", f"{plan.peak_device_mb:,.0f}"),
+             ("disk", f"{plan.disk_mb:,.0f}"), (f"pruning time at {plan.tflops:g} TFLOP/s", f"{plan.seconds:,.0f} s")]
+    return markdown_table([f"plan ({plan.device}; {plan.execution.describe()})", "MB"], rows)

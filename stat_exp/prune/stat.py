@@ -123,7 +123,7 @@ class StatPruner(Pruner):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
-        extra, heavy, curves = {"n_tokens": stats.n_tokens, "index": index}, {}, None
+        extra, heavy, curves = {"n_tokens": stats.n_tokens}, {}, None
         if stats.ffn_cross is not None:  # fed the pruned model's inputs: fit to the dense outputs
             fold = CompensatedFold(stats.ffn_factor.gram(), stats.ffn_cross.C, W2, _unit_weights(W2),
                                    stats.ffn_factor.factorize(weights=_unit_weights(W2)).perm, float(self.ridge))
@@ -247,7 +247,7 @@ class StatPruner(Pruner):
         kept, removed = _channels(attn, level, G.device)
         return corrected_error(G, W, kept, removed)
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         n_tokens = scores.extra["n_tokens"]
@@ -260,7 +260,7 @@ class StatPruner(Pruner):
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
         keep = scores.ffn_order[: plan.neurons]
         if "ffn_overfit" in scores.extra:
-            self._check.add(scores.extra["index"], *scores.extra["ffn_overfit"], plan.neurons)
+            self._check.add(index, *scores.extra["ffn_overfit"], plan.neurons)
         if "ffn_comp" in scores.heavy:
             o_weight, o_bias, down_bias = self._compensated_o(attn, level, scores.heavy["attn_comp"]), None, None
             fold = scores.heavy["ffn_comp"]

@@ -12,7 +12,8 @@ from typing import Any
 import pandas as pd
 
 from stat_exp.track.logger import make_logger
-from stat_exp.track.plots import DENSE, metric_plot
+from stat_exp.track.markdown import markdown_table
+from stat_exp.track.plots import metric_plot
 from stat_exp.track.published import COLUMNS as PUBLISHED
 from stat_exp.track.published import published_columns
 from stat_exp.track.results import RESULTS_FILE
@@ -128,13 +129,7 @@ def _cell(value: Any) -> str:
 
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub markdown table, without depending on tabulate."""
-
-    def line(cells) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-    lines = [line(df.columns), "|" + "---|" * len(df.columns)]
-    lines += [line(_cell(v) for v in row) for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(list(df.columns), ([_cell(v) for v in row] for row in df.itertuples(index=False))) + "\n"
 
 
 def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
