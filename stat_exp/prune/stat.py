@@ -94,6 +94,10 @@ class StatPruner(Pruner):
         self._check = OverfitCheck()
 
     @property
+    def corrects(self) -> bool:
+        return self.correction
+
+    @property
     def variant(self) -> str:
         parts = ["" if self.correction else "no correction", f"ridge {self.ridge}" if self.ridge else "",
                  "greedy heads" if self.heads == "greedy" else "", "intercept" if self.intercept else "",
