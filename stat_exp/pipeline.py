@@ -6,7 +6,7 @@ adds Hydra around it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
 from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import real_tokens
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
@@ -27,6 +28,7 @@ from stat_exp.parts import build_parts
 from stat_exp.preflight import preflight
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.calibration_check import overfit_warning
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
@@ -117,9 +119,18 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 needs = pruner.requirements
                 if prunes and needs.calibration:
                     with timings("calibrate"):
-                        batches = calibration.batches(tokenizer)
+                        size = plan.calibration
+                        if size is None:
+                            raise RuntimeError("the plan of a calibrating job has no calibration size")
+                        count = calibration.examples_for(tokenizer, size.tokens) if size.auto else None
+                        batches = calibration.batches(tokenizer, num_examples=count)
                         if needs.examples:
                             examples = calibration.batches(tokenizer, num_examples=needs.examples)
+                    size = replace(size, num_examples=sum(len(b["input_ids"]) for b in batches),
+                                   tokens=real_tokens(batches))
+                    record.calibration = size.summary()
+                    if size.warning():
+                        log.warning(size.warning())
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
                                     cfg.budget.allocation, cfg.budget.round_to)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
@@ -127,6 +138,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 outcome = runner.run(model, adapter, batches, device, store, examples)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
+                record.calibration.update(outcome.diagnostics)
+                if overfit_warning(outcome.diagnostics):
+                    log.warning(overfit_warning(outcome.diagnostics))
                 record.achieved = against_dense(model, adapter, outcome.achieved, budget)
                 record.structure = outcome.structure
                 log.info("pruned: %s", record.achieved)

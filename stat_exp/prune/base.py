@@ -68,6 +68,14 @@ class Pruner(ABC):
         """A short label for non-default settings that change the method (empty by default)."""
         return ""
 
+    def splits_statistics(self, backend: Backend) -> bool:
+        """Whether its accumulators for `backend` hold two parts (fit and held-out; the planner counts both)."""
+        return False
+
+    def calibration_report(self) -> dict:
+        """What the pruner measured about its calibration's adequacy (results.json `calibration`)."""
+        return {}
+
     def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
         """How this pruner's layer statistics accumulate: the backend's own by default."""
         return backend.accumulator
