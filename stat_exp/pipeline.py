@@ -55,7 +55,7 @@ def pruner_name(cfg: DictConfig) -> str:
     before anything is built, so a job that fails early is listed under it."""
     target = str(OmegaConf.select(cfg, "pruner._target_", default="?"))
     try:
-        return str(getattr(get_class(target), "name"))
+        return str(getattr(get_class(target), "name"))  # AttributeError: not a pruner class
     except Exception:  # noqa: BLE001 - a bad _target_ is reported by the config check
         return target.rsplit(".", 1)[-1]
 
