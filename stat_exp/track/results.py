@@ -166,6 +166,7 @@ _SCHEMA = {
     "target": (_all(_is_number), "a dict of numbers"),
     "achieved": (_all(_is_number), "a dict of numbers"),
     "structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
+    "dense_structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
     "metrics": (_all(_is_number), "a dict of numbers"),
     "timing_s": (_all(_is_number), "a dict of numbers"),
     "peak_rss_mb": (_is_number, "a number"),
