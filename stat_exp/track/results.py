@@ -177,6 +177,7 @@ _SCHEMA = {
     "config_hash": (lambda v: isinstance(v, str), "a string"),
     "versions": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
     "variant": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "tracker": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }
 
 
