@@ -58,9 +58,23 @@ class Pruner(ABC):
         return calib_propagate if self.propagate == "calib" else self.propagate
 
     @property
+    def corrects(self) -> bool:
+        """Fits a least-squares correction per layer on the calibration tokens, so every layer needs at
+        least as many tokens as units it keeps (checked before the weights load)."""
+        return False
+
+    @property
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""
         return ""
+
+    def splits_statistics(self, backend: Backend) -> bool:
+        """Whether its accumulators for `backend` hold two parts (fit and held-out; the planner counts both)."""
+        return False
+
+    def calibration_report(self) -> dict:
+        """What the pruner measured about its calibration's adequacy (results.json `calibration`)."""
+        return {}
 
     def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
         """How this pruner's layer statistics accumulate: the backend's own by default."""

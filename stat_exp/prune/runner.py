@@ -38,6 +38,7 @@ class PruneOutcome:
     achieved: dict[str, float]
     structure: dict[str, list[int]]
     timing_s: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # the pruner's calibration report
 
 
 class PruneRunner:
@@ -87,7 +88,8 @@ class PruneRunner:
             achieved={"flops_fraction": model_flops(adapter, self.flops) / dense_flops,
                       "params_fraction": prunable_params(adapter) / dense_params,
                       "params": sum(p.numel() for p in model.parameters())},
-            structure=adapter.structure(), timing_s=timing)
+            structure=adapter.structure(), timing_s=timing,
+            diagnostics=self.pruner.calibration_report() if self.pruner.prunes else {})
 
     def _allocate(self, scores: list[LayerScores], shapes: list[LayerShape],
                   layers: list[int] | None = None) -> list[LayerPlan]:

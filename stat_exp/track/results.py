@@ -54,8 +54,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write or fsync error: name the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -106,6 +108,7 @@ class RunRecord:
     peak_device_mb: float | None = None  # torch.cuda.max_memory_allocated, on CUDA
     execution: dict[str, str] = field(default_factory=dict)  # offload, stream, factors as resolved
     plan: dict[str, Any] = field(default_factory=dict)  # the planner's prediction, beside the measurement
+    calibration: dict[str, Any] = field(default_factory=dict)  # its size and whether it was enough (data.calib_size)
     seed: int | None = None
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=versions)
@@ -173,6 +176,7 @@ _SCHEMA = {
     "peak_device_mb": (lambda v: v is None or _is_number(v), "a number or null"),
     "execution": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
     "plan": (lambda v: isinstance(v, dict), "a dict"),
+    "calibration": (lambda v: isinstance(v, dict), "a dict"),
     "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
     "config_hash": (lambda v: isinstance(v, str), "a string"),
     "versions": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
