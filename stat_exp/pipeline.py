@@ -6,26 +6,29 @@ adds Hydra around it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
 from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import real_tokens
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
 from stat_exp.execution.offload import open_model
-from stat_exp.execution.plan import Parts, make_plan
+from stat_exp.execution.plan import make_plan
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
-from stat_exp.models import adapter_from_config, get_adapter
+from stat_exp.models import get_adapter
+from stat_exp.parts import build_parts
 from stat_exp.preflight import preflight
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.calibration_check import overfit_warning
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
@@ -47,14 +50,23 @@ def variant_of(cfg: DictConfig, pruner: Pruner, calibration: Calibration) -> str
     return ", ".join(parts) or None
 
 
+def pruner_name(cfg: DictConfig) -> str:
+    """The name a pruner's records carry (its class's `name`, as in its config file's name), known
+    before anything is built, so a job that fails early is listed under it."""
+    target = str(OmegaConf.select(cfg, "pruner._target_", default="?"))
+    try:
+        return str(getattr(get_class(target), "name"))
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported by the config check
+        return target.rsplit(".", 1)[-1]
+
+
 def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> RunRecord:
     """Run one job and write run_dir/results.json (status failed, with the error, if it fails).
 
     With `resume=true`, a run_dir whose results.json is ok for the same config hash is not run again:
     its record is returned as it is."""
     run_dir = Path(run_dir)
-    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")),
-                       pruner=str(OmegaConf.select(cfg, "pruner._target_", default="?")).rsplit(".", 1)[-1])
+    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")), pruner=pruner_name(cfg))
     try:
         plain = checked_config(cfg)
     except BaseException as e:
@@ -107,9 +119,18 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 needs = pruner.requirements
                 if prunes and needs.calibration:
                     with timings("calibrate"):
-                        batches = calibration.batches(tokenizer)
+                        size = plan.calibration
+                        if size is None:
+                            raise RuntimeError("the plan of a calibrating job has no calibration size")
+                        count = calibration.examples_for(tokenizer, size.tokens) if size.auto else None
+                        batches = calibration.batches(tokenizer, num_examples=count)
                         if needs.examples:
                             examples = calibration.batches(tokenizer, num_examples=needs.examples)
+                    size = replace(size, num_examples=sum(len(b["input_ids"]) for b in batches),
+                                   tokens=real_tokens(batches))
+                    record.calibration = size.summary()
+                    if size.warning():
+                        log.warning(size.warning())
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
                                     cfg.budget.allocation, cfg.budget.round_to)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
@@ -117,6 +138,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 outcome = runner.run(model, adapter, batches, device, store, examples)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
+                record.calibration.update(outcome.diagnostics)
+                if overfit_warning(outcome.diagnostics):
+                    log.warning(overfit_warning(outcome.diagnostics))
                 record.achieved = against_dense(model, adapter, outcome.achieved, budget)
                 record.structure = outcome.structure
                 log.info("pruned: %s", record.achieved)
@@ -124,6 +148,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 with timings("eval"):
                     record.metrics = evaluate(parts.evaluators, model, tokenizer, device)
                 log.info("metrics: %s", record.metrics)
+                if cfg.objective is not None and cfg.objective not in record.metrics:
+                    raise ConfigError(f"objective={cfg.objective!r} is not among this job's metrics: "
+                                      f"{', '.join(record.metrics)}")
                 if cfg.save_model:
                     save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
                 if record.structure != record.dense_structure:
@@ -149,27 +176,6 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record
-
-
-def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
-    """Every part of a run built from its config, before the model loads (so a bad setting fails
-    first); the planner sizes these same objects."""
-    pruner: Pruner = instantiate(cfg.pruner)
-    adapter = adapter_from_config(cfg.model.get("adapter"))
-    evaluators = make_evaluators(cfg.eval, run_dir)
-    backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter)
-
-
-def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:
-    """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several), built before
-    the model loads so a bad evaluation setting fails first. Evaluators that write files (tables)
-    get the run directory unless their config names one."""
-    evaluators = {}
-    for name, sub in eval_cfg.items():
-        extra = {"output_dir": str(run_dir)} if "output_dir" in sub and sub.output_dir is None else {}
-        evaluators[name] = instantiate(sub, **extra)
-    return evaluators
 
 
 def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.device) -> dict[str, float]:

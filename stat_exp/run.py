@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -29,9 +28,6 @@ from stat_exp.track.callbacks import SweepReport
 from stat_exp.track.report import main_metric
 from stat_exp.track.summary import run_summary
 
-# conf/hydra/launcher/*.yaml refine the launcher plug-ins' configs of the same name: Hydra merges them
-# onto the plug-in's typed config (so a misspelt launcher field is still an error) and warns about it.
-warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 register_resolvers()
 _failures: list[Exception] = []  # the failure of a single run, ended in one line by stat_exp.exits
 
@@ -49,7 +45,7 @@ def _job(cfg: DictConfig) -> float | None:
             return None
         record = run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
         print(run_summary(record.to_dict(), run_dir, run_dir / "model" if cfg.save_model else None), flush=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - every failure of a job is recorded and reported in one line
         log_failure(e)
         if not multirun:  # raised again outside Hydra, which would print a line of its own
             _failures.append(e)
@@ -79,6 +75,9 @@ def _main() -> None:
     if _failures:
         raise _failures.pop()
     outcome = SweepReport.last
+    if outcome is not None and outcome.earlier:
+        print(f"not part of this sweep (job folders of earlier sweeps): {', '.join(outcome.earlier)}",
+              file=sys.stderr)
     if outcome is not None and outcome.failed:
         print(f"{len(outcome.failed)} of {outcome.jobs} job(s) failed:", file=sys.stderr)
         for run_dir, error in outcome.failed:

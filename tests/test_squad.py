@@ -146,7 +146,7 @@ def test_bad_options_are_config_errors(tmp_path):
 def test_kwon_takes_its_fisher_information_from_the_qa_loss(tmp_path, tokenizer):
     data = squad_file(tmp_path / "s.json")
     model = BertForQuestionAnswering.from_pretrained(tiny_qa(tmp_path / "qa", tokenizer)).eval()
-    batches = SquadCalibration(data_file=str(data), max_length=64, doc_stride=16, batch_size=4).batches(tokenizer)
+    batches = SquadCalibration(data_file=str(data), num_examples=512, max_length=64, doc_stride=16, batch_size=4).batches(tokenizer)
     out = PruneRunner(KwonPruner(), BudgetSpec(0.6, 64), GramBackend(), progress=False).run(model, get_adapter(model), batches, CPU)
     assert out.achieved["flops_fraction"] == pytest.approx(0.6, abs=0.02)
     scores = SquadEval(data_file=str(data), max_length=64, doc_stride=16, progress=False)(model, tokenizer, CPU)

@@ -37,7 +37,7 @@ def prune_layers(model, pruner, plan_for, backend=None, propagate="dense"):
                          progress=False)
     for i, layer, stats in stream:
         scores = pruner.score(adapter, i, layer, stats)
-        pruner.apply(adapter, layer, scores, plan_for(scores, adapter.ffn(layer).width), stats)
+        pruner.apply(adapter, i, layer, scores, plan_for(scores, adapter.ffn(layer).width), stats)
     return adapter
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,11 @@ from omegaconf import DictConfig
 
 from stat_exp.config.validate import top_level_keys
 from stat_exp.errors import UserError
+
+# conf/hydra/launcher/*.yaml (basic, the default, too) refine the launcher plug-ins' configs of the same
+# name: Hydra merges them onto the plug-in's typed config (so a misspelt launcher field is still an
+# error) and warns about it, on every composition (stat-exp and compose_config alike).
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
@@ -91,7 +97,7 @@ def check_overrides(argv: Sequence[str]) -> None:
     args = _args(argv)
     overrides = parse_overrides(args.overrides)
     loader = config_loader(argv)
-    repo = loader._parse_overrides_and_create_caching_repo(args.config_name or CONFIG_NAME,  # noqa: SLF001
+    repo = loader._parse_overrides_and_create_caching_repo(args.config_name or CONFIG_NAME,
                                                            _searchpath_overrides(argv))[1]
     # an experiment may define top-level keys of its own (which a plain override then sets)
     experiment = any(o.key_or_group == "experiment" and not o.is_delete() for o in overrides)
@@ -141,10 +147,13 @@ def _leaves_default(override: Override) -> bool:
 
 def command_line(argv: Sequence[str]) -> list[str]:
     """argv with its overrides made overridable (see `overridable`), flags untouched, and the
-    experiment sweeper for sweeps that need it (see `_sweeper_for`)."""
+    experiment sweeper for sweeps that need it (see `_sweeper_for`) right after the last override:
+    Hydra's parser takes overrides only as one run of arguments, so not after a trailing flag."""
     overrides = _args(argv).overrides
     rewritten = dict(zip(overrides, overridable(overrides)))
-    return [rewritten.get(arg, arg) for arg in argv] + _sweeper_for(argv)
+    line = [rewritten.get(arg, arg) for arg in argv]
+    end = max((i + 1 for i, arg in enumerate(argv) if arg in overrides), default=len(argv))
+    return line[:end] + _sweeper_for(argv) + line[end:]
 
 
 def compose_config(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

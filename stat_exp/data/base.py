@@ -19,7 +19,7 @@ class Calibration(ABC):
     """A configured calibration source. Subclasses set the fields below (plain attributes or dataclass
     fields) and implement `batches` and `longest_sequence`."""
 
-    num_examples: int  # examples of one draw (a pruner may ask for another count)
+    num_examples: int | str  # examples of one draw, or "auto" (a pruner may ask for another count)
     batch_size: int  # examples per batch
     seed: int  # the draw's seed
     propagate: Propagate = "dense"  # what the next block is fed while pruning: dense or pruned outputs
@@ -34,6 +34,11 @@ class Calibration(ABC):
         """Tokens of one configured draw when the configuration alone decides it; None when it
         depends on the data (examples padded per batch)."""
         return None
+
+    def examples_for(self, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+        """How many examples hold about `tokens` tokens (what `num_examples=auto` resolves to); by
+        default, examples of `longest_sequence` tokens."""
+        return -(-tokens // self.longest_sequence)
 
     def check(self) -> None:
         """What can be checked before the model loads: data files exist and are readable text, hub

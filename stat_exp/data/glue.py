@@ -20,6 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import AssetError, corpus_path
 from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import (AUTO, SAMPLE_EXAMPLES, NumExamples, examples_for_tokens, real_tokens,
+                                      resolved)
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 from stat_exp.types import LABELS, PositiveInt, Propagate, Seed
@@ -222,11 +224,12 @@ def label_tensor(spec: GlueTask, rows: list[Row]) -> torch.Tensor:
 class GlueCalibration(Calibration):
     """Calibration from a task's training split: `num_examples` random examples (the paper: 512),
     tokenized like the task's inputs and padded per batch, with their labels (`pruner=kwon` takes
-    its Fisher information from the task loss, as in the paper; the layer stream ignores them)."""
+    its Fisher information from the task loss, as in the paper; the layer stream ignores them).
+    `num_examples=auto` follows the model (stat_exp.data.calib_size)."""
 
     task: str | None
     data_dir: str | None = None
-    num_examples: PositiveInt = 512
+    num_examples: NumExamples = AUTO
     max_length: PositiveInt = 128
     batch_size: PositiveInt = 32
     seed: Seed = 0
@@ -248,8 +251,15 @@ class GlueCalibration(Calibration):
     def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
         """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
         spec = get_task(self.task)
-        rows = load_split(spec, "train", self.data_dir, num_examples or self.num_examples, self.seed)
+        rows = load_split(spec, "train", self.data_dir, num_examples or resolved(self.num_examples), self.seed)
         batches = encode_batches(tokenizer, spec, rows, self.max_length, self.batch_size)
         for start, batch in zip(range(0, len(rows), self.batch_size), batches):
             batch[LABELS] = label_tensor(spec, rows[start:start + self.batch_size])  # for loss-based pruners
         return batches
+
+    def examples_for(self, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+        """How many training examples hold `tokens` real tokens (from the mean of a seeded sample)."""
+        spec = get_task(self.task)
+        sample = load_split(spec, "train", self.data_dir, SAMPLE_EXAMPLES, self.seed)
+        held = real_tokens(encode_batches(tokenizer, spec, sample, self.max_length, self.batch_size))
+        return examples_for_tokens(held, len(sample), tokens)

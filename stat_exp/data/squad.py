@@ -18,6 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import (AUTO, SAMPLE_EXAMPLES, NumExamples, examples_for_tokens, real_tokens,
+                                      resolved)
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
 from stat_exp.types import LABELS, NonNegativeInt, PositiveInt, Propagate, Seed, SquadVersion
@@ -178,11 +180,12 @@ def _answer_span(example: SquadExample, offsets: list[tuple[int, int] | None], c
 class SquadCalibration(Calibration):
     """Calibration on SQuAD training questions (`calib=squad`): `num_examples` random questions, every
     window of their contexts, with their answer spans (`pruner=kwon` takes its Fisher information
-    from the QA loss; the layer stream ignores them)."""
+    from the QA loss; the layer stream ignores them). `num_examples=auto` follows the model
+    (stat_exp.data.calib_size)."""
 
     version: SquadVersion = "1.1"
     data_file: str | None = None
-    num_examples: PositiveInt = 512
+    num_examples: NumExamples = AUTO
     max_length: PositiveInt = 384
     doc_stride: NonNegativeInt = 128
     batch_size: PositiveInt = 32
@@ -201,6 +204,14 @@ class SquadCalibration(Calibration):
             check_squad_file(Path(self.data_file).expanduser())
 
     def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
-        examples = load_examples(self.version, "train", self.data_file, num_examples or self.num_examples, self.seed)
+        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw,
+        or the count `auto` resolved to)."""
+        examples = load_examples(self.version, "train", self.data_file, num_examples or resolved(self.num_examples),
+                                 self.seed)
         return encode(tokenizer, examples, self.max_length, self.doc_stride, self.batch_size, labels=True).batches
+
+    def examples_for(self, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+        """How many questions hold `tokens` real tokens over all their windows (from a seeded sample)."""
+        sample = load_examples(self.version, "train", self.data_file, SAMPLE_EXAMPLES, self.seed)
+        held = real_tokens(encode(tokenizer, sample, self.max_length, self.doc_stride, self.batch_size).batches)
+        return examples_for_tokens(held, len(sample), tokens)

@@ -152,7 +152,7 @@ def _load(manager: TaskManager, spec: TaskSpec) -> list[Task | Group]:
     name = spec if isinstance(spec, str) else spec.get("task", spec.get("group"))
     try:
         loaded = manager.load([spec])
-    except Exception as err:  # noqa: BLE001 - hub, dataset and config errors come in many types
+    except Exception as err:
         if name in TASK_NAMES:
             raise  # our own task failing is a bug: keep the traceback
         raise _load_error(name, isinstance(spec, str), err) from None

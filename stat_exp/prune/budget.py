@@ -23,7 +23,7 @@ class BudgetError(UserError, ValueError):
 class BudgetSpec:
     """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
 
-    flops: Fraction = 1.0
+    flops: Fraction = 0.7  # conf/budget/flops.yaml's default too
     seq_len: SeqLen = 256
     allocation: Allocation = "global"
     round_to: PositiveInt = 1

@@ -38,6 +38,7 @@ class PruneOutcome:
     achieved: dict[str, float]
     structure: dict[str, list[int]]
     timing_s: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # the pruner's calibration report
 
 
 class PruneRunner:
@@ -66,7 +67,7 @@ class PruneRunner:
     def run(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
             device: torch.device, store: BlockStore | None = None,
             examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
-        """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any."""
+        """`examples`: the calibration examples the pruner asked for (`requirements.examples`), if any."""
         store = store or BlockStore(model, adapter, device)
         if not store.resident and self.pruner.requirements.whole_model:
             raise ConfigError(f"pruner={self.pruner.name} runs the whole model at once (gradients); "
@@ -87,7 +88,8 @@ class PruneRunner:
             achieved={"flops_fraction": model_flops(adapter, self.flops) / dense_flops,
                       "params_fraction": prunable_params(adapter) / dense_params,
                       "params": sum(p.numel() for p in model.parameters())},
-            structure=adapter.structure(), timing_s=timing)
+            structure=adapter.structure(), timing_s=timing,
+            diagnostics=self.pruner.calibration_report() if self.pruner.prunes else {})
 
     def _allocate(self, scores: list[LayerScores], shapes: list[LayerShape],
                   layers: list[int] | None = None) -> list[LayerPlan]:
@@ -119,13 +121,13 @@ class PruneRunner:
         if self.budget.allocation == "uniform":  # each layer decided on its own, as it streams
             for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
                 sc = self._score(adapter, i, layer, stats)
-                self.pruner.apply(adapter, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
+                self.pruner.apply(adapter, i, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
             return
         if self.propagate == "pruned":  # counts from a dense pass, then prune in order
             plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
                                                                         keep_heavy=False)], shapes)
             for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
-                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
             return
         keep_heavy = not self.factors.second_pass
         with self.factors.pending() as pending:
@@ -136,7 +138,7 @@ class PruneRunner:
                 self._apply_stored(adapter, store, pending.take, plans)
                 return
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
-                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
 
     def _score(self, adapter, index: int, layer: nn.Module, stats: LayerStats) -> LayerScores:
         sc = self.pruner.score(adapter, index, layer, stats)
@@ -172,7 +174,7 @@ class PruneRunner:
         for i in tqdm(range(len(plans)), desc="prune", disable=not self.progress):
             sc, stats = scored(i)
             with store.block(i) as layer:
-                self.pruner.apply(adapter, layer, sc, plans[i], stats)
+                self.pruner.apply(adapter, i, layer, sc, plans[i], stats)
 
     def apply_plans(self, adapter: ModelAdapter, scored: Sequence[tuple[LayerScores, LayerStats | None]],
                     plans: list[LayerPlan]) -> None:

@@ -91,7 +91,7 @@ def peak_rss_mb() -> float:
 
 @dataclass(kw_only=True)
 class RunRecord:
-    """What one run writes to results.json; the fields are the contract in DESIGN.md."""
+    """What one run writes to results.json; the fields are the results contract (README, "Results contract")."""
 
     status: str = "running"
     error: str | None = None
@@ -108,6 +108,7 @@ class RunRecord:
     peak_device_mb: float | None = None  # torch.cuda.max_memory_allocated, on CUDA
     execution: dict[str, str] = field(default_factory=dict)  # offload, stream, factors as resolved
     plan: dict[str, Any] = field(default_factory=dict)  # the planner's prediction, beside the measurement
+    calibration: dict[str, Any] = field(default_factory=dict)  # its size and whether it was enough (data.calib_size)
     seed: int | None = None
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=versions)
@@ -158,7 +159,7 @@ def _all(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda d: isinstance(d, dict) and all(check(v) for v in d.values())
 
 
-# Each contract key with a check and the words for the error message, in the order of DESIGN.md.
+# Each contract key with a check and the words for the error message, in the order of RunRecord's fields.
 _SCHEMA = {
     "status": (lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}"),
     "error": (lambda v: v is None or isinstance(v, str), "a string or null"),
@@ -168,12 +169,19 @@ _SCHEMA = {
     "target": (_all(_is_number), "a dict of numbers"),
     "achieved": (_all(_is_number), "a dict of numbers"),
     "structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
+    "dense_structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
     "metrics": (_all(_is_number), "a dict of numbers"),
     "timing_s": (_all(_is_number), "a dict of numbers"),
     "peak_rss_mb": (_is_number, "a number"),
+    "peak_device_mb": (lambda v: v is None or _is_number(v), "a number or null"),
+    "execution": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
+    "plan": (lambda v: isinstance(v, dict), "a dict"),
+    "calibration": (lambda v: isinstance(v, dict), "a dict"),
     "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
     "config_hash": (lambda v: isinstance(v, str), "a string"),
     "versions": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
+    "variant": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "tracker": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }
 
 
