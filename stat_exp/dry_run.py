@@ -13,9 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stat_exp.config.validate import checked_config
+from stat_exp.data.text import hub_offline
+from stat_exp.errors import UserError
 from stat_exp.parts import build_parts
 from stat_exp.pipeline import variant_of
 from stat_exp.preflight import preflight
@@ -30,10 +34,18 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
     # what a run checks first; completed with the signatures' defaults, as the run sees it
     cfg = OmegaConf.create(checked_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     choices = choices or {}
-    built = build_parts(cfg, torch.device("cpu"), run_dir)  # the device is only where a backend would run
-    preflight(cfg, built)
-    pruner = built.pruner
-    variant = variant_of(cfg, pruner, built.calibration)
+    try:
+        built = build_parts(cfg, torch.device("cpu"), run_dir)  # the device is only where a backend would run
+    except (UserError, HydraException):
+        if not hub_offline():
+            raise
+        # offline, evaluators that read the hub when built (SQuAD, standard lm-eval tasks) cannot be:
+        # the job is still listed, its checks are left to the run
+        pruner, calibration = instantiate(cfg.pruner), instantiate(cfg.calib)
+    else:
+        preflight(cfg, built)
+        pruner, calibration = built.pruner, built.calibration
+    variant = variant_of(cfg, pruner, calibration)
     budget = cfg.budget
     prunes = pruner.prunes and budget.flops < 1
     experiment = choices.get("experiment")

@@ -36,10 +36,11 @@ HEADS = {"causal_lm": ("ForCausalLM", "LMHeadModel"), "question_answering": ("Fo
          "sequence_classification": ("ForSequenceClassification",)}
 
 
-def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig:
+def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig | None:
     """Every check of a run that needs no weights, on its checked config (stat_exp.config.validate)
-    and the parts built from it (stat_exp.parts.build_parts); returns the model's config.
-    Raises a one-line UserError for the first problem."""
+    and the parts built from it (stat_exp.parts.build_parts); returns the model's config (None
+    for a hub model offline and not cached: the checks that need it are left to the run, which
+    stops in one line when it cannot read it). Raises a one-line UserError for the first problem."""
     pruner, calibration, evaluators = parts.pruner, parts.calibration, parts.evaluators
     if not isinstance(calibration, Calibration):
         raise ConfigError(f"calib._target_={cfg.calib._target_} is not a calibration source: subclass "
@@ -52,18 +53,20 @@ def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig:
     prunes = pruner.prunes and cfg.budget.flops < 1
     calibrates = prunes and pruner.requirements.calibration
     check_evaluators(config, cfg.model.task, evaluators)
+    for part in ([calibration] if calibrates else []) + list(evaluators.values()):
+        part.check()
+    if config is None:
+        return None
     lengths = {f"eval.{name}": e.lengths()[1] for name, e in evaluators.items()}
     lengths |= {"calib": calibration.longest_sequence} if calibrates else {}
     lengths |= {"budget.seq_len": cfg.budget.seq_len} if prunes else {}
     check_lengths(config, cfg.model.source, lengths)
-    for part in ([calibration] if calibrates else []) + list(evaluators.values()):
-        part.check()
     if calibrates and pruner.corrects and pruner.allocation_under(cfg.budget.allocation) == "global":
         check_tokens(calibration, cfg, parts)
     return config
 
 
-def model_config(source: str, task: str) -> PretrainedConfig:
+def model_config(source: str, task: str) -> PretrainedConfig | None:
     """The model's config, read without weights: a local folder is checked whole (config.json, the
     safetensors headers against it, a class for the task); a hub id is looked up (or in the cache
     when offline). A missing local path is named as such, not taken for a hub id."""
@@ -75,6 +78,8 @@ def model_config(source: str, task: str) -> PretrainedConfig:
                         f"{', '.join(assets.model_names())})")
     else:
         config = _hub_config(source)
+        if config is None:
+            return None
     _check_head(config, task, source)
     return config
 
@@ -85,15 +90,15 @@ def _looks_local(source: str) -> bool:
             or Path(source).exists())
 
 
-def _hub_config(source: str) -> PretrainedConfig:
+def _hub_config(source: str) -> PretrainedConfig | None:
+    """The config of a hub model; None offline when it is not in the cache."""
     try:
         return AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        reason = "the hub is offline (HF_HUB_OFFLINE=1) and it is not in the cache" if offline else \
-            str(e).strip().splitlines()[0]
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            return None
         raise UserError(f"model {source!r} is neither an embedded model ({', '.join(assets.model_names())}) nor "
-                        f"a local folder, and cannot be read from the hub: {reason}") from None
+                        f"a local folder, and cannot be read from the hub: {str(e).strip().splitlines()[0]}") from None
 
 
 def _check_head(config: PretrainedConfig, task: str, source: str) -> None:
@@ -110,12 +115,12 @@ def is_decoder(config: PretrainedConfig) -> bool:
     return bool(getattr(config, "is_decoder", False)) or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def check_evaluators(config: PretrainedConfig, task: str, evaluators: dict[str, Evaluator]) -> None:
+def check_evaluators(config: PretrainedConfig | None, task: str, evaluators: dict[str, Evaluator]) -> None:
     for name, evaluator in evaluators.items():
         if evaluator.tasks and task not in evaluator.tasks:
             raise ConfigError(f"eval={name} measures a {' or '.join(evaluator.tasks)} model, but model.task={task}; "
                               f"choose another evaluator or a model with that task")
-        if evaluator.encoders_only and is_decoder(config):
+        if evaluator.encoders_only and config is not None and is_decoder(config):
             raise ConfigError(f"eval={name} measures an encoder's representations; {config.model_type} is a "
                               f"decoder (choose an encoder model or another evaluator)")
 

@@ -60,11 +60,14 @@ def test_command_line_values_replace_an_experiments_grid_values(tmp_path):
 
 def test_a_dry_run_job_writes_no_results_and_a_bad_value_exits_2(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run(["dry_run=true", "pruner=stat_paper", "model.source=/no/such/model", f"hydra.run.dir={run_dir}"],
-                tmp_path)
+    proc = _run(["dry_run=true", "pruner=stat_paper", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("dry run: ") == 1 and "pruner=stat_paper" in proc.stdout
     assert not (run_dir / "results.json").exists() and not (run_dir / "wandb").exists()
+    # a dry run makes every check a run makes before its weights load (stat_exp.preflight)
+    proc = _run(["dry_run=true", "model.source=/no/such/model", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2 and "model.source='/no/such/model': no such folder" in proc.stderr
+    assert not (run_dir / "results.json").exists()
     proc = _run(["-m", "experiment=llama2_7b_paper", "dry_run=true", "pruner.procedure=nope"], tmp_path)
     assert proc.returncode == 2
     jobs = _jobs(proc.stdout)

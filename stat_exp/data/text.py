@@ -142,7 +142,7 @@ def _load_hub(spec: str) -> str:
         datasets.logging.set_verbosity_error()
         data = datasets.load_dataset(name, config, split=split)
     except Exception as err:  # noqa: BLE001 - hub/IO errors come in many types; report one line
-        if _offline():
+        if hub_offline():
             reason = "offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) and not in the local cache"
             raise DataError(f"cannot load {where}: {reason}") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -155,7 +155,8 @@ def _load_hub(spec: str) -> str:
     return text
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: nothing is read from the hub."""
     flags = (os.environ.get(v, "").strip().lower() for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     return any(f in ("1", "true", "yes", "on") for f in flags)
 
