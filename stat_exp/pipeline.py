@@ -97,21 +97,25 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             log.info("loaded %s in %.1f s (%s)", cfg.model.source, timings.seconds["load"], plan.execution.describe())
             try:
                 adapter = get_adapter(model)
-                batches, examples = [], None
+                batches, examples, held_out = [], None, []
                 if prunes and pruner.needs_calibration:
                     with timings("calibrate"):
                         batches = calibration.batches(tokenizer)
                         if pruner.prepare_examples:
                             examples = calibration.batches(tokenizer, num_examples=pruner.prepare_examples)
+                        if selects_plan(cfg, pruner):
+                            batches, held_out = split_held_out(calibration, tokenizer, batches,
+                                                               cfg.budget.held_out_examples)
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
-                                    cfg.budget.allocation, cfg.budget.round_to)
+                                    cfg.budget.allocation, cfg.budget.round_to, cfg.budget.select,
+                                    cfg.budget.held_out_examples)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
                                      cfg.progress, plan.execution.stream, plan.execution.factors, work_dir / "factors")
-                outcome = runner.run(model, adapter, batches, device, store, examples)
+                outcome = runner.run(model, adapter, batches, device, store, examples, held_out)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
                 record.achieved = against_dense(model, adapter, outcome.achieved, budget)
-                record.structure = outcome.structure
+                record.structure, record.allocation = outcome.structure, outcome.allocation
                 log.info("pruned: %s", record.achieved)
                 store.prepare_for_eval()
                 with timings("eval"):
@@ -137,6 +141,25 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record
+
+
+def selects_plan(cfg: DictConfig, pruner: Pruner) -> bool:
+    """Whether the run chooses its global plan on held-out calibration batches (`budget.select`):
+    a global allocation on a dense pass (with propagate=pruned the blocks are fitted on the pruned
+    stream, which the candidates' copies would not reproduce)."""
+    return (cfg.budget.select == "held_out" and pruner.allocation_under(cfg.budget.allocation) == "global"
+            and pruner.propagate_under(cfg.calib.propagate) == "dense")
+
+
+def split_held_out(calibration, tokenizer, batches: list, count: int) -> tuple[list, list]:
+    """(calibration batches, held-out batches of about `count` examples that share none with them):
+    drawn after the configured examples where the source can (`held_out_batches`), else the last
+    batches of the calibration set (then not fitted on), when at least as many batches remain."""
+    draw = getattr(calibration, "held_out_batches", None)
+    if draw is not None:
+        return batches, draw(tokenizer, count)
+    k = -(-count // calibration.batch_size)
+    return (batches[:-k], batches[-k:]) if len(batches) > k else (batches, [])
 
 
 def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:

@@ -63,3 +63,10 @@ class TextCalibration:
         """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
         return calibration_batches(tokenizer, self.source, num_examples or self.num_examples, self.seq_len, self.seed,
                                    self.batch_size)
+
+    def held_out_batches(self, tokenizer, count: int) -> list[dict[str, torch.Tensor]]:
+        """About `count` windows drawn after the configured ones (a larger draw of the same seed starts
+        with the configured windows), in whole batches that share no window with the calibration."""
+        first = -(-self.num_examples // self.batch_size)
+        drawn = self.batches(tokenizer, (first + -(-count // self.batch_size)) * self.batch_size)
+        return drawn[first:]
