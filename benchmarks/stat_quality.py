@@ -6,6 +6,7 @@
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
     python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
     python -m benchmarks.stat_quality transfer [--examples 64] [--budgets 0.9,0.8,0.7,0.6,0.5] [--variants ...]
+    python -m benchmarks.stat_quality selection_time [--examples 256] [--held-out 16] [--budgets 0.7]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
 wiki_calib without its last articles, perplexity on those articles): one table per option, each
@@ -216,6 +217,34 @@ def transfer(args) -> None:
         print(markdown(_fill(rows)))
 
 
+def selection_time(args) -> None:
+    """Prune time of today's STAT (the global plan as it is) and of STAT choosing its plan on
+    held-out batches (the default), side by side in one process, same calibration."""
+    from stat_exp.data.calibration import TextCalibration
+
+    model, tok = load_model("smollm2_135m")
+    calibration = TextCalibration("wiki_calib", args.examples, 256)
+    batches, held_out = calibration.batches(tok), calibration.held_out_batches(tok, args.held_out)
+    rows = []
+    for target in args.budgets:
+        for name, select in (("STAT, global plan (select=off)", "off"), ("STAT, plan chosen on held-out (default)", "held_out")):
+            pruned = copy.deepcopy(model)
+            runner = PruneRunner(StatPruner(), BudgetSpec(target, 256, select=select, held_out_examples=args.held_out),
+                                 GramBackend(), progress=False)
+            start = time.perf_counter()
+            out = runner.run(pruned, get_adapter(pruned), batches, CPU, held_out=held_out)
+            row = {"kept FLOPs": target, "variant": name, "prune (s)": time.perf_counter() - start,
+                   "chosen": out.allocation.get("chosen"), "selection (s)": out.allocation.get("seconds", 0.0),
+                   "held-out KL": "; ".join(f"{k} {v:.4f}" for k, v in out.allocation.get("held_out", {}).items())}
+            rows.append(row)
+            print(row, flush=True)
+    for on, off in zip(rows[1::2], rows[::2]):
+        on["prune time vs select=off"] = on["prune (s)"] / off["prune (s)"]
+    print(f"\nSmolLM2-135M, {args.examples} x 256 calibration tokens, {args.held_out} held-out sequences, "
+          f"torch threads {torch.get_num_threads()}:\n")
+    print(markdown(_fill(rows)))
+
+
 def embedding_drift(model, tokenizer, max_tokens: int):
     """A scorer: how far a pruned copy's mean-pooled embeddings of the validation text (windows of
     SEQ_LEN tokens) move from the dense model's, as 100 x (1 - mean cosine)."""
@@ -237,7 +266,9 @@ def _fill(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer"])
+    parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer",
+                                          "selection_time"])
+    parser.add_argument("--held-out", type=int, default=16, help="held-out sequences for choosing the plan")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--sizes", default="64,128,256,512,1024")
     parser.add_argument("--budgets", default=None)
@@ -254,7 +285,7 @@ def main() -> None:
         args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
     {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder,
-     "transfer": transfer}[args.study](args)
+     "transfer": transfer, "selection_time": selection_time}[args.study](args)
 
 
 if __name__ == "__main__":

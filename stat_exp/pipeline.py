@@ -25,6 +25,7 @@ from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.plan_selection import selects_plan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
 from stat_exp.track.report import label
@@ -141,14 +142,6 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record
-
-
-def selects_plan(cfg: DictConfig, pruner: Pruner) -> bool:
-    """Whether the run chooses its global plan on held-out calibration batches (`budget.select`):
-    a global allocation on a dense pass (with propagate=pruned the blocks are fitted on the pruned
-    stream, which the candidates' copies would not reproduce)."""
-    return (cfg.budget.select == "held_out" and pruner.allocation_under(cfg.budget.allocation) == "global"
-            and pruner.propagate_under(cfg.calib.propagate) == "dense")
 
 
 def split_held_out(calibration, tokenizer, batches: list, count: int) -> tuple[list, list]:

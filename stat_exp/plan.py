@@ -28,6 +28,7 @@ from stat_exp.errors import ConfigError, UserError
 from stat_exp.execution import ExecutionSpec, Resolved
 from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.prune.budget import FlopsModel
+from stat_exp.prune.plan_selection import MAX_CANDIDATES, selects_plan
 from stat_exp.prune.runner import shapes_of
 
 MB = 2**20
@@ -70,6 +71,8 @@ class Sizes:
     gram_flops: float
     factor_flops: float
     pivot_steps: int  # columns the pivoted factorizations step through
+    selection: int = 0  # choosing the plan on held-out batches: their hidden-state streams and one block copy
+    selection_flops: float = 0.0
 
 
 @dataclass
@@ -107,6 +110,7 @@ class Job:
     propagate: str = "dense"
     allocation: str = "global"  # the effective allocation
     prunes: bool = True
+    held_out_examples: int = 0  # examples the global plan is chosen on (0: not chosen, budget.select=off)
 
 
 def meta_model(source: str, task: str, dtype: str) -> nn.Module:
@@ -140,7 +144,8 @@ def job_of(cfg, prunes: bool = True) -> Job:
                seq_len=int(calib.get("seq_len") or calib.get("max_length")), batch_size=int(calib.batch_size),
                eval_batch=int(first.get("batch_size", 8) or 8), eval_len=int(first.get("seq_len", 256) or 256),
                propagate=calib.get("propagate", "dense"), allocation=pruner.allocation_under(cfg.budget.allocation),
-               prunes=prunes and pruner.prunes and cfg.budget.flops < 1)
+               prunes=prunes and pruner.prunes and cfg.budget.flops < 1,
+               held_out_examples=int(cfg.budget.held_out_examples) if selects_plan(cfg, pruner) else 0)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -175,10 +180,13 @@ def plan_sizes(job: Job) -> Sizes:
     causal = hasattr(model, "lm_head") or getattr(model.config, "is_decoder", False)
     vocab = getattr(model.config, "vocab_size", 0) if causal else 0
     flops = FlopsModel(job.seq_len)
+    streams = (MAX_CANDIDATES + 1) * job.held_out_examples  # the dense model's and every candidate's
+    selection = streams * job.seq_len * adapter.hidden_size * elem + max(b.weights for b in blocks) if streams else 0
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
                  calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
-                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps)
+                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps, selection=selection,
+                 selection_flops=streams * sum(flops.dense(sh) for sh in shapes))
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -288,7 +296,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
             work = sum(b.stats for b in blocks) + max(b.score_work for b in blocks) + biggest.activations
         else:
             work = max(b.stats + b.score_work + b.activations for b in blocks)
-        work += held
+        work += held + (s.selection if global_allocation else 0)
     device_peak = resident + max(work, s.eval_work) + (hidden if ex.offload == "none" else 0)
     host_hidden = hidden if (ex.offload != "none" or on_cpu) else 0
     if on_cpu:
@@ -306,11 +314,13 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
     if prunes:
         seconds = passes * ((s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
                             + s.pivot_steps * PIVOT_STEP_S.get(device.type, 0.0))
+        seconds += s.selection_flops / (tflops * 1e12) if global_allocation else 0.0
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
              (sum(b.stats for b in blocks) if ex.stream == "model" else max(b.stats for b in blocks)) / MB if prunes else 0.0),
             ("factorizations held for the allocation", held / MB),
+            ("choosing the plan: held-out streams and a block copy", (s.selection if global_allocation else 0) / MB),
             ("evaluation logits", s.eval_work / MB)]
     return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, seconds, round(tflops, 3), str(device), rows)
 

@@ -198,3 +198,31 @@ def test_disk_offload_chooses_like_resident_weights(tmp_path):
     x = batches(1, seed=5)[0]
     torch.testing.assert_close(model(**x).logits, reference(**x).logits, rtol=1e-5, atol=1e-5)
     store.close()
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_a_run_records_the_chosen_plan_and_every_candidates_score(tiny_job, tmp_path, offload):
+    """results.json of a default STAT job: which plan won, every candidate's held-out KL, and the
+    held-out examples drawn beyond the calibration's. Kills: a pipeline that passes no held-out
+    batches (the record would say only {"chosen": "global"})."""
+    from stat_exp.config.cli import compose_config
+    from stat_exp.pipeline import run_pipeline
+
+    args = tiny_job.args(f"execution.offload={offload}", pruner="stat", **{"budget.flops": 0.6,
+                                                                             "budget.held_out_examples": 8})
+    run_pipeline(compose_config(args), tmp_path)
+    record = json.loads((tmp_path / "results.json").read_text())
+    allocation = record["allocation"]
+    assert record["status"] == "ok" and allocation["chosen"] in allocation["held_out"]
+    assert UNIFORM in allocation["held_out"] and allocation["measure"] == "kl"
+    assert allocation["held_out_tokens"] == 8 * 32
+    assert {"margin_to_next", "vs_uniform", "seconds"} <= set(allocation) and allocation["vs_uniform"] <= 0
+    assert record["plan"]["offload"] == offload
+
+
+def test_select_off_records_the_global_plan(tiny_job, tmp_path):
+    from stat_exp.config.cli import compose_config
+    from stat_exp.pipeline import run_pipeline
+
+    run_pipeline(compose_config(tiny_job.args(pruner="stat", **{"budget.select": "off"})), tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["allocation"] == {"chosen": "global"}

@@ -59,6 +59,14 @@ class Selection:
                 "held_out_tokens": self.held_out_tokens, "seconds": round(self.seconds, 2)}
 
 
+def selects_plan(cfg, pruner) -> bool:
+    """Whether a run config chooses its global plan on held-out calibration batches: `budget.select`
+    asks for it, the allocation is global, and blocks are fitted on the dense stream (with
+    propagate=pruned they are fitted on the pruned model's, which a candidate's copy would not see)."""
+    return (cfg.budget.select == "held_out" and pruner.allocation_under(cfg.budget.allocation) == GLOBAL
+            and pruner.propagate_under(cfg.calib.get("propagate", "dense")) == "dense")
+
+
 def floor_of(uniform: LayerPlan, scores: LayerScores, share: float) -> LayerPlan:
     """The smallest counts at or above `share` of a uniform plan's heads and neurons."""
     want = share * len(scores.attn_levels[uniform.attn_level].heads)
