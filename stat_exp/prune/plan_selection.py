@@ -49,6 +49,7 @@ class Selection:
     measure: str
     held_out_tokens: int
     seconds: float
+    cpu_seconds: float  # this process's CPU time (all threads): comparable on a shared machine
     plans: dict[str, list[LayerPlan]] = field(default_factory=dict, repr=False)
 
     def record(self) -> dict:
@@ -56,7 +57,8 @@ class Selection:
         return {"chosen": self.chosen, "measure": self.measure, "held_out": self.scores,
                 "margin_to_next": best_other / self.scores[self.chosen] - 1 if self.scores[self.chosen] else math.nan,
                 "vs_uniform": self.scores[self.chosen] / self.scores[UNIFORM] - 1 if self.scores[UNIFORM] else 0.0,
-                "held_out_tokens": self.held_out_tokens, "seconds": round(self.seconds, 2)}
+                "held_out_tokens": self.held_out_tokens, "seconds": round(self.seconds, 2),
+                "cpu_seconds": round(self.cpu_seconds, 2)}
 
 
 def selects_plan(cfg, pruner) -> bool:
@@ -200,11 +202,12 @@ def choose_plan(candidates: dict[str, list[LayerPlan]], blocks: Iterable[tuple[i
                 apply: Apply, progress: bool = False) -> Selection:
     """Stream `held_out` through every candidate's pruned blocks (`blocks`: every block in order,
     on the device, with its scores and statistics) and pick the plan closest to the dense model."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     streams = HeldOutStreams(model, adapter, held_out, device, home, candidates, apply)
     for index, layer, scores, stats in tqdm(blocks, total=len(adapter.layers()), desc="choose plan",
                                             disable=not progress):
         streams.step(index, layer, scores, stats)
     divergence, measure, tokens = streams.finish()
     chosen = min(divergence, key=lambda name: (divergence[name], name != UNIFORM))
-    return Selection(chosen, divergence, measure, tokens, time.perf_counter() - start, candidates)
+    return Selection(chosen, divergence, measure, tokens, time.perf_counter() - start, time.process_time() - cpu,
+                     candidates)
