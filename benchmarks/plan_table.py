@@ -41,7 +41,7 @@ def plan(folder: Path, host_mb: int) -> dict:
     overrides = ["experiment=llama2_7b_paper", f"model.source={folder.resolve()}", f"model.name={folder.name}",
                  "budget.flops=0.5", "device=cuda", "execution.device_memory_mb=81920",
                  f"execution.host_memory_mb={host_mb}"]
-    proc = subprocess.run([sys.executable, "-m", "stat_exp.plan", *overrides], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "stat_exp.execution", *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

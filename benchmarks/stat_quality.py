@@ -35,11 +35,12 @@ from stat_exp.data.text import encode, load_text
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import FlopsModel, shapes_of
 from stat_exp.models.loading import load_model
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, allocate
+from stat_exp.prune.budget import BudgetSpec, allocate
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.plan_selection import candidate_plans, choose_plan
-from stat_exp.prune.runner import PruneRunner, shapes_of
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.prune.wanda import WandaPruner
 

@@ -10,11 +10,12 @@ import torch
 
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, allocate
+from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
 from stat_exp.prune.plan_selection import UNIFORM, candidate_plans, choose_plan
-from stat_exp.prune.runner import PruneRunner, shapes_of
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
-from tests.tiny import batches, clone, tiny_bert, tiny_llama
+from tests.tiny import batches, clone, tiny_llama
 
 CPU = torch.device("cpu")
 HELD_OUT = batches(2, seed=7)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,12 +62,12 @@ class Selection:
                 "cpu_seconds": round(self.cpu_seconds, 2)}
 
 
-def selects_plan(cfg, pruner) -> bool:
-    """Whether a run config chooses its global plan on held-out calibration batches: `budget.select`
-    asks for it, the allocation is global, and blocks are fitted on the dense stream (with
-    propagate=pruned they are fitted on the pruned model's, which a candidate's copy would not see)."""
-    return (cfg.budget.select == "held_out" and pruner.allocation_under(cfg.budget.allocation) == GLOBAL
-            and pruner.propagate_under(cfg.calib.get("propagate", "dense")) == "dense")
+def selects_plan(budget: Mapping[str, Any], propagate: str, pruner) -> bool:
+    """Whether a run chooses its global plan on held-out calibration batches: `budget.select` asks
+    for it, the pruner's allocation is global, and blocks are fitted on the dense stream (with
+    calib.propagate=pruned they are fitted on the pruned model's, which a candidate's copy would not see)."""
+    return (budget.get("select", "held_out") == "held_out" and pruner.allocation_under(budget["allocation"]) == GLOBAL
+            and pruner.propagate_under(propagate) == "dense")
 
 
 def floor_of(uniform: LayerPlan, scores: LayerScores, share: float) -> LayerPlan:
