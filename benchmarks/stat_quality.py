@@ -5,7 +5,7 @@
     python -m benchmarks.stat_quality sequential [--examples 64]
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
     python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
-    python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096]
+    python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096] [--models smollm2_135m,minilm_l6]
     python -m benchmarks.stat_quality selection_time [--examples 256] [--held-out 16] [--budgets 0.7]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
@@ -199,7 +199,7 @@ def transfer(args) -> None:
     FLAP and Wanda-sp, on the validation text and on another domain's text (`crime`), with the plan
     the default picked and its held-out KL against uniform's. One stream of statistics per model."""
     crime = load_text("crime")
-    for name in ("smollm2_135m", "minilm_l6"):
+    for name in args.models:
         model, tok = load_model(name)
         stats = Statistics(model)
         stats.grow(calibration_batches(tok, args.examples))
@@ -330,6 +330,7 @@ def main() -> None:
     parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer",
                                           "selection_time"])
     parser.add_argument("--held-out", type=int, default=16, help="held-out sequences for choosing the plan")
+    parser.add_argument("--models", default="smollm2_135m,minilm_l6", help="transfer: the real models")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--sizes", default="64,128,256,512,1024")
     parser.add_argument("--budgets", default=None)
@@ -338,6 +339,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens (study)")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
+    args.models = args.models.split(",")
     default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "transfer": "0.9,0.7,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
     args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
     encoder_variants = ["today's default", "ridge 0.3", "ridge auto", "held-out costs", "ridge 0.3 + held-out costs",
