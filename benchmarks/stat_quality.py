@@ -200,11 +200,11 @@ def transfer(args) -> None:
     the default picked and its held-out KL against uniform's. One stream of statistics per model."""
     crime = load_text("crime")
     for name in args.models:
-        model, tok = load_model(name)
+        decoder = name.startswith("smollm2")
+        model, tok = load_model(name, "causal_lm" if decoder else "encoder")  # the encoder without a (random) head
         stats = Statistics(model)
         stats.grow(calibration_batches(tok, args.examples))
         held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
-        decoder = name.startswith("smollm2")
         texts = {"validation": split_wiki_calib()[1], "crime": crime}
         if decoder:
             texts["wiki_eval"] = load_text("wiki_eval")
@@ -252,7 +252,7 @@ def transfer(args) -> None:
                     row[label_] = cache[id(m)]
                 for method, (choice, seconds) in picked.items():
                     row[f"{method} picked"] = choice.chosen
-                    row[f"{method} held-out KL: picked / uniform"] = (
+                    row[f"{method} held-out divergence: picked / uniform"] = (
                         f"{choice.scores[choice.chosen]:.4g} / {choice.scores['uniform']:.4g}")
                 row["choose (s)"] = picked["STAT"][1]
                 rows.append(row)

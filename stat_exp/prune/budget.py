@@ -35,7 +35,7 @@ class BudgetSpec:
     allocation: Allocation = "global"
     round_to: PositiveInt = 1
     select: Selection = "held_out"
-    held_out_examples: PositiveInt = 16
+    held_out_examples: PositiveInt = 8
 
 
 @dataclass
