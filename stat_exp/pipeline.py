@@ -24,7 +24,7 @@ from stat_exp.export.save import save_pruned
 from stat_exp.models import adapter_from_config, get_adapter
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
-from stat_exp.prune.plan_selection import selects_plan
+from stat_exp.prune.plan_selection import MAX_CANDIDATES, selects_plan
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
@@ -171,7 +171,8 @@ def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
     adapter = adapter_from_config(cfg.model.get("adapter"))
     evaluators = make_evaluators(cfg.eval, run_dir)
     backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter)
+    held_out = cfg.budget.held_out_examples if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner) else 0
+    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter, held_out * (MAX_CANDIDATES + 1))
 
 
 def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:

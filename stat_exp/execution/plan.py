@@ -33,7 +33,6 @@ from stat_exp.execution.requirements import Requirements
 from stat_exp.execution.sizes import FLOAT64, MB, BlockSizes, Sizes
 from stat_exp.models import AdapterFactory, get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
-from stat_exp.prune.plan_selection import MAX_CANDIDATES, selects_plan
 
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
@@ -114,7 +113,7 @@ class Job:
     propagate: str = "dense"
     allocation: str = "global"  # the effective allocation
     prunes: bool = True
-    held_out_examples: int = 0  # examples the global plan is chosen on (0: not chosen, budget.select=off)
+    held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
 
 
 @dataclass
@@ -127,6 +126,8 @@ class Parts:
     calibration: SizedCalibration
     evaluators: Mapping[str, SizedEvaluator]
     adapter: AdapterFactory | None = None
+    # sequences streamed block by block to choose the global plan: held-out examples x (candidates + 1)
+    held_out_streams: int = 0
 
 
 def calibration_length(calibration: SizedCalibration) -> int:
@@ -155,7 +156,7 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
 
 
 def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: Parts,
-           prunes: bool = True, held_out_examples: int = 0) -> Job:
+           prunes: bool = True) -> Job:
     """The Job of a run from its model config and the parts the run built."""
     model = meta_model(model_cfg["source"], model_cfg["task"], model_cfg["dtype"])
     get_adapter(model, parts.adapter)  # the configured adapter stays the model's
@@ -165,7 +166,7 @@ def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str,
                sequences=int(calibration.num_examples), seq_len=calibration_length(calibration),
                batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
                propagate=propagate, allocation=pruner.allocation_under(budget_allocation), prunes=prunes,
-               held_out_examples=held_out_examples)
+               held_out_streams=parts.held_out_streams)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -198,7 +199,7 @@ def plan_sizes(job: Job) -> Sizes:
     causal = hasattr(model, "lm_head") or getattr(model.config, "is_decoder", False)
     vocab = getattr(model.config, "vocab_size", 0) if causal else 0
     flops = FlopsModel(job.seq_len)
-    streams = (MAX_CANDIDATES + 1) * job.held_out_examples  # the dense model's and every candidate's
+    streams = job.held_out_streams  # the dense model's and every candidate's
     selection = streams * job.seq_len * adapter.hidden_size * elem + max(b.weights for b in blocks) if streams else 0
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
@@ -258,9 +259,7 @@ def current_rss_mb() -> float:
 def make_plan(cfg: Mapping[str, Any], parts: Parts, device: torch.device, run_dir: Path | None = None,
               prunes: bool = True) -> Plan:
     """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`)."""
-    propagate = cfg["calib"].get("propagate", "dense")
-    held_out = int(cfg["budget"].get("held_out_examples", 0)) if selects_plan(cfg["budget"], propagate, parts.pruner) else 0
-    job = job_of(cfg["model"], cfg["budget"]["allocation"], propagate, parts, prunes, held_out)
+    job = job_of(cfg["model"], cfg["budget"]["allocation"], cfg["calib"].get("propagate", "dense"), parts, prunes)
     return plan_job(job, ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
 
 
