@@ -6,7 +6,7 @@ Writes each model's published config.json (no weights) into a local folder and r
 the paper's job (`experiment=llama2_7b_paper`'s settings: 128 x 2048 calibration tokens, fp16,
 STAT with the global allocation at 0.5 of the FLOPs) with `device=cuda`, 80 GB of device memory
 and the host memory given below declared, so it runs on a machine without a GPU. The seconds
-assume the planner's CUDA throughput (see stat_exp/plan.py); they are a prediction, not a
+assume the planner's CUDA throughput (see stat_exp/execution/plan.py); they are a prediction, not a
 measurement.
 """
 from __future__ import annotations

@@ -14,6 +14,7 @@ run whose plan does not fit the memory it has, naming predicted and available me
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -33,6 +34,7 @@ from stat_exp.execution.requirements import Requirements
 from stat_exp.execution.sizes import FLOAT64, MB, BlockSizes, Sizes
 from stat_exp.models import AdapterFactory, get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.track.markdown import markdown_table
 
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
@@ -64,22 +66,29 @@ class Plan:
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
 
     def summary(self) -> dict:
-        return {"peak_host_mb": round(self.peak_host_mb, 1), "peak_device_mb": round(self.peak_device_mb, 1),
-                "disk_mb": round(self.disk_mb, 1), "seconds": round(self.seconds, 1), "tflops": self.tflops,
+        """The plan as JSON values (a quantity too large to be a finite float is null, never Infinity)."""
+        def finite(value: float, digits: int | None = 1) -> float | None:
+            return (round(value, digits) if digits else value) if math.isfinite(value) else None
+
+        return {"peak_host_mb": finite(self.peak_host_mb), "peak_device_mb": finite(self.peak_device_mb),
+                "disk_mb": finite(self.disk_mb), "seconds": finite(self.seconds), "tflops": finite(self.tflops, None),
                 "device": self.device, **asdict(self.execution)}
 
 
 class SizedPruner(Protocol):
-    """What the planner reads of a pruner."""
+    """What the planner reads of a pruner (`stat_exp.prune.base.Pruner`)."""
 
-    requirements: Requirements
-    prunes: bool
+    @property
+    def requirements(self) -> Requirements: ...
+
+    def allocation_under(self, budget_allocation: Any) -> str: ...
 
 
 class SizedBackend(Protocol):
     """What the planner reads of a factorization backend (`stat_exp.factorize.Backend`)."""
 
-    holds_activations: bool
+    @property
+    def holds_activations(self) -> bool: ...
 
     def statistics_bytes(self, dim: int, tokens: int) -> int: ...
 
@@ -93,8 +102,11 @@ class SizedEvaluator(Protocol):
 class SizedCalibration(Protocol):
     """What the planner reads of a calibration source."""
 
-    num_examples: int
-    batch_size: int
+    @property
+    def num_examples(self) -> int: ...
+
+    @property
+    def batch_size(self) -> int: ...
 
 
 @dataclass
@@ -116,18 +128,29 @@ class Job:
     held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
 
 
-@dataclass
-class Parts:
-    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.build_parts`):
+class RunParts(Protocol):
+    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.Parts`):
     the planner sizes these, it does not build them again."""
 
-    pruner: Any  # a stat_exp.prune.base.Pruner
-    backend: SizedBackend | None
-    calibration: SizedCalibration
-    evaluators: Mapping[str, SizedEvaluator]
-    adapter: AdapterFactory | None = None
-    # sequences streamed block by block to choose the global plan: held-out examples x (candidates + 1)
-    held_out_streams: int = 0
+    @property
+    def pruner(self) -> SizedPruner: ...
+
+    @property
+    def backend(self) -> SizedBackend | None: ...
+
+    @property
+    def calibration(self) -> SizedCalibration: ...
+
+    @property
+    def evaluators(self) -> Mapping[str, SizedEvaluator]: ...
+
+    @property
+    def adapter(self) -> AdapterFactory | None: ...
+
+    @property
+    def held_out_streams(self) -> int:
+        """Sequences streamed block by block to choose the global plan: held-out examples x (candidates + 1)."""
+        ...
 
 
 def calibration_length(calibration: SizedCalibration) -> int:
@@ -155,7 +178,7 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
         return model_class(config, task)._from_config(config, dtype=getattr(torch, dtype))
 
 
-def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: Parts,
+def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: RunParts,
            prunes: bool = True) -> Job:
     """The Job of a run from its model config and the parts the run built."""
     model = meta_model(model_cfg["source"], model_cfg["task"], model_cfg["dtype"])
@@ -256,7 +279,7 @@ def current_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def make_plan(cfg: Mapping[str, Any], parts: Parts, device: torch.device, run_dir: Path | None = None,
+def make_plan(cfg: Mapping[str, Any], parts: RunParts, device: torch.device, run_dir: Path | None = None,
               prunes: bool = True) -> Plan:
     """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`)."""
     job = job_of(cfg["model"], cfg["budget"]["allocation"], cfg["calib"].get("propagate", "dense"), parts, prunes)
@@ -316,7 +339,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
         else:
             work = max(b.stats + b.score_work + b.activations for b in blocks)
         work += held + (s.selection if global_allocation else 0)
-    device_peak = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
+    device_peak: float = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
     host_hidden = hidden if (not store.resident or on_cpu) else 0
     if on_cpu:
         host_peak = baseline + host_weights + max(work + hidden, s.eval_work)
@@ -341,9 +364,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
 
 
 def render(plan: Plan) -> str:
-    lines = [f"| plan ({plan.device}; {plan.execution.describe()}) | MB |", "|---|---|"]
-    lines += [f"| {what} | {mb:,.0f} |" for what, mb in plan.rows]
-    lines += [f"| peak host memory | {plan.peak_host_mb:,.0f} |", f"| peak device memory | {plan.peak_device_mb:,.0f} |",
-              f"| disk | {plan.disk_mb:,.0f} |",
-              f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]
-    return "\n".join(lines)
+    rows = [(what, f"{mb:,.0f}") for what, mb in plan.rows]
+    rows += [("peak host memory", f"{plan.peak_host_mb:,.0f}"), ("peak device memory", f"{plan.peak_device_mb:,.0f}"),
+             ("disk", f"{plan.disk_mb:,.0f}"), (f"pruning time at {plan.tflops:g} TFLOP/s", f"{plan.seconds:,.0f} s")]
+    return markdown_table([f"plan ({plan.device}; {plan.execution.describe()})", "MB"], rows)

@@ -11,7 +11,7 @@ import numpy as np
 from stat_exp.errors import UserError
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.scores import LayerScores
-from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt
+from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt, SeqLen
 
 Selection = Literal["held_out", "off"]  # budget.select: how the global allocation's plan is chosen
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
@@ -30,8 +30,8 @@ class BudgetSpec:
     `held_out_examples` calibration examples the statistics are not fitted on
     (`stat_exp.prune.plan_selection`); `off` applies the global plan as it is."""
 
-    flops: Fraction = 1.0
-    seq_len: PositiveInt = 256
+    flops: Fraction = 0.7  # conf/budget/flops.yaml's default too
+    seq_len: SeqLen = 256
     allocation: Allocation = "global"
     round_to: PositiveInt = 1
     select: Selection = "held_out"

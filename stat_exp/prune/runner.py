@@ -71,7 +71,7 @@ class PruneRunner:
             device: torch.device, store: BlockStore | None = None,
             examples: list[dict[str, torch.Tensor]] | None = None,
             held_out: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
-        """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any.
+        """`examples`: the calibration examples the pruner asked for (`requirements.examples`), if any.
         `held_out`: calibration batches the statistics are not fitted on, for choosing the global
         allocation's plan (`budget.select=held_out`); without them the global plan is applied."""
         store = store or BlockStore(model, adapter, device)
@@ -128,13 +128,13 @@ class PruneRunner:
         if self.budget.allocation == "uniform":  # each layer decided on its own, as it streams
             for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
                 sc = self._score(adapter, i, layer, stats)
-                self.pruner.apply(adapter, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
+                self.pruner.apply(adapter, i, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
             return
         if self.propagate == "pruned":  # counts from a dense pass, then prune in order
             plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
                                                                         keep_heavy=False)], shapes)
             for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
-                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
             return
         keep_heavy = not self.factors.second_pass
         with self.factors.pending() as pending:
@@ -149,7 +149,7 @@ class PruneRunner:
                 self._apply_stored(adapter, store, pending.take, plans)
                 return
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
-                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
 
     def _selects(self, scores: list[LayerScores], shapes: list[LayerShape]) -> bool:
         """Whether the global plan is chosen among candidates: asked for, held-out batches given, and
@@ -209,7 +209,7 @@ class PruneRunner:
         for i in tqdm(range(len(plans)), desc="prune", disable=not self.progress):
             sc, stats = scored(i)
             with store.block(i) as layer:
-                self.pruner.apply(adapter, layer, sc, plans[i], stats)
+                self.pruner.apply(adapter, i, layer, sc, plans[i], stats)
 
     def apply_plans(self, adapter: ModelAdapter, scored: Sequence[tuple[LayerScores, LayerStats | None]],
                     plans: list[LayerPlan]) -> None:

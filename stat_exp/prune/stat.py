@@ -87,6 +87,10 @@ class StatPruner(Pruner):
         self.requirements = Requirements(factorization=True, moments=intercept, dense_targets=compensate)
 
     @property
+    def corrects(self) -> bool:
+        return self.correction
+
+    @property
     def variant(self) -> str:
         parts = ["" if self.correction else "no correction", f"ridge {self.ridge}" if self.ridge else "",
                  "greedy heads" if self.heads == "greedy" else "", "intercept" if self.intercept else "",
@@ -224,7 +228,7 @@ class StatPruner(Pruner):
         kept, removed = _channels(attn, level, G.device)
         return corrected_error(G, W, kept, removed)
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         n_tokens = scores.extra["n_tokens"]
