@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -177,24 +178,31 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
             return hidden
         return forward
 
-    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's dispatch hooks
+    with replaced_forwards(layers, recorder), torch.inference_mode():
+        for batch in batches:
+            batch = model_inputs(batch, device)
+            with stops_forward():
+                model(**batch, use_cache=False)
+            boundary.masks.append(padding_mask(batch))
+            boundary.calls.append(cast(list[BlockCall], list(calls)))  # every block was called
+    return boundary
+
+
+@contextmanager
+def replaced_forwards(layers: list[nn.Module], forward_of: Callable[[int], Callable]) -> Iterator[None]:
+    """Every block's forward replaced by `forward_of(i)` while the context lasts, then restored
+    (an instance's own forward, e.g. accelerate's dispatch hook, included)."""
+    own = [layer.__dict__.get("forward") for layer in layers]
     for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
+        layer.forward = forward_of(i)
     try:
-        with torch.inference_mode():
-            for batch in batches:
-                batch = model_inputs(batch, device)
-                with stops_forward():
-                    model(**batch, use_cache=False)
-                boundary.masks.append(padding_mask(batch))
-                boundary.calls.append(cast(list[BlockCall], list(calls)))  # every block was called
+        yield
     finally:
         for layer, forward in zip(layers, own):
             if forward is None:
                 del layer.forward  # the class's forward again
             else:
                 layer.forward = forward
-    return boundary
 
 
 def _first_output(out):

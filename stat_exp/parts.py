@@ -15,6 +15,7 @@ from stat_exp.eval.base import Evaluator
 from stat_exp.factorize.base import Backend
 from stat_exp.models import AdapterFactory, adapter_from_config
 from stat_exp.prune.base import Pruner
+from stat_exp.prune.plan_selection import MAX_CANDIDATES, selects_plan
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Parts:
     calibration: Calibration
     evaluators: dict[str, Evaluator]
     adapter: AdapterFactory | None = None
+    held_out_streams: int = 0  # sequences streamed to choose the global plan (plan_selection)
 
 
 def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
@@ -35,7 +37,8 @@ def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
     adapter = adapter_from_config(cfg.model.get("adapter"))
     evaluators = make_evaluators(cfg.eval, run_dir)
     backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter)
+    held_out = cfg.budget.held_out_examples if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner) else 0
+    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter, held_out * (MAX_CANDIDATES + 1))
 
 
 def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:

@@ -29,6 +29,7 @@ from stat_exp.preflight import preflight
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.calibration_check import overfit_warning
+from stat_exp.prune.plan_selection import selects_plan
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
@@ -116,6 +117,7 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 adapter = get_adapter(model)
                 record.dense_structure = adapter.structure()
                 batches, examples = [], None
+                held_out: list[dict[str, torch.Tensor]] = []
                 needs = pruner.requirements
                 if prunes and needs.calibration:
                     with timings("calibrate"):
@@ -126,23 +128,27 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                         batches = calibration.batches(tokenizer, num_examples=count)
                         if needs.examples:
                             examples = calibration.batches(tokenizer, num_examples=needs.examples)
+                        if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner):
+                            batches, held_out = split_held_out(calibration, tokenizer, batches,
+                                                               cfg.budget.held_out_examples)
                     size = replace(size, num_examples=sum(len(b["input_ids"]) for b in batches),
                                    tokens=real_tokens(batches))
                     record.calibration = size.summary()
                     if size.warning():
                         log.warning(size.warning())
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
-                                    cfg.budget.allocation, cfg.budget.round_to)
+                                    cfg.budget.allocation, cfg.budget.round_to, cfg.budget.select,
+                                    cfg.budget.held_out_examples)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
                                      cfg.progress, plan.execution.stream, plan.execution.factors, work_dir / "factors")
-                outcome = runner.run(model, adapter, batches, device, store, examples)
+                outcome = runner.run(model, adapter, batches, device, store, examples, held_out)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
                 record.calibration.update(outcome.diagnostics)
                 if overfit_warning(outcome.diagnostics):
                     log.warning(overfit_warning(outcome.diagnostics))
                 record.achieved = against_dense(model, adapter, outcome.achieved, budget)
-                record.structure = outcome.structure
+                record.structure, record.allocation = outcome.structure, outcome.allocation
                 log.info("pruned: %s", record.achieved)
                 store.prepare_for_eval()
                 with timings("eval"):
@@ -176,6 +182,17 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record
+
+
+def split_held_out(calibration, tokenizer, batches: list, count: int) -> tuple[list, list]:
+    """(calibration batches, held-out batches of about `count` examples that share none with them):
+    drawn after the configured examples where the source can (`held_out_batches`), else the last
+    batches of the calibration set (then not fitted on), when more batches than that remain."""
+    draw = getattr(calibration, "held_out_batches", None)
+    if draw is not None:
+        return batches, draw(tokenizer, count, sum(len(b["input_ids"]) for b in batches))
+    k = -(-count // calibration.batch_size)
+    return (batches[:-k], batches[-k:]) if len(batches) > k else (batches, [])
 
 
 def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.device) -> dict[str, float]:

@@ -84,3 +84,9 @@ class TextCalibration(Calibration):
         """How many windows hold `tokens` tokens."""
         return -(-tokens // self.seq_len)
 
+    def held_out_batches(self, tokenizer, count: int, drawn: int) -> list[dict[str, torch.Tensor]]:
+        """About `count` windows drawn after the `drawn` calibration windows (a larger draw of the same
+        seed starts with those), in whole batches that share no window with the calibration."""
+        first = -(-drawn // self.batch_size)
+        batches = self.batches(tokenizer, (first + -(-count // self.batch_size)) * self.batch_size)
+        return batches[first:]

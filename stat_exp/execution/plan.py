@@ -136,6 +136,7 @@ class Job:
     prunes: bool = True
     auto_calibration: bool = False  # calib.num_examples=auto: `sequences` is the knee's, before the planner's bounds
     largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
+    held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
 
 
 class RunParts(Protocol):
@@ -156,6 +157,11 @@ class RunParts(Protocol):
 
     @property
     def adapter(self) -> AdapterFactory | None: ...
+
+    @property
+    def held_out_streams(self) -> int:
+        """Sequences streamed block by block to choose the global plan: held-out examples x (candidates + 1)."""
+        ...
 
 
 def calibration_length(calibration: SizedCalibration) -> int:
@@ -197,7 +203,7 @@ def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str,
                sequences=math.ceil(knee_tokens(rank) / seq_len) if auto else int(calibration.num_examples),
                seq_len=seq_len, batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
                propagate=propagate, allocation=pruner.allocation_under(budget_allocation), prunes=prunes,
-               auto_calibration=auto, largest_rank=rank)
+               auto_calibration=auto, largest_rank=rank, held_out_streams=parts.held_out_streams)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -231,10 +237,13 @@ def plan_sizes(job: Job) -> Sizes:
     causal = hasattr(model, "lm_head") or getattr(model.config, "is_decoder", False)
     vocab = getattr(model.config, "vocab_size", 0) if causal else 0
     flops = FlopsModel(job.seq_len)
+    streams = job.held_out_streams  # the dense model's and every candidate's
+    selection = streams * job.seq_len * adapter.hidden_size * elem + max(b.weights for b in blocks) if streams else 0
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
                  calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
-                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps)
+                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps, selection=selection,
+                 selection_flops=streams * sum(flops.dense(sh) for sh in shapes))
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -369,7 +378,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
             work = sum(b.stats for b in blocks) + max(b.score_work for b in blocks) + biggest.activations
         else:
             work = max(b.stats + b.score_work + b.activations for b in blocks)
-        work += held
+        work += held + (s.selection if global_allocation else 0)
     device_peak: float = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
     host_hidden = hidden if (not store.resident or on_cpu) else 0
     if on_cpu:
@@ -383,11 +392,13 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
     if prunes:
         seconds = passes * ((s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
                             + s.pivot_steps * PIVOT_STEP_S.get(device.type, 0.0))
+        seconds += s.selection_flops / (tflops * 1e12) if global_allocation else 0.0
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
              (sum(b.stats for b in blocks) if ex.stream == "model" else max(b.stats for b in blocks)) / MB if prunes else 0.0),
             ("factorizations held for the allocation", held / MB),
+            ("choosing the plan: held-out streams and a block copy", (s.selection if global_allocation else 0) / MB),
             ("evaluation logits", s.eval_work / MB)]
     return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, seconds, round(tflops, 3), str(device), rows)
 

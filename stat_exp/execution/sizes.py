@@ -30,6 +30,8 @@ class Sizes:
     gram_flops: float
     factor_flops: float
     pivot_steps: int  # columns the pivoted factorizations step through
+    selection: int = 0  # choosing the plan on held-out batches: their hidden-state streams and one block copy
+    selection_flops: float = 0.0
 
     @property
     def block_weights(self) -> int:

@@ -102,6 +102,8 @@ class RunRecord:
     achieved: dict[str, float] = field(default_factory=dict)
     structure: dict[str, list[int]] = field(default_factory=dict)
     dense_structure: dict[str, list[int]] = field(default_factory=dict)  # the same counts before pruning
+    # the global allocation's plan: which candidate won on held-out batches, every candidate's score
+    allocation: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     timing_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
