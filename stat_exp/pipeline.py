@@ -17,6 +17,7 @@ from stat_exp.config.validate import checked_config
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
+from stat_exp.export.gguf import check_ready, export_gguf
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
 from stat_exp.models import adapter_from_config, get_adapter
@@ -85,6 +86,10 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             calibration = instantiate(cfg.calib)
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
+            if cfg.save_gguf:
+                if not cfg.save_model:
+                    raise ConfigError(f"save_gguf={cfg.save_gguf} needs save_model=true (the GGUF is written from run_dir/model)")
+                check_ready(cfg.save_gguf)
             prunes = pruner.prunes and cfg.budget.flops < 1
             plan = make_plan(cfg, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
@@ -118,7 +123,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                     record.metrics = evaluate(evaluators, model, tokenizer, device)
                 log.info("metrics: %s", record.metrics)
                 if cfg.save_model:
-                    save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                    folder = save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                    if cfg.save_gguf:
+                        export_gguf(folder, run_dir / f"model-{cfg.save_gguf}.gguf", cfg.save_gguf)
             finally:
                 store.close()
                 if device.type == "cuda":

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stat_exp.config.types import NonNegativeInt, PositiveInt
+from stat_exp.export.llama_cpp import OUTTYPES
 from stat_exp.models.loading import DTYPES, TASKS
 
 
@@ -40,4 +41,5 @@ class RunConfig:
     resume: bool  # skip jobs whose results.json is ok for the same config hash
     objective: str | None  # the metric a job returns to a sweeper (optuna); null: the first perplexity, else the first metric
     dry_run: bool = False  # print what each job would run and stop before anything loads
+    save_gguf: Literal[OUTTYPES] | None = None  # with save_model: also run_dir/model-<type>.gguf for llama.cpp
 

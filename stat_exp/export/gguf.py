@@ -39,15 +39,13 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.export import llama_cpp
+from stat_exp.export.llama_cpp import OUTTYPES, QUANTIZED
 from stat_exp.export.load import read_config
 from stat_exp.export.modeling_stat_pruned import RECORD_KEY
 from stat_exp.export.record import ExportError
 from stat_exp.export.save import save_pruned
 from stat_exp.models import get_adapter
 
-CONVERTED = ("f32", "f16", "q8_0")  # written by the converter itself
-QUANTIZED = ("q4_0", "q4_k_m", "q5_k_m", "q6_k")  # llama-quantize from the f16 file
-OUTTYPES = CONVERTED + QUANTIZED
 STOCK_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2")  # Llama blocks that deci expresses (Q/K/V biases included)
 DRIVER = Path(__file__).with_name("gguf_convert.py")
@@ -100,9 +98,13 @@ def gguf_plan(config: PretrainedConfig, counts: dict[str, list[int]] | None = No
                                   "intermediate_size": counts["neurons"], "head_dim": head_dim})
 
 
-def check_outtype(outtype: str) -> None:
+def check_ready(outtype: str) -> None:
+    """A known type, and the pinned llama.cpp parts that write it are there (else one line)."""
     if outtype not in OUTTYPES:
         raise ConfigError(f"outtype={outtype!r}; allowed: {', '.join(OUTTYPES)}")
+    llama_cpp.converter_path()
+    if outtype in QUANTIZED:
+        llama_cpp.tool("llama-quantize")
 
 
 def _run(step: str, command: list[str], env: dict[str, str] | None = None) -> None:
@@ -122,19 +124,18 @@ def _convert(folder: Path, out: Path, outtype: str, plan: GgufPlan) -> None:
 
 def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16") -> Path:
     """Write `out` (replacing it whole, never half-written) from a model folder; return it."""
-    check_outtype(outtype)
     folder, out = Path(folder), Path(out)
     plan = gguf_plan(read_config(folder))
-    quantize = llama_cpp.tool("llama-quantize") if outtype in QUANTIZED else None
+    check_ready(outtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    if quantize is None:
+    if outtype not in QUANTIZED:
         _convert(folder, partial, outtype, plan)
     else:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             f16 = Path(tmp) / "f16.gguf"
             _convert(folder, f16, "f16", plan)
-            _run("llama-quantize", [str(quantize), str(f16), str(partial), outtype.upper()])
+            _run("llama-quantize", [str(llama_cpp.tool("llama-quantize")), str(f16), str(partial), outtype.upper()])
     partial.replace(out)
     return out
 
@@ -142,8 +143,8 @@ def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16") -> Pa
 def write_gguf(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out: str | Path, outtype: str = "f16",
                task: str = "causal_lm") -> Path:
     """Export a model in memory: saved to a temporary folder (as save_model would), then converted."""
-    check_outtype(outtype)
     gguf_plan(model.config, get_adapter(model).structure())  # refuse before spending time on the save
+    check_ready(outtype)
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as tmp:
         folder = save_pruned(model, tokenizer, Path(tmp) / "model", task)
         return export_gguf(folder, out, outtype)

