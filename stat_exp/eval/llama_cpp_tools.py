@@ -62,10 +62,12 @@ class BenchResult:
 
 
 def llama_bench(model: Path, prompt_tokens: int, gen_tokens: int, threads: int | None = None,
-                repeats: int = 3) -> dict[str, BenchResult]:
-    """llama-bench's prompt processing (`pp`) and generation (`tg`) tests; keys "pp" and "tg"."""
+                repeats: int = 3, warmup: bool = True) -> dict[str, BenchResult]:
+    """llama-bench's prompt processing (`pp`) and generation (`tg`) tests; keys "pp" and "tg".
+    `warmup`: llama-bench's own untimed run before each test."""
     out = _run("llama-bench", ["-m", str(model), "-p", str(prompt_tokens), "-n", str(gen_tokens),
-                               "-t", str(threads or all_threads()), "-r", str(repeats), "-o", "json"]).stdout
+                               "-t", str(threads or all_threads()), "-r", str(repeats), "-o", "json",
+                               *(() if warmup else ("--no-warmup",))]).stdout
     rows = json.loads(out[out.index("["): out.rindex("]") + 1])
     results = {}
     for row in rows:

@@ -128,14 +128,24 @@ def export_gguf(folder: str | Path, out: str | Path, outtype: str = "f16") -> Pa
     plan = gguf_plan(read_config(folder))
     check_ready(outtype)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    if outtype not in QUANTIZED:
-        _convert(folder, partial, outtype, plan)
-    else:
+    if outtype in QUANTIZED:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             f16 = Path(tmp) / "f16.gguf"
             _convert(folder, f16, "f16", plan)
-            _run("llama-quantize", [str(llama_cpp.tool("llama-quantize")), str(f16), str(partial), outtype.upper()])
+            return quantize(f16, out, outtype)
+    partial = out.with_name(out.name + ".partial")
+    _convert(folder, partial, outtype, plan)
+    partial.replace(out)
+    return out
+
+
+def quantize(f16: str | Path, out: str | Path, outtype: str) -> Path:
+    """llama-quantize an f16 GGUF to one of QUANTIZED (e.g. q4_k_m); `out` is replaced whole."""
+    if outtype not in QUANTIZED:
+        raise ConfigError(f"outtype={outtype!r} is not made by llama-quantize; allowed: {', '.join(QUANTIZED)}")
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    _run("llama-quantize", [str(llama_cpp.tool("llama-quantize")), str(f16), str(partial), outtype.upper()])
     partial.replace(out)
     return out
 
