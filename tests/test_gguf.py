@@ -26,7 +26,7 @@ from stat_exp.export import llama_cpp, save_pruned
 from stat_exp.export.gguf import export_gguf, gguf_plan
 from stat_exp.export.record import ExportError
 from stat_exp.models import get_adapter
-from stat_exp.prune.budget import FlopsModel, allocate
+from stat_exp.prune.budget import BudgetError, FlopsModel, allocate
 from stat_exp.prune.surgery import resize_to
 from tests.jobs import ENV, run_cli
 from tests.test_budget import SMOLLM2, scores_for
@@ -102,12 +102,18 @@ def test_what_llama_cpp_cannot_express_is_one_line():
 
 
 def test_the_budget_keeps_a_head_and_a_neuron_in_every_layer_at_its_floor():
-    """llama.cpp cannot run a layer without heads or neurons (see stat_exp.export.gguf); the budget
-    never asks for one, even at the smallest reachable fraction."""
-    shapes = [SMOLLM2] * 3
-    plans = allocate([scores_for(s) for s in shapes], shapes, FlopsModel(256), 0.1415, "global")
-    levels = [scores_for(SMOLLM2).attn_levels[p.attn_level] for p in plans]
-    assert min(lv.num_heads for lv in levels) >= 1 and min(lv.num_kv_heads for lv in levels) >= 1
+    """llama.cpp cannot run a layer without heads or neurons (see stat_exp.export.gguf): below the cost
+    of one head level and one neuron per layer the budget refuses, and at that floor keeps both."""
+    shapes, flops = [SMOLLM2] * 3, FlopsModel(256)
+    scores = [scores_for(s) for s in shapes]
+    smallest = scores[0].attn_levels[0]
+    dense = sum(flops.dense(s) for s in shapes)
+    floor = sum(flops.attention(s, smallest.num_heads, smallest.num_kv_heads) + flops.ffn(s, 1) for s in shapes)
+    half_a_neuron_less = (floor - 0.5 * flops.ffn(SMOLLM2, 1)) / dense
+    assert smallest.num_heads >= 1 and smallest.num_kv_heads >= 1
+    with pytest.raises(BudgetError, match="smallest reachable fraction"):
+        allocate(scores, shapes, flops, half_a_neuron_less, "global")
+    plans = allocate(scores, shapes, flops, floor / dense * 1.000001, "global")
     assert min(p.neurons for p in plans) >= 1
 
 
