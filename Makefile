@@ -29,7 +29,7 @@ test: $(STAMP) llama-cpp
 llama-cpp: $(STAMP)
 	$(BIN)/python -m stat_exp.export.llama_cpp
 
-bench: $(STAMP)
+bench: $(STAMP) llama-cpp
 	$(BIN)/python -m benchmarks
 
 clean:
