@@ -54,7 +54,19 @@ def bytes_per_token(path: Path) -> int:
 
 def prune_variants(budgets: list[float], allocations: list[str], examples: int, eval_tokens: int,
                    out: Path) -> list[dict]:
-    """[{name, allocation, target, flops (kept fraction at 512 tokens), ppl, folder}], dense first."""
+    """[{name, allocation, target, flops (kept fraction at 512 tokens), ppl, folder}], dense first;
+    reused from out/variants.json when it was made with the same settings (a rerun only re-times)."""
+    settings = {"budgets": budgets, "allocations": allocations, "examples": examples, "eval_tokens": eval_tokens}
+    cache = out / "variants.json"
+    if cache.is_file() and (saved := json.loads(cache.read_text()))["settings"] == settings:
+        return [{**v, "folder": Path(v["folder"])} for v in saved["variants"]]
+    variants = _prune(budgets, allocations, examples, eval_tokens, out)
+    cache.write_text(json.dumps({"settings": settings, "variants": [{**v, "folder": str(v["folder"])} for v in variants]},
+                                indent=1))
+    return variants
+
+
+def _prune(budgets: list[float], allocations: list[str], examples: int, eval_tokens: int, out: Path) -> list[dict]:
     model, tok, batches = smollm2(examples, CALIB_LEN)
     text = load_text("wiki_eval")
     runner = PruneRunner(StatPruner(), BudgetSpec(seq_len=CALIB_LEN), GramBackend(), progress=False)

@@ -18,14 +18,18 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from stat_exp.assets import model_path
+from stat_exp.config.cli import compose_config
+from stat_exp.config.validate import checked_config
 from stat_exp.data.text import load_text
 from stat_exp.eval.gguf import GgufEval
 from stat_exp.eval.llama_cpp_tools import llama_perplexity
+from stat_exp.errors import ConfigError
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.export import llama_cpp, save_pruned
 from stat_exp.export.gguf import export_gguf, gguf_plan
 from stat_exp.export.record import ExportError
 from stat_exp.models import get_adapter
+from stat_exp.pipeline import run_pipeline
 from stat_exp.prune.budget import BudgetError, FlopsModel, allocate
 from stat_exp.prune.surgery import resize_to
 from tests.jobs import ENV, run_cli
@@ -125,6 +129,15 @@ def test_the_command_line_refuses_an_unsupported_family_in_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == ["error: GGUF export supports the Llama-family decoders "
                                                 "llama, mistral, qwen2, qwen3; model type 'opt' is not one of them"]
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gguf_settings_are_checked_before_anything_loads(tmp_path):
+    with pytest.raises(ConfigError, match=r"^eval.gguf.outtype='q3'; allowed: f32, f16, q8_0, q4_0, q4_k_m"):
+        checked_config(compose_config(["eval=gguf", "eval.gguf.outtype=q3"]))
+    with pytest.raises(ConfigError, match=r"^save_gguf='f8'; allowed: f32, f16"):
+        checked_config(compose_config(["save_gguf=f8"]))
+    with pytest.raises(ConfigError, match=r"^save_gguf=f16 needs save_model=true"):
+        run_pipeline(compose_config(["save_gguf=f16", "logger=none"]), tmp_path)
 
 
 # ----------------------------------------------------------------------------- llama.cpp runs them
