@@ -31,7 +31,8 @@ from stat_exp.export.record import ExportError
 from stat_exp.models import get_adapter
 from stat_exp.pipeline import run_pipeline
 from stat_exp.prune.budget import BudgetError, FlopsModel, allocate
-from stat_exp.prune.surgery import resize_to
+from stat_exp.prune.scores import AttentionLevel
+from stat_exp.prune.surgery import prune_attention, prune_ffn
 from tests.jobs import ENV, run_cli
 from tests.test_budget import SMOLLM2, scores_for
 from tests.tiny import tiny_opt, tiny_qwen3
@@ -71,8 +72,13 @@ def tiny_llama(structure: dict[str, list[int]] | None, vocab: int) -> LlamaForCa
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.mul_(0.05)
-    if structure is not None:
-        resize_to(get_adapter(model), structure)
+    if structure is not None:  # keep the first heads of the first KV groups, and the first neurons
+        adapter = get_adapter(model)
+        for layer, heads, kv, neurons in zip(adapter.layers(), *structure.values()):
+            group = adapter.attention(layer).group_size
+            prune_attention(adapter, layer, AttentionLevel(
+                tuple(g * group + j for g in range(kv) for j in range(heads // kv)), tuple(range(kv))))
+            prune_ffn(adapter, layer, torch.arange(neurons))
     return model
 
 

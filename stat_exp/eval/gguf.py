@@ -25,7 +25,7 @@ from annotated_types import Ge
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import PositiveInt
+from stat_exp.types import PositiveInt
 from stat_exp.data.text import load_text
 from stat_exp.eval.base import Evaluator
 from stat_exp.eval.llama_cpp_tools import llama_bench, llama_perplexity

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,8 +39,8 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.export import llama_cpp
 from stat_exp.export.llama_cpp import OUTTYPES, QUANTIZED
-from stat_exp.export.load import read_config
-from stat_exp.export.modeling_stat_pruned import RECORD_KEY
+from stat_exp.models.checkpoint import read_config
+from stat_exp.models.modeling_stat_pruned import RECORD_KEY
 from stat_exp.export.record import ExportError
 from stat_exp.export.save import save_pruned
 from stat_exp.models import get_adapter

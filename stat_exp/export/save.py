@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stat_exp.export import modeling_stat_pruned
 from stat_exp.export.record import MODELING_MODULE, export_config
+from stat_exp.models import modeling_stat_pruned
 
 MODELING_FILE = f"{MODELING_MODULE}.py"
 
 
 def save_pruned(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path, task: str) -> Path:
-    """Write `path` (replacing it whole) and return it."""
+    """Write `path` (replacing it whole) and return it; `model`: a transformers model."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    cast(PreTrainedModel, model).save_pretrained(tmp)
     config, needs_code = export_config(model, task)
     config.save_pretrained(tmp)  # replaces the config.json save_pretrained wrote
     (tmp / MODELING_FILE).unlink(missing_ok=True)  # a remote-code model copies its own; keep ours only if needed
