@@ -218,7 +218,7 @@ def test_a_stat_global_smollm2_job_runs_in_llama_cpp_as_in_pytorch(tmp_path, tex
             "eval.perplexity.max_tokens=1024", "eval.perplexity.protocol=llama_cpp", f"eval.gguf.text_file={text_file}",
             "eval.gguf.seq_len=256", "eval.gguf.max_tokens=1024", "eval.gguf.prompt_tokens=32", "eval.gguf.gen_tokens=8",
             "eval.gguf.repeats=1"]
-    proc = run_cli(["pruner=stat", "budget.flops=0.7", "calib.num_examples=8", "calib.seq_len=128", *text,
+    proc = run_cli(["pruner=stat", "budget.flops=0.7", "calib.num_examples=32", "calib.seq_len=256", *text,
                     "logger=none", "progress=false", "save_model=true", "save_gguf=q8_0", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run / "results.json").read_text())
