@@ -21,6 +21,7 @@ from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
 from stat_exp.execution.offload import open_model
 from stat_exp.execution.plan import make_plan
+from stat_exp.export.gguf import check_ready, export_gguf
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
 from stat_exp.models import get_adapter
@@ -100,6 +101,10 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             record.factorization = backend.name if backend else None
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
+            if cfg.save_gguf:
+                if not cfg.save_model:
+                    raise ConfigError(f"save_gguf={cfg.save_gguf} needs save_model=true (the GGUF is written from run_dir/model)")
+                check_ready(cfg.save_gguf)
             prunes = pruner.prunes and cfg.budget.flops < 1
             plan = make_plan(cfg, parts, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
@@ -158,7 +163,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                     raise ConfigError(f"objective={cfg.objective!r} is not among this job's metrics: "
                                       f"{', '.join(record.metrics)}")
                 if cfg.save_model:
-                    save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                    folder = save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                    if cfg.save_gguf:
+                        export_gguf(folder, run_dir / f"model-{cfg.save_gguf}.gguf", cfg.save_gguf)
                 if record.structure != record.dense_structure:
                     structure_plot(record.structure, record.dense_structure, run_dir / STRUCTURE_PLOT,
                                    f"{record.model}, {label(record.to_dict())}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from stat_exp.export.llama_cpp import OUTTYPES
 from stat_exp.models.loading import DTYPES, TASKS
 from stat_exp.types import NonNegativeInt, PositiveInt, Seed, SquadVersion
 
@@ -40,4 +41,5 @@ class RunConfig:
     resume: bool  # skip jobs whose results.json is ok for the same config hash
     objective: str | None  # the metric a job returns to a sweeper (optuna); null: the first perplexity, else the first metric
     dry_run: bool = False  # print what each job would run and stop before anything loads
+    save_gguf: Literal[OUTTYPES] | None = None  # with save_model: also run_dir/model-<type>.gguf for llama.cpp
 
