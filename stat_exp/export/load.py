@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from stat_exp.errors import ConfigError, UserError
+from stat_exp.export.modeling_sliced import SLICED_KEY, sliced_class
 from stat_exp.export.modeling_stat_pruned import RECORD_KEY, pruned_class
 from stat_exp.models import get_adapter
 from stat_exp.models.loading import TASKS, load_model as load_stock_model
@@ -75,6 +76,8 @@ def model_class(config: PretrainedConfig, task: str) -> type:
         raise CheckpointError(f"model type {config.model_type!r} has no {TASKS[task].__name__} (model.task={task})")
     record = getattr(config, RECORD_KEY, None) or {}
     stock = mapping[type(config)]
+    if SLICED_KEY in record:
+        return sliced_class(stock)
     return pruned_class(stock) if any(record.get(k) for k in ("parameters", "attributes", "configs")) else stock
 
 

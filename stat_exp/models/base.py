@@ -137,6 +137,11 @@ class ModelAdapter(ABC):
         attn = self.attention(layer)
         update_head_bookkeeping(attn.module, num_heads, num_kv_heads, attn.head_dim)
 
+    def shortcuts(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The residual shortcut matrices of a block sliced by SliceGPT (stat_exp.export.modeling_sliced
+        names them), none for an ordinary block."""
+        return [p for p in (getattr(layer, name, None) for name in ("attn_shortcut", "mlp_shortcut")) if p is not None]
+
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size

@@ -42,16 +42,19 @@ class PruneOutcome:
 
 
 def prunable_params(adapter: ModelAdapter) -> int:
-    """Parameters of the projections pruning can cut (attention and FFN of every block)."""
+    """Parameters of the projections pruning can cut (attention and FFN of every block), and of the
+    residual shortcut matrices of sliced blocks."""
     total = 0
     for layer in adapter.layers():
         for lin in (*adapter.attention(layer).projections, *adapter.ffn(layer).projections):
             total += sum(p.numel() for p in lin.parameters())
+        total += sum(m.numel() for m in adapter.shortcuts(layer))
     return total
 
 
 def shapes_of(adapter: ModelAdapter) -> list[LayerShape]:
-    return [LayerShape.of(adapter.attention(l), adapter.ffn(l)) for l in adapter.layers()]
+    return [LayerShape.of(adapter.attention(l), adapter.ffn(l), sum(m.numel() for m in adapter.shortcuts(l)))
+            for l in adapter.layers()]
 
 
 def model_flops(adapter: ModelAdapter, flops: FlopsModel) -> float:
