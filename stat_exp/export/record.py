@@ -125,7 +125,7 @@ def differences(model: nn.Module, reference: nn.Module) -> Differences:
 
 def uniform_config(config: PretrainedConfig, structure: dict[str, list[int]], head_dim: int) -> PretrainedConfig | None:
     """A stock config with the counts every layer shares (explicit head_dim), or None when layers differ."""
-    if any(len(set(counts)) != 1 for counts in structure.values()):
+    if any(len(set(structure[key])) != 1 for key in ("heads", "kv_heads", "neurons")):
         return None
     candidate = copy.deepcopy(config)
     known = candidate.to_dict()

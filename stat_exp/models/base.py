@@ -147,11 +147,18 @@ class ModelAdapter(ABC):
         return self.config.hidden_size
 
     def structure(self) -> dict[str, list[int]]:
-        """Per-layer head, KV-head and neuron counts: the record of what pruning left."""
+        """Per-layer head, KV-head and neuron counts: the record of what pruning left (with the
+        residual widths of sliced blocks, and the indices of removed blocks, when there are any)."""
         heads, kv_heads, neurons = [], [], []
         for layer in self.layers():
             attn = self.attention(layer)
             heads.append(attn.num_heads)
             kv_heads.append(attn.num_kv_heads)
             neurons.append(self.ffn(layer).width)
-        return {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
+        out = {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
+        if any(self.shortcuts(layer) for layer in self.layers()):  # SliceGPT: the residual width each block reads
+            out["stream_widths"] = [(a.q if a.q is not None else a.qkv).in_features
+                                   for a in map(self.attention, self.layers())]
+        if removed := getattr(self.config, "removed_blocks", None):  # block_drop: indices in the input model
+            out["removed_blocks"] = list(removed)
+        return out
