@@ -211,12 +211,26 @@ def principal_axes(signals: list[torch.Tensor], masks: list[torch.Tensor | None]
     return vectors[:, torch.argsort(values, descending=True)]
 
 
+class _Reached(Exception):
+    """Raised by a hook to stop a block once the signal it needs has been captured."""
+
+
 def _norm_inputs(layer: nn.Module, norm: str, boundary, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The stream between the block's two sublayers (the input of its second norm), per batch."""
+    """The stream between the block's two sublayers (the input of its second norm), per batch; the
+    FFN is not run."""
     found: list[torch.Tensor] = []
-    handle = layer.get_submodule(norm).register_forward_pre_hook(lambda m, args: found.append(args[0].detach()))
+
+    def capture(module, args):
+        found.append(args[0].detach())
+        raise _Reached
+
+    handle = layer.get_submodule(norm).register_forward_pre_hook(capture)
     try:
-        run_block(layer, boundary, index, hidden)
+        for h in hidden:
+            try:
+                run_block(layer, boundary, index, [h], first_batch=len(found))
+            except _Reached:
+                pass
     finally:
         handle.remove()
     return found

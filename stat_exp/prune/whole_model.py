@@ -62,6 +62,9 @@ def block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str
 
 
 @torch.inference_mode()
-def run_block(layer: nn.Module, boundary: BlockBoundary, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Block `index` (possibly a changed one) over every batch of `hidden`, with its recorded call arguments."""
-    return [_first_output(layer(h, *calls[index].args, **calls[index].kwargs)) for h, calls in zip(hidden, boundary.calls)]
+def run_block(layer: nn.Module, boundary: BlockBoundary, index: int, hidden: list[torch.Tensor],
+              first_batch: int = 0) -> list[torch.Tensor]:
+    """Block `index` (possibly a changed one) over the batches `hidden` (calibration batches
+    `first_batch`, `first_batch` + 1, ...), with their recorded call arguments."""
+    calls = boundary.calls[first_batch: first_batch + len(hidden)]
+    return [_first_output(layer(h, *c[index].args, **c[index].kwargs)) for h, c in zip(hidden, calls)]
