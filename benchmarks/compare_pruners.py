@@ -6,7 +6,7 @@ Each job is exactly what a user runs: the Hydra config composed with overrides, 
 wiki_eval at seq_len 256 and 16384 tokens). Every job's results.json lands under --out.
 
     python -m benchmarks.compare_pruners [--flops 0.9 0.7 0.5] [--pruners stat wanda_sp ...] [--variants params]
-                                         [--set key=value ...]
+                                         [--set key=value ...] [--all key=value ...]
 
 SliceGPT narrows the residual stream and adds shortcut matrices, so it trades FLOPs and parameters
 differently from unit pruning: besides equal kept FLOPs it also runs at equal kept prunable
@@ -52,8 +52,9 @@ def jobs(pruners: list[str], flops: list[float], variants: list[str] | None = No
 
 
 def run(pruner: str, label: str | None, overrides: tuple[str, ...], flops: float, out: Path,
-        extra: Sequence[str] = ()) -> RunRecord | str:
-    job = [*SETTINGS, f"pruner={pruner}", f"budget.flops={flops}", *overrides, *(extra if pruner != "none" else [])]
+        extra: Sequence[str] = (), every: Sequence[str] = ()) -> RunRecord | str:
+    job = [*SETTINGS, *every, f"pruner={pruner}", f"budget.flops={flops}", *overrides,
+           *(extra if pruner != "none" else [])]
     job += [f"pruner.fisher_cache={(out / 'kwon_fisher.pt').resolve()}"] if pruner == "kwon" else []
     return run_job(job, out / f"{pruner}_{label or 'default'}_{flops}")
 
@@ -75,13 +76,15 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=None, metavar="LABEL",
                         help="extra rows to run, by label (uniform, params); default: all, none when given empty")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides for every pruned job")
+    parser.add_argument("--all", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="overrides for every job, the dense one included (e.g. a shorter evaluation)")
     parser.add_argument("--out", type=Path,
                         default=Path("outputs/bench") / time.strftime("compare_pruners_%Y-%m-%d_%H-%M-%S"))
     args = parser.parse_args()
     lines = ["| pruner | target | kept FLOPs | kept params | wiki_eval ppl | calibrate (s) | prune (s) |",
              "|---|---|---|---|---|---|---|"]
     for job in jobs(args.pruners, args.flops, args.variants):
-        lines.append(row(*job, run(*job, args.out, args.set)))
+        lines.append(row(*job, run(*job, args.out, args.set, args.all)))
         print(lines[-1], flush=True)
     table = save_table(lines, args.out, "compare_pruners")
     print(f"\n{table}\n\ncalibrate: calibration data and the layer stream; prune: scoring, search and surgery "
