@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: demo test bench env clean
+.PHONY: demo lint test bench env clean
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m stat_exp.run -m experiment=demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check stat_exp tests benchmarks hydra_plugins
+	$(BIN)/mypy
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

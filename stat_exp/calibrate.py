@@ -11,19 +11,18 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import cast
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stat_exp.execution.choices import model_major
+from stat_exp.execution.offload import BlockStore
 from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
-from stat_exp.offload import BlockStore
-
-Propagate = Literal["dense", "pruned"]
-PROPAGATE_MODES = get_args(Propagate)
-LABELS = "labels"  # batch key for task labels: used by loss-based pruners, never fed to the stream
+from stat_exp.models.hooks import Hooks, StopForward, stop_forward, stops_forward
+from stat_exp.types import LABELS, PROPAGATE_MODES
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -131,10 +130,6 @@ class LayerStats:
         return self.n_tokens * float(self.token_energy[: self.n_tokens].median()) if self.n_tokens else 0.0
 
 
-class _StopForward(Exception):
-    pass
-
-
 @dataclass
 class BlockCall:
     """Everything a block is called with besides its hidden states, for one batch: masks, position
@@ -178,7 +173,7 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
             if i == 0:
                 boundary.hidden.append(hidden.detach().to(home))
             if i == len(layers) - 1:
-                raise _StopForward
+                raise StopForward
             return hidden
         return forward
 
@@ -189,12 +184,10 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
         with torch.inference_mode():
             for batch in batches:
                 batch = model_inputs(batch, device)
-                try:
+                with stops_forward():
                     model(**batch, use_cache=False)
-                except _StopForward:
-                    pass
                 boundary.masks.append(padding_mask(batch))
-                boundary.calls.append(list(calls))
+                boundary.calls.append(cast(list[BlockCall], list(calls)))  # every block was called
     finally:
         for layer, forward in zip(layers, own):
             if forward is None:
@@ -211,7 +204,8 @@ def _first_output(out):
 class LayerStream:
     """Iterates blocks with their statistics; between two blocks the caller may prune the block.
 
-    Two orders. Model-major (`model_major=True`, dense propagation, blocks resident): every batch
+    Two orders (which one: `stat_exp.execution.choices.model_major`, from `stream`, the store, the
+    propagation and whether the accumulators hold the activations). Model-major: every batch
     runs through the whole model once with hooks on all blocks, so no hidden states are stored,
     but every block's statistics are held at once. Block-major: the calibration set is kept at the
     current block boundary (`BlockBoundary`) and one block at a time runs over all batches, so what
@@ -228,8 +222,8 @@ class LayerStream:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, propagate: str = "dense",
                  make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True,
-                 model_major: bool = True, moments: bool = True, store: BlockStore | None = None,
-                 dense_targets: bool = False):
+                 stream: str = "model", moments: bool = True, store: BlockStore | None = None,
+                 dense_targets: bool = False, holds_activations: bool = False):
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"calib.propagate={propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
         self.model, self.adapter, self.batches = model, adapter, batches
@@ -239,7 +233,7 @@ class LayerStream:
         self.moments = moments  # per-channel moments cost a pass over every activation: only on request
         self.progress = progress
         self.store = store or BlockStore(model, adapter, device)
-        self.model_major = model_major and propagate == "dense" and self.store.mode == "none"
+        self.model_major = model_major(stream, self.store.resident, propagate, holds_activations)
         self.dense_targets = dense_targets and propagate == "pruned"
         self.seconds = 0.0  # time spent running blocks and accumulating statistics
 
@@ -252,34 +246,25 @@ class LayerStream:
     def _model_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
         layers = self.adapter.layers()
-        stats = [self._new_stats(layer) for layer in layers]
+        stats: list[LayerStats | None] = [self._new_stats(layer) for layer in layers]
         mask: list[torch.Tensor | None] = [None]
-        handles = [h for layer, st in zip(layers, stats) for h in self._hooks(layer, st, mask, energy=True)]
-
-        def stop(module, args, output):
-            raise _StopForward
-
-        handles.append(layers[-1].register_forward_hook(stop))  # the LM head is not needed
-        try:
-            with torch.inference_mode():
-                for batch in tqdm(self.batches, desc="calibrate", disable=not self.progress):
-                    batch = model_inputs(batch, self.device)
-                    mask[0] = padding_mask(batch)
-                    try:
-                        self.model(**batch, use_cache=False)
-                    except _StopForward:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
+        with Hooks() as hooks, torch.inference_mode():
+            for layer, st in zip(layers, stats):
+                self._hooks(hooks, layer, cast(LayerStats, st), mask, energy=True)
+            hooks.post(layers[-1], stop_forward)  # the LM head is not needed
+            for batch in tqdm(self.batches, desc="calibrate", disable=not self.progress):
+                batch = model_inputs(batch, self.device)
+                mask[0] = padding_mask(batch)
+                with stops_forward():
+                    self.model(**batch, use_cache=False)
         self.seconds += time.perf_counter() - start
         for i, layer in enumerate(tqdm(layers, desc="prune", disable=not self.progress)):
-            yield i, layer, stats[i]
-            stats[i] = None  # the caller holds what it still needs
+            current, stats[i] = stats[i], None  # the caller holds what it still needs
+            yield i, layer, cast(LayerStats, current)
 
     def _block_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
-        home = torch.device("cpu") if self.store.mode != "none" else self.device
+        home = self.device if self.store.resident else torch.device("cpu")
         boundary = capture_block_inputs(self.model, self.adapter, self.batches, self.device, home)
         dense = list(boundary.hidden) if self.dense_targets else None  # the dense model's, side by side
         n = len(self.adapter.layers())
@@ -308,10 +293,10 @@ class LayerStream:
                           attn_cross=CrossGram(d_attn, self.device) if cross else None,
                           ffn_cross=CrossGram(d_ffn, self.device) if cross else None)
 
-    def _hooks(self, layer: nn.Module, stats: LayerStats, mask: list, energy: bool,
-               dense: dict[str, torch.Tensor] | None = None) -> list:
-        """Accumulate `stats` from the block's O and down inputs (and, with `energy`, its input);
-        `dense` holds the current batch's dense O and down inputs, for the cross Grams."""
+    def _hooks(self, hooks: Hooks, layer: nn.Module, stats: LayerStats, mask: list, energy: bool,
+               dense: dict[str, torch.Tensor] | None = None) -> None:
+        """Hooks that accumulate `stats` from the block's O and down inputs (and, with `energy`, its
+        input); `dense` holds the current batch's dense O and down inputs, for the cross Grams."""
         def accumulate(moments: ChannelMoments | None, factor: Accumulator | None, cross: CrossGram | None,
                        key: str):
             def fn(module, args):  # some blocks (OPT) flatten tokens before the FFN
@@ -320,7 +305,7 @@ class LayerStream:
                     moments.update(x)
                 if factor is not None:
                     factor.update(x)
-                if cross is not None:
+                if cross is not None and dense is not None:
                     cross.update(x, dense[key])
             return fn
 
@@ -335,12 +320,12 @@ class LayerStream:
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         attn_hook = accumulate(stats.attn, stats.attn_factor, stats.attn_cross, "o")
         ffn_hook = accumulate(stats.ffn, stats.ffn_factor, stats.ffn_cross, "down")
-        handles = [attn.o.register_forward_pre_hook(attn_hook), ffn.down.register_forward_pre_hook(ffn_hook)]
-        handles += [part.post_norm.register_forward_hook(post_norm(gain))
-                    for part, gain in ((attn, stats.attn_gain), (ffn, stats.ffn_gain)) if part.post_norm is not None]
+        hooks.pre(attn.o, attn_hook).pre(ffn.down, ffn_hook)
+        for part, gain in ((attn, stats.attn_gain), (ffn, stats.ffn_gain)):
+            if part.post_norm is not None:
+                hooks.post(part.post_norm, post_norm(gain))
         if energy:
-            handles.append(layer.register_forward_pre_hook(block_input, with_kwargs=True))
-        return handles
+            hooks.pre(layer, block_input, with_kwargs=True)
 
     @torch.inference_mode()
     def _run(self, layer: nn.Module, boundary: BlockBoundary, index: int, stats: LayerStats | None,
@@ -357,15 +342,13 @@ class LayerStream:
             call = calls[index]
             if dense is not None and stats is not None:  # before the hooks: the dense run accumulates nothing
                 dense[b] = self._dense_run(layer, dense[b], call, batch_mask, current).to(dense[b].device)
-            handles = self._hooks(layer, stats, mask, energy=False, dense=current) if stats is not None else []
-            try:
+            with Hooks() as hooks:
+                if stats is not None:
+                    self._hooks(hooks, layer, stats, mask, energy=False, dense=current)
                 hidden = hidden.to(self.device)
                 if stats is not None:
                     _record_input(stats, hidden, batch_mask)
                 out = _first_output(layer(hidden, *call.args, **call.kwargs))
-            finally:
-                for h in handles:
-                    h.remove()
             outputs.append(out.to(boundary.hidden[0].device))
         return outputs
 
@@ -378,13 +361,9 @@ class LayerStream:
                 current[key] = real_tokens(args[0], mask)
             return fn
 
-        handles = [self.adapter.attention(layer).o.register_forward_pre_hook(keep("o")),
-                   self.adapter.ffn(layer).down.register_forward_pre_hook(keep("down"))]
-        try:
+        with Hooks() as hooks:
+            hooks.pre(self.adapter.attention(layer).o, keep("o")).pre(self.adapter.ffn(layer).down, keep("down"))
             return _first_output(layer(hidden.to(self.device), *call.args, **call.kwargs))
-        finally:
-            for h in handles:
-                h.remove()
 
 
 def _parameter_ids(layer: nn.Module) -> set[int]:

@@ -7,14 +7,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from stat_exp.export.load import load_pruned
+from stat_exp.export import load_pruned
 from stat_exp.export.save import save_pruned
 from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.prune.block_drop import BlockDropPruner, block_influence, blocks_to_remove
 from stat_exp.prune.budget import BudgetError, BudgetSpec
 from stat_exp.prune.runner import PruneRunner
-from tests.tiny import batches, clone, tiny_llama, tiny_opt
+from tests.tiny import batches, tiny_llama, tiny_opt
 
 CPU = torch.device("cpu")
 FAMILIES = {"llama": lambda: tiny_llama(heads=4, kv_heads=2, hidden=32, ffn=64, layers=5),

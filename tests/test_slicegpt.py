@@ -10,12 +10,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
 from stat_exp.errors import ConfigError
-from stat_exp.export.load import load_pruned
+from stat_exp.export import load_pruned
 from stat_exp.export.save import save_pruned
 from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerShape, layer_weights
-from stat_exp.prune.runner import PruneRunner, prunable_params, shapes_of
+from stat_exp.models.flops import FlopsModel, LayerShape, layer_weights, prunable_params, shapes_of
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.slicegpt import SliceGptPruner, layout_of, slice_model
 from tests.tiny import batches, clone, tiny_gpt2, tiny_llama, tiny_opt
 

@@ -36,7 +36,7 @@ def scored(model, pruner, data=None):
     adapter = get_adapter(model)
     make = pruner.accumulator(GramBackend(block_dtype="float64"))
     stream = LayerStream(model, adapter, data or batches(), CPU, "dense", make, progress=False,
-                         moments=pruner.needs_moments)
+                         moments=pruner.requirements.moments)
     return [(pruner.score(adapter, i, layer, stats), stats) for i, layer, stats in stream]
 
 
@@ -99,7 +99,7 @@ def test_a_strong_ridge_shrinks_the_fold_to_plain_slicing():
     adapter = get_adapter(model)
     down = adapter.ffn(adapter.layers()[0]).down
     dense = down.weight.detach().clone()
-    pruner.apply(adapter, adapter.layers()[0], sc, LayerPlan(len(sc.attn_levels) - 1, 64), stats)
+    pruner.apply(adapter, 0, adapter.layers()[0], sc, LayerPlan(len(sc.attn_levels) - 1, 64), stats)
     torch.testing.assert_close(down.weight, dense[:, sc.ffn_order[:64]], rtol=1e-5, atol=1e-6)
 
 
@@ -158,7 +158,7 @@ def test_intercept_keeps_the_mean_output_and_lowers_the_error():
         pruner = StatPruner(intercept=intercept, ridge=1e-12)
         [(sc, stats)] = scored(model, pruner)
         adapter = get_adapter(model)
-        pruner.apply(adapter, adapter.layers()[0], sc, LayerPlan(len(sc.attn_levels) - 1, 40), stats)
+        pruner.apply(adapter, 0, adapter.layers()[0], sc, LayerPlan(len(sc.attn_levels) - 1, 40), stats)
         down = adapter.ffn(adapter.layers()[0]).down
         out = X[:, sc.ffn_order[:40]] @ down.weight.detach().double().T
         if intercept:

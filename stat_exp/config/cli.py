@@ -74,7 +74,7 @@ def check_overrides(argv: Sequence[str]) -> None:
     args = _args(argv)
     loader = config_loader(argv)
     overrides = OverridesParser.create().parse_overrides(list(args.overrides))
-    repo = loader._parse_overrides_and_create_caching_repo(args.config_name or CONFIG_NAME,  # noqa: SLF001
+    repo = loader._parse_overrides_and_create_caching_repo(args.config_name or CONFIG_NAME,
                                                            _searchpath_overrides(argv))[1]
     for override in overrides:
         group = override.key_or_group

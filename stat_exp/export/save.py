@@ -10,23 +10,24 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import cast
 
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stat_exp.export import modeling_stat_pruned
 from stat_exp.export.record import MODELING_MODULE, SLICED_MODULE, export_config
+from stat_exp.models import modeling_stat_pruned
 
 MODELING_FILE = f"{MODELING_MODULE}.py"
 SHIPPED = Path(modeling_stat_pruned.__file__).parent  # the modeling files a folder may ship
 
 
 def save_pruned(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path, task: str) -> Path:
-    """Write `path` (replacing it whole) and return it."""
+    """Write `path` (replacing it whole) and return it; `model`: a transformers model."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    cast(PreTrainedModel, model).save_pretrained(tmp)
     config, modules = export_config(model, task)
     config.save_pretrained(tmp)  # replaces the config.json save_pretrained wrote
     for ours in (MODELING_MODULE, SLICED_MODULE):  # a model loaded from a folder copies them; keep only the needed

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -116,7 +116,7 @@ class ModelAdapter(ABC):
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.config = model.config
+        self.config: Any = model.config
 
     @abstractmethod
     def layers(self) -> list[nn.Module]:
@@ -144,7 +144,7 @@ class ModelAdapter(ABC):
 
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        return int(self.config.hidden_size)
 
     def structure(self) -> dict[str, list[int]]:
         """Per-layer head, KV-head and neuron counts: the record of what pruning left (with the

@@ -13,37 +13,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import PROPAGATE_MODES, LayerStats
+from stat_exp.calibrate import LayerStats
+from stat_exp.execution.requirements import Requirements
 from stat_exp.factorize.base import Accumulator, Backend
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.budget import Allocation, BudgetSpec, FlopsModel, LayerPlan, LayerShape
-from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
+from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetSpec, LayerPlan
+from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import prune_attention, prune_ffn
-
+from stat_exp.types import PROPAGATE_MODES, Allocation, GqaMode
 
 # "budget": follow budget.allocation; "global" or "uniform": a pruner that fixes its own.
 AllocationChoice = Literal["budget"] | Allocation
 
 
 class Pruner(ABC):
-    """Base class. Subclasses set `name` and which statistics they need: calibration data at all,
-    factorizations, channel moments."""
+    """Base class. Subclasses set `name` and `requirements`: what they need of a run (calibration
+    data at all, factorizations, channel moments, ...; a class attribute, or set in `__init__` when
+    it depends on the options)."""
 
     name: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = True
-    needs_factorization: ClassVar[bool] = False
-    needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
-    needs_layer_stream: ClassVar[bool] = True  # False: scores need no layer statistics (data only in prepare)
-    needs_whole_model: ClassVar[bool] = False  # runs the whole model at once (gradients): no offloading
-    needs_dense_targets: bool = False  # with propagate=pruned: the dense model's activations alongside
+    requirements: Requirements = Requirements()
     prunes: ClassVar[bool] = True
-    prepare_examples: int | None = None  # calibration examples `prepare` draws for itself (None: the batches)
     # The passes over the calibration data, in order: each stage is streamed, scored, allocated and
     # applied on the model the previous stages left (one stage for most pruners).
     stages: tuple[str, ...] = ("prune",)
 
     def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget",
-                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):
+                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):  # type: ignore[valid-type]
         """`gqa`: per_group keeps the same query heads per KV group; whole_groups removes KV groups whole.
         `allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
         pruner (the baselines whose scores do not compare across layers were published uniform).
@@ -52,7 +49,7 @@ class Pruner(ABC):
         a job starts (stat_exp.config)."""
         self.gqa, self.allocation, self.propagate = gqa, allocation, propagate
 
-    def allocation_under(self, budget_allocation: str) -> str:
+    def allocation_under(self, budget_allocation: Allocation) -> Allocation:
         """The allocation this pruner runs with when the budget asks for `budget_allocation`."""
         return budget_allocation if self.allocation == "budget" else self.allocation
 
@@ -75,7 +72,7 @@ class Pruner(ABC):
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                 examples: list[dict[str, torch.Tensor]] | None = None) -> None:
         """Whole-model work before the layer stream (e.g. gradients); most pruners need none.
-        `examples`: the `prepare_examples` calibration examples, when the pruner asks for them."""
+        `examples`: the `requirements.examples` calibration examples, when the pruner asks for them."""
 
     @abstractmethod
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
@@ -87,9 +84,10 @@ class Pruner(ABC):
         None to use the shared allocation. Called wherever the runner would allocate."""
         return None
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
-        """Slice the layer to the plan, keeping the best-ranked units. Correcting pruners override."""
+        """Slice layer `index` (as in `score`) to the plan, keeping the best-ranked units. Correcting pruners
+        override."""
         prune_attention(adapter, layer, scores.attn_levels[plan.attn_level])
         prune_ffn(adapter, layer, scores.ffn_order[: plan.neurons])
 

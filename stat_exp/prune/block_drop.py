@@ -14,8 +14,8 @@ from torch import nn
 
 from stat_exp.calibrate import real_tokens
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.budget import BudgetError, BudgetSpec, FlopsModel
-from stat_exp.prune.runner import shapes_of
+from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.prune.budget import BudgetError, BudgetSpec
 from stat_exp.prune.whole_model import WholeModelPruner, block_inputs, run_block
 
 REMOVED_KEY = "removed_blocks"  # config attribute (and structure key) listing the removed blocks

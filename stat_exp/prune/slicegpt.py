@@ -11,7 +11,7 @@
 3. The LM head reads the last block's output in its axes, unsliced (SliceGPT's default).
 `d` is the largest width (a multiple of `round_to`) whose FLOPs, shortcuts included, stay within
 the budget, or with `match=params` whose prunable parameters do. The sliced model is saved with
-stat_exp.export.modeling_sliced. Llama-family (RMSNorm) and OPT (pre-LayerNorm) models.
+stat_exp.models.modeling_sliced. Llama-family (RMSNorm) and OPT (pre-LayerNorm) models.
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ from typing import Literal
 import torch
 from torch import nn
 
-from stat_exp.calibrate import padding_mask, real_tokens
+from stat_exp.calibrate import real_tokens
 from stat_exp.errors import ConfigError
-from stat_exp.export.modeling_sliced import convert
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.decoders import LlamaAdapter, OPTAdapter
-from stat_exp.prune.budget import BudgetError, BudgetSpec, FlopsModel, LayerShape, layer_weights
-from stat_exp.prune.runner import shapes_of
+from stat_exp.models.hooks import Hooks, StopForward, stops_forward
+from stat_exp.models.flops import FlopsModel, LayerShape, layer_weights, shapes_of
+from stat_exp.models.modeling_sliced import convert
+from stat_exp.prune.budget import BudgetError, BudgetSpec
 from stat_exp.prune.whole_model import WholeModelPruner, block_inputs, run_block
 
 
@@ -211,10 +212,6 @@ def principal_axes(signals: list[torch.Tensor], masks: list[torch.Tensor | None]
     return vectors[:, torch.argsort(values, descending=True)]
 
 
-class _Reached(Exception):
-    """Raised by a hook to stop a block once the signal it needs has been captured."""
-
-
 def _norm_inputs(layer: nn.Module, norm: str, boundary, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
     """The stream between the block's two sublayers (the input of its second norm), per batch; the
     FFN is not run."""
@@ -222,17 +219,12 @@ def _norm_inputs(layer: nn.Module, norm: str, boundary, index: int, hidden: list
 
     def capture(module, args):
         found.append(args[0].detach())
-        raise _Reached
+        raise StopForward
 
-    handle = layer.get_submodule(norm).register_forward_pre_hook(capture)
-    try:
+    with Hooks().pre(layer.get_submodule(norm), capture):
         for h in hidden:
-            try:
+            with stops_forward():
                 run_block(layer, boundary, index, [h], first_batch=len(found))
-            except _Reached:
-                pass
-    finally:
-        handle.remove()
     return found
 
 

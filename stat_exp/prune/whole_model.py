@@ -17,7 +17,9 @@ from torch import nn
 from stat_exp.calibrate import BlockBoundary, LayerStats, _first_output, capture_block_inputs
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.execution.requirements import Requirements
+from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.none import keep_everything
 from stat_exp.prune.scores import LayerScores
 
@@ -25,8 +27,7 @@ from stat_exp.prune.scores import LayerScores
 class WholeModelPruner(Pruner):
     """Subclasses implement `transform`: the model, pruned to `budget`, in place."""
 
-    needs_layer_stream = False
-    needs_whole_model = True
+    requirements = Requirements(layer_stream=False, whole_model=True)
 
     def __init__(self):
         super().__init__()
@@ -46,7 +47,7 @@ class WholeModelPruner(Pruner):
         self.transform(model, adapter, batches, flops, budget)
         return [LayerPlan(0, adapter.ffn(layer).width) for layer in adapter.layers()]
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         """Nothing: `transform` already left the model as it should be."""
 

@@ -89,7 +89,7 @@ def peak_rss_mb() -> float:
 
 @dataclass(kw_only=True)
 class RunRecord:
-    """What one run writes to results.json; the fields are the contract in DESIGN.md."""
+    """What one run writes to results.json; the fields are the results contract (README, "Results contract")."""
 
     status: str = "running"
     error: str | None = None
@@ -99,6 +99,7 @@ class RunRecord:
     target: dict[str, float] = field(default_factory=dict)
     achieved: dict[str, float] = field(default_factory=dict)
     structure: dict[str, list[int]] = field(default_factory=dict)
+    dense_structure: dict[str, list[int]] = field(default_factory=dict)  # the same counts before pruning
     metrics: dict[str, float] = field(default_factory=dict)
     timing_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
@@ -109,6 +110,7 @@ class RunRecord:
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=versions)
     variant: str | None = None
+    tracker: str | None = None  # where the logger keeps this run (a W&B link or folder, a CSV file)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,7 +156,7 @@ def _all(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda d: isinstance(d, dict) and all(check(v) for v in d.values())
 
 
-# Each contract key with a check and the words for the error message, in the order of DESIGN.md.
+# Each contract key with a check and the words for the error message, in the order of RunRecord's fields.
 _SCHEMA = {
     "status": (lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}"),
     "error": (lambda v: v is None or isinstance(v, str), "a string or null"),
@@ -167,9 +169,13 @@ _SCHEMA = {
     "metrics": (_all(_is_number), "a dict of numbers"),
     "timing_s": (_all(_is_number), "a dict of numbers"),
     "peak_rss_mb": (_is_number, "a number"),
+    "peak_device_mb": (lambda v: v is None or _is_number(v), "a number or null"),
+    "execution": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
+    "plan": (lambda v: isinstance(v, dict), "a dict"),
     "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
     "config_hash": (lambda v: isinstance(v, str), "a string"),
     "versions": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
+    "variant": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }
 
 
