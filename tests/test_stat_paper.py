@@ -393,3 +393,27 @@ def test_grouped_query_attention_ranks_raw_outputs_and_stays_valid(gqa):
     for heads, kv in zip(out.structure["heads"], out.structure["kv_heads"]):
         assert heads % kv == 0 and (kv == 2 if gqa == "per_group" else heads == 4 * kv)
     assert out.achieved["flops_fraction"] <= 0.52 and torch.isfinite(model(**batches(1)[0]).logits).all()
+
+
+def test_released_sketch_is_prune_opt_sketch_per_batch():
+    """prune_opt.py: per calibration batch `saveZ = random @ Z` with random = np.random.normal(size=(100, 2048)),
+    the same matrix for every layer of the batch; the factors come from the stacked sketches. With the same
+    Gaussians, the sketched Gram is theirs; as_released sketches for the opt procedure only."""
+    from stat_exp.prune.released_sketch import GaussianSketch, gaussian
+
+    rng = np.random.default_rng(0)
+    Zs = [rng.normal(size=(16, 6)) for _ in range(3)]  # three batches of 16 tokens, 6 channels
+    draws = [np.float32(rng.normal(size=(100, 16))) for _ in Zs]
+    stacked = np.concatenate([G @ Z for G, Z in zip(draws, Zs)])  # their saveZ blocks, stacked
+    acc = GaussianSketch(GramBackend(block_dtype="float64").accumulator(6),
+                         lambda tokens, batch: torch.from_numpy(draws[batch]).double())
+    for Z in Zs:
+        acc.update(torch.from_numpy(Z))
+    np.testing.assert_allclose(acc.gram().numpy(), stacked.T @ stacked, rtol=1e-10)
+    assert torch.equal(gaussian(100, 16, 2, 0), gaussian(100, 16, 2, 0))  # every layer of a batch: one matrix
+    assert not torch.equal(gaussian(100, 16, 1, 0), gaussian(100, 16, 2, 0))
+    opt, bert = StatPaperPruner(as_released=True), StatPaperPruner(as_released=True)
+    opt.prepare(tiny_opt(), get_adapter(tiny_opt()), [])
+    bert.prepare(tiny_bert(), get_adapter(tiny_bert()), [])
+    assert isinstance(opt.accumulator(GramBackend())(4), GaussianSketch)
+    assert not isinstance(bert.accumulator(GramBackend())(4), GaussianSketch)

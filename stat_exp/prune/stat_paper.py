@@ -57,6 +57,8 @@ head errors as their scripts do, the residual's columns reordered by P where arg
 (the intended error with W_O's columns permuted twice by argsort(P)); `flops_shares=released` splits
 the budget with their hand-set neuron share (prune_bert.py 0.6622759267443489, prune_opt.py 4/7) at
 the candidate average head count: N = int((mu - (1 - share) h / H) / share x width) neurons per layer.
+`sketch=released` (with as_released, for the opt procedure) feeds the statistics prune_opt.py's
+unnormalised 100-row Gaussian sketch of every calibration batch (`released_sketch`).
 `recompute_heads` defaults to the procedure's own: two passes for `bert`, one for `opt`.
 Beyond their code, every layer keeps at least one head (one attention level) and one neuron option
 (`budget.round_to`), as the shared allocation does; the budget's `allocation` does not apply (their
@@ -64,6 +66,7 @@ thresholds are global by construction).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -72,11 +75,12 @@ from torch import nn
 
 from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
-from stat_exp.factorize.base import pivoted_cholesky
+from stat_exp.factorize.base import Accumulator, Backend, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.budget import BudgetError, BudgetSpec, LayerPlan, neuron_options
 from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
+from stat_exp.prune.released_sketch import sketched
 from stat_exp.prune.stat import JITTER, StatPruner, nested_head_factor
 
 PROCEDURES = ("auto", "bert", "opt")
@@ -204,18 +208,23 @@ class StatPaperPruner(StatPruner):
     def __init__(self, gqa: Literal["per_group", "whole_groups"] = "per_group", correction: bool = True,
                  procedure: Literal["auto", "bert", "opt"] = "auto", recompute_heads: bool | None = None,
                  as_released: bool = False, head_error: Literal["intended", "released"] | None = None,
-                 flops_shares: Literal["derived", "released"] | None = None):
+                 flops_shares: Literal["derived", "released"] | None = None,
+                 sketch: Literal["exact", "released"] | None = None):
         """`procedure`: whose weighting and cutoffs (auto: bert for encoders, opt for decoders);
         `recompute_heads`: factor heads again on the FFN-pruned model (prune_bert.py) or take them
         from the dense pass (prune_opt.py); None: the procedure's own. `as_released`: the default of
         the switches below; `head_error`: the intended head error or the released one; `flops_shares`:
-        the neurons' FLOPs share from the FLOPs model or the scripts' hand-set values."""
+        the neurons' FLOPs share from the FLOPs model or the scripts' hand-set values; `sketch`: exact
+        statistics or prune_opt.py's Gaussian sketch of every batch (None: released for the opt
+        procedure when as_released, prune_bert.py has none)."""
         super().__init__(gqa, correction, allocation="global")
         if procedure not in PROCEDURES:
             raise ConfigError(f"pruner.procedure={procedure!r}; allowed: {', '.join(PROCEDURES)}")
         self.procedure, self.recompute_heads = procedure, recompute_heads
         self.head_error = head_error or ("released" if as_released else "intended")
         self.flops_shares = flops_shares or ("released" if as_released else "derived")
+        self.as_released, self.sketch = as_released, sketch
+        self._sketch = sketch or "exact"
         self._resolved = procedure
         self._set_stages()
         self._head_levels: dict[int, int] = {}  # decided in stage ffn, applied in stage heads
@@ -230,16 +239,21 @@ class StatPaperPruner(StatPruner):
         parts = [super().variant, f"{self.procedure} procedure" if self.procedure != "auto" else "",
                  {True: "heads recomputed", False: "heads from the dense pass", None: ""}[self.recompute_heads],
                  "released head error" if self.head_error == "released" else "",
-                 "released FLOPs shares" if self.flops_shares == "released" else ""]
+                 "released FLOPs shares" if self.flops_shares == "released" else "",
+                 "released sketch" if self.sketch == "released" else ""]
         return ", ".join(p for p in parts if p)
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                 examples: list[dict[str, torch.Tensor]] | None = None) -> None:
         if self.procedure == "auto":
             self._resolved = "opt" if adapter.causal else "bert"
+        self._sketch = self.sketch or ("released" if self.as_released and self._resolved == "opt" else "exact")
         if self.head_error == "released" and self.gqa != "per_group":
             raise ConfigError("pruner.head_error=released ranks single heads: it needs pruner.gqa=per_group")
         self._set_stages()
+
+    def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
+        return sketched(backend.accumulator) if self._sketch == "released" else backend.accumulator
 
     def begin_stage(self, stage: str) -> None:
         self._stage = stage
