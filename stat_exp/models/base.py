@@ -54,6 +54,13 @@ class AttentionParts:
             raise ValueError("AttentionParts needs either q, k and v, or one fused qkv projection")
 
     @property
+    def reader(self) -> nn.Linear:
+        """A projection that reads the block's input (q, or the fused qkv): its width is the stream's."""
+        proj = self.q if self.q is not None else self.qkv
+        assert proj is not None  # __post_init__: one of them is given
+        return proj
+
+    @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
@@ -82,6 +89,13 @@ class FFNParts:
         if not (self.up is not None and self.gate_up is None
                 or self.up is None and self.gate is None and self.gate_up is not None):
             raise ValueError("FFNParts needs either up (and optionally gate), or one fused gate_up projection")
+
+    @property
+    def reader(self) -> nn.Linear:
+        """A projection that reads the FFN's input (up, or the fused gate_up)."""
+        proj = self.up if self.up is not None else self.gate_up
+        assert proj is not None  # __post_init__: one of them is given
+        return proj
 
     @property
     def width(self) -> int:
@@ -157,8 +171,7 @@ class ModelAdapter(ABC):
             neurons.append(self.ffn(layer).width)
         out = {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
         if any(self.shortcuts(layer) for layer in self.layers()):  # SliceGPT: the residual width each block reads
-            out["stream_widths"] = [(a.q if a.q is not None else a.qkv).in_features
-                                   for a in map(self.attention, self.layers())]
+            out["stream_widths"] = [self.attention(layer).reader.in_features for layer in self.layers()]
         if removed := getattr(self.config, "removed_blocks", None):  # block_drop: indices in the input model
             out["removed_blocks"] = list(removed)
         return out

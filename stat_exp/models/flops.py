@@ -28,23 +28,21 @@ class LayerShape:
     num_kv_heads: int
     ffn_width: int
     ffn_matrices: int  # 2 for up/down, 3 when gated (a fused gate_up is still two matrices' work)
-    attn_in: int | None = None
-    ffn_in: int | None = None
-    ffn_out: int | None = None
+    attn_in: int = 0  # 0: hidden (an unsliced block, or a shape recorded before these fields)
+    ffn_in: int = 0
+    ffn_out: int = 0
     shortcut: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for key in ("attn_in", "ffn_in", "ffn_out"):
-            if getattr(self, key) is None:
+            if not getattr(self, key):
                 object.__setattr__(self, key, self.hidden)
 
     @classmethod
     def of(cls, attn: AttentionParts, ffn: FFNParts, shortcut: int = 0) -> "LayerShape":
-        reads_attn = attn.q if attn.qkv is None else attn.qkv
-        reads_ffn = ffn.up if ffn.gate_up is None else ffn.gate_up
         return cls(hidden=attn.o.out_features, head_dim=attn.head_dim, num_heads=attn.num_heads,
                    num_kv_heads=attn.num_kv_heads, ffn_width=ffn.width, ffn_matrices=ffn.matrices,
-                   attn_in=reads_attn.in_features, ffn_in=reads_ffn.in_features, ffn_out=ffn.down.out_features,
+                   attn_in=attn.reader.in_features, ffn_in=ffn.reader.in_features, ffn_out=ffn.down.out_features,
                    shortcut=shortcut)
 
 
