@@ -2,22 +2,22 @@
 data, no W&B run, no results.json).
 
 A single run prints its line and stops (stat_exp.run). With `-m`, the sweeper prints the line of
-every job of the sweep and launches none (no job directories, nothing submitted to a cluster). The
-config is still checked (budget range, the pruner's own options): a job with a bad value prints
-its error line instead, and the dry run ends with exit code 2.
+every job of the sweep and launches none (no job directories, nothing submitted to a cluster). Every
+check of a real run that needs no weights runs (the config's values, then stat_exp.preflight: the
+model folder, data files, evaluators against the model, lengths, calibration size): a job that would
+fail prints its error line instead, and the dry run ends with exit code 2.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
 
-from hydra.errors import HydraException
-from hydra.utils import instantiate
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stat_exp.config.validate import checked_config
-from stat_exp.errors import UserError
-from stat_exp.pipeline import variant_of
+from stat_exp.pipeline import build_parts, variant_of
+from stat_exp.preflight import preflight
 
 # The settings that identify what an evaluator or a calibration reads (shown when present and set).
 IDENTIFYING = ("task", "tasks", "version", "source", "text_file", "data_file", "data_dir", "seq_len",
@@ -31,8 +31,10 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
     # what a run checks first; completed with the signatures' defaults, as the run sees it
     cfg = OmegaConf.create(checked_config(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])))
     choices = choices or {}
-    pruner = _pruner(cfg)
-    variant = variant_of(cfg, pruner)
+    built = build_parts(cfg, torch.device("cpu"), run_dir)  # the device is only where a backend would run
+    preflight(cfg, built)
+    pruner = built.pruner
+    variant = variant_of(cfg, pruner, built.calibration)
     budget = cfg.budget
     prunes = pruner.prunes and budget.flops < 1
     experiment = choices.get("experiment")
@@ -51,15 +53,6 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
     parts.append("eval=[" + ", ".join(f"{name}{_settings(sub)}" for name, sub in cfg.eval.items()) + "]")
     parts.append(f"run_dir={run_dir}")
     return "dry run: " + " | ".join(parts)
-
-
-def _pruner(cfg: DictConfig):
-    try:
-        return instantiate(cfg.pruner)
-    except HydraException as err:  # instantiate wraps the pruner's own one-line ConfigError
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
 
 
 def sweep_job(cfg: DictConfig, num: int) -> str:

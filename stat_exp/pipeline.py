@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
+from stat_exp.data.base import Calibration
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
@@ -24,6 +25,7 @@ from stat_exp.factorize.base import Backend
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
 from stat_exp.models import AdapterFactory, adapter_from_config, get_adapter
+from stat_exp.preflight import preflight
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.none import NoPruner
@@ -37,14 +39,24 @@ from stat_exp.track.summary import plan_line
 log = logging.getLogger(__name__)
 
 
-def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
+def variant_of(cfg: DictConfig, pruner: Pruner, calibration: Calibration) -> str | None:
     """What distinguishes this job from the default protocol (for tables and plots): the pruner's
     own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
     allocation = pruner.allocation_under(cfg.budget.allocation)
-    propagate = pruner.propagate_under(cfg.calib.propagate)
+    propagate = pruner.propagate_under(calibration.propagate)
     parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
                          f"propagate {propagate}" if propagate != "dense" else "") if p]
     return ", ".join(parts) or None
+
+
+def pruner_name(cfg: DictConfig) -> str:
+    """The name a pruner's records carry (its class's `name`, as in its config file's name), known
+    before anything is built, so a job that fails early is listed under it."""
+    target = str(OmegaConf.select(cfg, "pruner._target_", default="?"))
+    try:
+        return str(getattr(get_class(target), "name"))
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported by the config check
+        return target.rsplit(".", 1)[-1]
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> RunRecord:
@@ -53,8 +65,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
     With `resume=true`, a run_dir whose results.json is ok for the same config hash is not run again:
     its record is returned as it is."""
     run_dir = Path(run_dir)
-    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")),
-                       pruner=str(OmegaConf.select(cfg, "pruner._target_", default="?")).rsplit(".", 1)[-1])
+    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")), pruner=pruner_name(cfg))
     try:
         plain = checked_config(cfg)
     except BaseException as e:
@@ -81,8 +92,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             torch.manual_seed(cfg.seed)
             device = resolve_device(cfg.device)
             parts = build_parts(cfg, device, run_dir)
+            preflight(cfg, parts)  # every check that needs no weights
             pruner, backend, calibration = parts.pruner, parts.backend, parts.calibration
-            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner, calibration)
             record.factorization = backend.name if backend else None
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
@@ -123,6 +135,9 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 with timings("eval"):
                     record.metrics = evaluate(parts.evaluators, model, tokenizer, device)
                 log.info("metrics: %s", record.metrics)
+                if cfg.objective is not None and cfg.objective not in record.metrics:
+                    raise ConfigError(f"objective={cfg.objective!r} is not among this job's metrics: "
+                                      f"{', '.join(record.metrics)}")
                 if cfg.save_model:
                     save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
                 if record.structure != record.dense_structure:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from stat_exp.models.loading import DTYPES, TASKS
-from stat_exp.types import NonNegativeInt, PositiveInt, SquadVersion
+from stat_exp.types import NonNegativeInt, PositiveInt, Seed, SquadVersion
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class RunConfig:
     """The top-level keys of conf/config.yaml (experiments may add their own helper keys beside them)."""
 
     device: str  # auto | cpu | cuda | cuda:N (checked by stat_exp.device.resolve_device)
-    seed: int
+    seed: Seed
     save_model: bool
     progress: bool
     resume: bool  # skip jobs whose results.json is ok for the same config hash

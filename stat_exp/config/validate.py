@@ -29,6 +29,11 @@ SUPPLIED = {
 }
 
 
+def top_level_keys() -> list[str]:
+    """The keys conf/config.yaml defines at the top: its own values and its groups."""
+    return sorted({f.name for f in dataclasses.fields(RunConfig)} | set(SCHEMAS) | set(TARGET_GROUPS) | {"eval"})
+
+
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Raise ConfigError (one line, naming the full key) for the first bad, unknown or missing value.
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from stat_exp.data.text import DataError, encode, load_text
-from stat_exp.types import PositiveInt, Propagate
+from stat_exp.data.base import Calibration
+from stat_exp.data.text import DataError, check_text_source, encode, load_text
+from stat_exp.types import PositiveInt, Propagate, Seed, SeqLen
 
 
 def calibration_batches(
@@ -46,17 +47,29 @@ def sample_windows(ids: torch.Tensor, num_examples: int, seq_len: int, seed: int
     return ids[offsets].contiguous()
 
 
-class TextCalibration:
+class TextCalibration(Calibration):
     """The calibration config (conf/calib/wiki.yaml): random windows of a text source.
 
     `propagate` says what the next block is fed while pruning: the dense outputs of the previous
     block (`dense`, as in the paper's code) or its pruned outputs (`pruned`).
     """
 
-    def __init__(self, source: str, num_examples: PositiveInt, seq_len: PositiveInt, batch_size: PositiveInt = 8,
-                 seed: int = 0, propagate: Propagate = "dense"):
+    def __init__(self, source: str, num_examples: PositiveInt, seq_len: SeqLen, batch_size: PositiveInt = 8,
+                 seed: Seed = 0, propagate: Propagate = "dense"):
         self.source, self.num_examples, self.seq_len = source, num_examples, seq_len
         self.batch_size, self.seed, self.propagate = batch_size, seed, propagate
+
+    @property
+    def longest_sequence(self) -> int:
+        return self.seq_len
+
+    @property
+    def tokens(self) -> int:
+        """Every window is full: exactly num_examples x seq_len tokens."""
+        return self.num_examples * self.seq_len
+
+    def check(self) -> None:
+        check_text_source(self.source)
 
     def batches(self, tokenizer, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
         """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""

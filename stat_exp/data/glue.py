@@ -20,9 +20,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import AssetError, corpus_path
+from stat_exp.data.base import Calibration
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
-from stat_exp.types import LABELS, PositiveInt, Propagate
+from stat_exp.types import LABELS, PositiveInt, Propagate, Seed
 
 HUB_DATASET = "nyu-mll/glue"
 LOCAL_FORMATS = (".jsonl", ".tsv")
@@ -129,12 +130,20 @@ def _sample(total: int, num: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), num))
 
 
-def _read_local(folder: Path, split: str) -> list[dict]:
+def local_split(folder: Path, split: str) -> Path:
+    """The file of a split in a local folder (`<split>.jsonl` or `<split>.tsv`); DataError when none."""
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
     for suffix in LOCAL_FORMATS:
         path = folder / f"{split}{suffix}"
         if path.is_file():
-            return _read_jsonl(path) if suffix == ".jsonl" else _read_tsv(path)
+            return path
     raise DataError(f"no {split}.jsonl or {split}.tsv in {folder}")
+
+
+def _read_local(folder: Path, split: str) -> list[dict]:
+    path = local_split(folder, split)
+    return _read_jsonl(path) if path.suffix == ".jsonl" else _read_tsv(path)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -217,7 +226,7 @@ def label_tensor(spec: GlueTask, rows: list[Row]) -> torch.Tensor:
 
 
 @dataclass
-class GlueCalibration:
+class GlueCalibration(Calibration):
     """Calibration from a task's training split: `num_examples` random examples (the paper: 512),
     tokenized like the task's inputs and padded per batch, with their labels (`pruner=kwon` takes
     its Fisher information from the task loss, as in the paper; the layer stream ignores them)."""
@@ -227,7 +236,7 @@ class GlueCalibration:
     num_examples: PositiveInt = 512
     max_length: PositiveInt = 128
     batch_size: PositiveInt = 32
-    seed: int = 0
+    seed: Seed = 0
     propagate: Propagate = "dense"
     # True: drawn with replacement in the order drawn, as the released prune_bert.py (and Kwon et al.'s
     # main.py) draw them: np.random.seed(seed); np.random.choice(len(train), num_examples)
@@ -237,6 +246,14 @@ class GlueCalibration:
         if self.task is None:
             raise ConfigError(f"calib=glue needs a task (calib.task or eval.task); valid: {', '.join(TASKS)}")
         get_task(self.task)
+
+    @property
+    def longest_sequence(self) -> int:
+        return self.max_length
+
+    def check(self) -> None:
+        if self.data_dir is not None:
+            local_split(Path(self.data_dir).expanduser(), "train")
 
     def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
         """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""

@@ -26,6 +26,7 @@ from stat_exp.errors import UserError
 TEXT_CORPORA: tuple[str, ...] = ("wiki_calib", "wiki_eval", "crime")
 HUB_PREFIX = "hf:"
 SEPARATOR = "\n\n"
+SNIFF_BYTES = 1 << 20  # what the check before the weights load reads of a text file
 
 
 class DataError(UserError, ValueError):
@@ -41,17 +42,60 @@ def load_text(source: str) -> str:
             return _read_file(corpus_path(source))
         except AssetError as err:
             raise DataError(f"embedded corpus '{source}' unavailable: {err}") from None
+    return _read_file(_local_file(source))
+
+
+def check_text_source(source: str) -> None:
+    """What `load_text(source)` would reject, found without reading a whole file or the hub: a hub
+    source's syntax; a local file that is missing, unreadable, empty, not UTF-8 or has NUL bytes
+    (judged on its first SNIFF_BYTES)."""
+    if source.startswith(HUB_PREFIX):
+        parse_hub_source(source[len(HUB_PREFIX):])
+        return
+    if source in TEXT_CORPORA:
+        return
+    path = _local_file(source)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+    except OSError as err:
+        raise DataError(f"data file cannot be read: {path} ({err.strerror})") from None
+    try:
+        text = _utf8_prefix(head) if len(head) == SNIFF_BYTES else head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file is not UTF-8 text: {path} ({err.reason} at byte {err.start})") from None
+    _check_text(text, path)
+
+
+def _utf8_prefix(head: bytes) -> str:
+    """The text of a file's first bytes, which may end inside a multi-byte character."""
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start >= len(head) - 3:  # cut inside the last character
+            return head[:err.start].decode("utf-8")
+        raise
+
+
+def _check_text(text: str, path: Path) -> None:
+    if "\x00" in text:
+        raise DataError(f"data file is not text: {path} holds NUL bytes")
+    if not text.strip():
+        raise DataError(f"data file is empty: {path}")
+
+
+def _local_file(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.is_file():
         raise DataError(
             f"data file not found: {path} (give a file path, '{HUB_PREFIX}<dataset>/<config>/<split>',"
             f" or one of {', '.join(TEXT_CORPORA)})"
         )
-    return _read_file(path)
+    return path
 
 
 def _read_file(path: Path) -> str:
-    """A .jsonl file's "text" fields joined, or the file as UTF-8 text; never empty."""
+    """A .jsonl file's "text" fields joined, or the file as UTF-8 text; never empty, never NUL bytes."""
     if path.suffix == ".jsonl":
         text = SEPARATOR.join(_jsonl_texts(path))
     else:
@@ -59,8 +103,7 @@ def _read_file(path: Path) -> str:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"data file is not UTF-8 text: {path} ({err.reason} at byte {err.start})") from None
-    if not text.strip():
-        raise DataError(f"data file is empty: {path}")
+    _check_text(text, path)
     return text
 
 

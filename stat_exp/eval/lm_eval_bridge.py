@@ -53,6 +53,7 @@ class LMEvalEval(Evaluator):
     """lm-eval tasks scored on the model object through HFLM."""
 
     name = "lm_eval"
+    tasks = ("causal_lm",)  # HFLM scores continuations with a causal LM head
 
     def __init__(
         self,

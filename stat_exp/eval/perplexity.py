@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from tqdm.auto import tqdm
 
-from stat_exp.data.text import DataError, encode, load_text
+from stat_exp.data.text import DataError, check_text_source, encode, load_text
 from stat_exp.eval.base import Evaluator
 from stat_exp.types import PositiveInt
 
@@ -94,6 +94,7 @@ class PerplexityEval(Evaluator):
     """`eval=perplexity`: perplexity on a local text file, or on the embedded wiki evaluation split."""
 
     name = "perplexity"
+    tasks = ("causal_lm",)
 
     def __init__(self, text_file: str | None = None, seq_len: Annotated[int, Ge(2)] = 256,
                  max_tokens: PositiveInt | None = 16384, batch_size: PositiveInt = 8, progress: bool = True):
@@ -104,6 +105,9 @@ class PerplexityEval(Evaluator):
 
     def lengths(self) -> tuple[int, int]:
         return self.batch_size, self.seq_len
+
+    def check(self) -> None:
+        check_text_source(self.source)
 
     def __call__(self, model, tokenizer, device) -> dict[str, float]:
         result = perplexity(model, tokenizer, load_text(self.source), self.seq_len, self.max_tokens,

@@ -14,6 +14,7 @@ run whose plan does not fit the memory it has, naming predicted and available me
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -65,8 +66,12 @@ class Plan:
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
 
     def summary(self) -> dict:
-        return {"peak_host_mb": round(self.peak_host_mb, 1), "peak_device_mb": round(self.peak_device_mb, 1),
-                "disk_mb": round(self.disk_mb, 1), "seconds": round(self.seconds, 1), "tflops": self.tflops,
+        """The plan as JSON values (a quantity too large to be a finite float is null, never Infinity)."""
+        def finite(value: float, digits: int | None = 1) -> float | None:
+            return (round(value, digits) if digits else value) if math.isfinite(value) else None
+
+        return {"peak_host_mb": finite(self.peak_host_mb), "peak_device_mb": finite(self.peak_device_mb),
+                "disk_mb": finite(self.disk_mb), "seconds": finite(self.seconds), "tflops": finite(self.tflops, None),
                 "device": self.device, **asdict(self.execution)}
 
 

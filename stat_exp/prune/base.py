@@ -58,6 +58,12 @@ class Pruner(ABC):
         return calib_propagate if self.propagate == "calib" else self.propagate
 
     @property
+    def corrects(self) -> bool:
+        """Fits a least-squares correction per layer on the calibration tokens, so every layer needs at
+        least as many tokens as units it keeps (checked before the weights load)."""
+        return False
+
+    @property
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""
         return ""

@@ -10,7 +10,7 @@ import numpy as np
 from stat_exp.errors import UserError
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.scores import LayerScores
-from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt
+from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt, SeqLen
 
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
@@ -24,7 +24,7 @@ class BudgetSpec:
     """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
 
     flops: Fraction = 0.7  # conf/budget/flops.yaml's default too
-    seq_len: PositiveInt = 256
+    seq_len: SeqLen = 256
     allocation: Allocation = "global"
     round_to: PositiveInt = 1
 

@@ -87,6 +87,10 @@ class StatPruner(Pruner):
         self.requirements = Requirements(factorization=True, moments=intercept, dense_targets=compensate)
 
     @property
+    def corrects(self) -> bool:
+        return self.correction
+
+    @property
     def variant(self) -> str:
         parts = ["" if self.correction else "no correction", f"ridge {self.ridge}" if self.ridge else "",
                  "greedy heads" if self.heads == "greedy" else "", "intercept" if self.intercept else "",

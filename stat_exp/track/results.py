@@ -54,8 +54,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write or fsync error: name the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
