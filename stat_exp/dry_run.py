@@ -16,7 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from stat_exp.config.validate import checked_config
-from stat_exp.pipeline import build_parts, variant_of
+from stat_exp.parts import build_parts
+from stat_exp.pipeline import variant_of
 from stat_exp.preflight import preflight
 
 # The settings that identify what an evaluator or a calibration reads (shown when present and set).

@@ -6,12 +6,11 @@ adds Hydra around it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
@@ -21,10 +20,10 @@ from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
 from stat_exp.execution.offload import open_model
 from stat_exp.execution.plan import make_plan
-from stat_exp.factorize.base import Backend
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
-from stat_exp.models import AdapterFactory, adapter_from_config, get_adapter
+from stat_exp.models import get_adapter
+from stat_exp.parts import build_parts
 from stat_exp.preflight import preflight
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
@@ -163,38 +162,6 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record
-
-
-@dataclass(frozen=True)
-class Parts:
-    """Every part of a run built from its config, before the model loads."""
-
-    pruner: Pruner
-    backend: Backend | None
-    calibration: Any  # a calibration source: num_examples, batch_size, propagate, batches(tokenizer, num_examples)
-    evaluators: dict[str, Evaluator]
-    adapter: AdapterFactory | None = None
-
-
-def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
-    """Every part of a run built from its config, before the model loads (so a bad setting fails
-    first); the planner sizes these same objects."""
-    pruner: Pruner = instantiate(cfg.pruner)
-    adapter = adapter_from_config(cfg.model.get("adapter"))
-    evaluators = make_evaluators(cfg.eval, run_dir)
-    backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter)
-
-
-def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:
-    """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several), built before
-    the model loads so a bad evaluation setting fails first. Evaluators that write files (tables)
-    get the run directory unless their config names one."""
-    evaluators: dict[str, Evaluator] = {}
-    for name, sub in eval_cfg.items():
-        extra = {"output_dir": str(run_dir)} if "output_dir" in sub and sub.output_dir is None else {}
-        evaluators[str(name)] = instantiate(sub, **extra)
-    return evaluators
 
 
 def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.device) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """Every check a run can make before its weights load, in one place.
 
 The config has already been checked value by value against its typed definitions
-(stat_exp.config.validate) and its parts built (stat_exp.pipeline.build_parts); here they are
+(stat_exp.config.validate) and its parts built (stat_exp.parts.build_parts); here they are
 checked against each other, against the model's config.json and against the data files: the model
 folder (config.json, weight headers, the head the task needs), each evaluator against the model's
 task and architecture, every length against the model's positions, each data file (exists,
@@ -23,7 +23,8 @@ from stat_exp import assets
 from stat_exp.data.base import Calibration
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.base import Evaluator
-from stat_exp.execution.plan import Parts, meta_model
+from stat_exp.execution.plan import meta_model
+from stat_exp.parts import Parts
 from stat_exp.models import get_adapter
 from stat_exp.models.checkpoint import check_folder
 from stat_exp.models.flops import shapes_of
@@ -37,7 +38,7 @@ HEADS = {"causal_lm": ("ForCausalLM", "LMHeadModel"), "question_answering": ("Fo
 
 def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig:
     """Every check of a run that needs no weights, on its checked config (stat_exp.config.validate)
-    and the parts built from it (stat_exp.pipeline.build_parts); returns the model's config.
+    and the parts built from it (stat_exp.parts.build_parts); returns the model's config.
     Raises a one-line UserError for the first problem."""
     pruner, calibration, evaluators = parts.pruner, parts.calibration, parts.evaluators
     if not isinstance(calibration, Calibration):

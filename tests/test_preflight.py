@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from stat_exp.config.cli import check_overrides, compose_config
 from stat_exp.config.validate import checked_config
 from stat_exp.errors import UserError
-from stat_exp.pipeline import build_parts
+from stat_exp.parts import build_parts
 from stat_exp.preflight import preflight
 
 CPU = torch.device("cpu")

@@ -19,7 +19,7 @@ from stat_exp.execution.plan import PlanError
 from stat_exp.factorize import GramBackend, QRBackend
 from stat_exp.models import get_adapter
 from stat_exp.models.decoders import LlamaAdapter
-from stat_exp.pipeline import build_parts
+from stat_exp.parts import build_parts
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.kwon import KwonPruner
 from stat_exp.prune.runner import PruneRunner

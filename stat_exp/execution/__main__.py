@@ -47,7 +47,7 @@ def _plan(overrides: list[str]) -> None:
 
     from stat_exp.config.cli import check_overrides, compose_config
     from stat_exp.config.validate import checked_config
-    from stat_exp.pipeline import build_parts
+    from stat_exp.parts import build_parts
     from stat_exp.preflight import preflight
 
     check_overrides(overrides)
