@@ -26,7 +26,9 @@ from stat_exp.preflight import preflight
 
 # The settings that identify what an evaluator or a calibration reads (shown when present and set).
 IDENTIFYING = ("task", "tasks", "version", "source", "text_file", "data_file", "data_dir", "seq_len",
-               "num_examples", "num_fewshot")
+               "num_examples", "num_fewshot", "max_length", "with_replacement")
+# The pruner settings shown: stat_paper's switches between the released scripts and the intended method.
+PRUNER_SWITCHES = ("procedure", "recompute_heads", "as_released", "head_error", "flops_shares")
 
 
 def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None = None) -> str:
@@ -52,7 +54,8 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
     parts = [f"experiment={experiment}"] if experiment and experiment != "null" else []
     parts += [
         f"model={choices.get('model', cfg.model.name)} ({cfg.model.source}, {cfg.model.task}, {cfg.model.dtype})",
-        f"pruner={choices.get('pruner', pruner.name)}" + (f" ({variant})" if variant else ""),
+        f"pruner={choices.get('pruner', pruner.name)}" + (f" ({variant})" if variant else "")
+        + _settings(cfg.pruner, PRUNER_SWITCHES),
         f"budget.flops={budget.flops} " + (f"(seq_len={budget.seq_len}, {pruner.allocation_under(budget.allocation)})"
                                             if prunes else "(nothing pruned)"),
     ]
@@ -73,7 +76,7 @@ def sweep_job(cfg: DictConfig, num: int) -> str:
     return f"#{num} " + describe(cfg, run_dir, cfg.hydra.runtime.choices)
 
 
-def _settings(node: DictConfig) -> str:
+def _settings(node: DictConfig, keys: tuple[str, ...] = IDENTIFYING) -> str:
     plain = OmegaConf.to_container(node, resolve=True)
-    shown = [f"{k}={plain[k]}" for k in IDENTIFYING if plain.get(k) is not None]
+    shown = [f"{k}={plain[k]}" for k in keys if plain.get(k) is not None]
     return f" ({', '.join(shown)})" if shown else ""

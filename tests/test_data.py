@@ -116,6 +116,26 @@ def test_parse_hub_source():
         parse_hub_source("wikitext")
 
 
+def test_hub_source_with_one_data_file(monkeypatch):
+    """`?data_files=`: one file of the dataset repo as the split (how C4 is read for calibration)."""
+    import datasets
+
+    calls = []
+
+    class Split:
+        column_names = ["text"]
+
+        def __getitem__(self, key):
+            return ["a document", "another"]
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or Split())
+    text = load_text("hf:allenai/c4//train?data_files=en/c4-train.00000-of-01024.json.gz")
+    assert calls == [(("allenai/c4", None), {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}})]
+    assert text == "a document\n\nanother"
+    load_text("hf:Salesforce/wikitext/wikitext-2-raw-v1/test")
+    assert calls[-1] == (("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "test"})
+
+
 USER_CALIBRATION = '''
 import torch
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -119,6 +120,12 @@ def _subset(rows: list, num_examples: int | None, seed: int) -> list:
     if num_examples is None or num_examples >= len(rows):
         return rows
     return [rows[i] for i in _sample(len(rows), num_examples, seed)]
+
+
+def drawn_with_replacement(total: int, num: int, seed: int) -> list[int]:
+    """The indices the released scripts draw: numpy's legacy generator seeded with `seed`, `num`
+    uniform draws from range(total), duplicates kept, in the order drawn."""
+    return np.random.RandomState(seed).choice(total, num).tolist()
 
 
 def _sample(total: int, num: int, seed: int) -> list[int]:
@@ -234,6 +241,9 @@ class GlueCalibration(Calibration):
     batch_size: PositiveInt = 32
     seed: Seed = 0
     propagate: Propagate = "dense"
+    # True: drawn with replacement in the order drawn, as the released prune_bert.py (and Kwon et al.'s
+    # main.py) draw them: np.random.seed(seed); np.random.choice(len(train), num_examples)
+    with_replacement: bool = False
 
     def __post_init__(self) -> None:
         if self.task is None:
@@ -251,7 +261,12 @@ class GlueCalibration(Calibration):
     def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
         """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
         spec = get_task(self.task)
-        rows = load_split(spec, "train", self.data_dir, num_examples or resolved(self.num_examples), self.seed)
+        count = num_examples or resolved(self.num_examples)
+        if self.with_replacement:
+            rows = load_split(spec, "train", self.data_dir, None, self.seed)
+            rows = [rows[i] for i in drawn_with_replacement(len(rows), count, self.seed)]
+        else:
+            rows = load_split(spec, "train", self.data_dir, count, self.seed)
         batches = encode_batches(tokenizer, spec, rows, self.max_length, self.batch_size)
         for start, batch in zip(range(0, len(rows), self.batch_size), batches):
             batch[LABELS] = label_tensor(spec, rows[start:start + self.batch_size])  # for loss-based pruners

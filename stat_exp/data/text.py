@@ -6,7 +6,9 @@ A source string is one of
 - ``hf:<dataset>/<config>/<split>`` (e.g. ``hf:wikitext/wikitext-2-raw-v1/test``), loaded with
   datasets.load_dataset, the ``text`` column joined. The dataset name may itself contain a
   slash (``hf:Salesforce/wikitext/wikitext-2-raw-v1/test``); an empty config means none
-  (``hf:owner/name//train``), and ``hf:<dataset>/<split>`` means no config either.
+  (``hf:owner/name//train``), and ``hf:<dataset>/<split>`` means no config either. A suffix
+  ``?data_files=<path in the dataset repo>`` reads that file only, as the split (C4 as GPTQ and
+  the STAT authors' prune_opt.py read it: ``hf:allenai/c4//train?data_files=en/c4-train.00000-of-01024.json.gz``).
 Texts from several records are joined with a blank line ("\\n\\n").
 """
 
@@ -134,13 +136,15 @@ def parse_hub_source(spec: str) -> tuple[str, str | None, str]:
 
 def _load_hub(spec: str) -> str:
     """The `text` column of a hub dataset split; every failure becomes one DataError line."""
+    spec, _, files = spec.partition("?data_files=")
     name, config, split = parse_hub_source(spec)
-    where = f"hub dataset '{name}'" + (f" ({config})" if config else "") + f" split '{split}'"
+    where = (f"hub dataset '{name}'" + (f" ({config})" if config else "") + f" split '{split}'"
+             + (f" ({files})" if files else ""))
     try:
         import datasets
 
         datasets.logging.set_verbosity_error()
-        data = datasets.load_dataset(name, config, split=split)
+        data = datasets.load_dataset(name, config, split=split, **({"data_files": {split: files}} if files else {}))
     except Exception as err:  # noqa: BLE001 - hub/IO errors come in many types; report one line
         if hub_offline():
             reason = "offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) and not in the local cache"

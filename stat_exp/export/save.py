@@ -15,10 +15,11 @@ from typing import cast
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from stat_exp.export.record import MODELING_MODULE, export_config
+from stat_exp.export.record import MODELING_MODULE, SLICED_MODULE, export_config
 from stat_exp.models import modeling_stat_pruned
 
 MODELING_FILE = f"{MODELING_MODULE}.py"
+SHIPPED = Path(modeling_stat_pruned.__file__).parent  # the modeling files a folder may ship
 
 
 def save_pruned(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str | Path, task: str) -> Path:
@@ -28,11 +29,12 @@ def save_pruned(model: nn.Module, tokenizer: PreTrainedTokenizerBase, path: str 
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         cast(PreTrainedModel, model).save_pretrained(tmp)
-        config, needs_code = export_config(model, task)
+        config, modules = export_config(model, task)
         config.save_pretrained(tmp)  # replaces the config.json save_pretrained wrote
-        (tmp / MODELING_FILE).unlink(missing_ok=True)  # a remote-code model copies its own; keep ours only if needed
-        if needs_code:
-            shutil.copyfile(modeling_stat_pruned.__file__, tmp / MODELING_FILE)
+        for ours in (MODELING_MODULE, SLICED_MODULE):  # a model loaded from a folder copies them; keep only the needed
+            (tmp / f"{ours}.py").unlink(missing_ok=True)
+        for module in modules:
+            shutil.copyfile(SHIPPED / f"{module}.py", tmp / f"{module}.py")
         tokenizer.save_pretrained(tmp)
     except BaseException:  # a failed save leaves nothing behind, not half a model
         shutil.rmtree(tmp, ignore_errors=True)

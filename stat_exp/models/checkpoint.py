@@ -16,6 +16,7 @@ from stat_exp.errors import ConfigError, UserError
 from stat_exp.models import get_adapter
 from stat_exp.models.loading import TASKS
 from stat_exp.models.loading import load_model as load_stock_model
+from stat_exp.models.modeling_sliced import SLICED_KEY, sliced_class
 from stat_exp.models.modeling_stat_pruned import RECORD_KEY, pruned_class
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,6 +78,8 @@ def model_class(config: PretrainedConfig, task: str) -> type[PreTrainedModel]:
         raise CheckpointError(f"model type {config.model_type!r} has no {TASKS[task].__name__} (model.task={task})")
     record = getattr(config, RECORD_KEY, None) or {}
     stock = mapping[type(config)]
+    if SLICED_KEY in record:
+        return sliced_class(stock)
     return pruned_class(stock) if any(record.get(k) for k in ("parameters", "attributes", "configs")) else stock
 
 
