@@ -139,7 +139,7 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                     size = replace(size, num_examples=sum(len(b["input_ids"]) for b in batches),
                                    tokens=real_tokens(batches))
                     record.calibration = size.summary()
-                    if size.warning():
+                    if pruner.corrects and size.warning():  # only a fitted correction can overfit
                         log.warning(size.warning())
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
                                     cfg.budget.allocation, cfg.budget.round_to, cfg.budget.select,
