@@ -172,6 +172,7 @@ _SCHEMA = {
     "achieved": (_all(_is_number), "a dict of numbers"),
     "structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
     "dense_structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
+    "allocation": (lambda v: isinstance(v, dict), "a dict"),
     "metrics": (_all(_is_number), "a dict of numbers"),
     "timing_s": (_all(_is_number), "a dict of numbers"),
     "peak_rss_mb": (_is_number, "a number"),
