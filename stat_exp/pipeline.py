@@ -19,9 +19,11 @@ from stat_exp.data.calib_size import real_tokens
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
+from stat_exp.eval.gguf import GgufEval
 from stat_exp.execution.offload import open_model
 from stat_exp.execution.plan import make_plan
 from stat_exp.export.gguf import check_ready, export_gguf
+from stat_exp.export.llama_cpp import width_warning
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
 from stat_exp.models import get_adapter
@@ -106,6 +108,10 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                     raise ConfigError(f"save_gguf={cfg.save_gguf} needs save_model=true (the GGUF is written from run_dir/model)")
                 check_ready(cfg.save_gguf)
             prunes = pruner.prunes and cfg.budget.flops < 1
+            quantized = [cfg.save_gguf] if cfg.save_gguf else []
+            quantized += [e.outtype for e in parts.evaluators.values() if isinstance(e, GgufEval)]
+            if prunes and (line := width_warning(quantized, cfg.budget.round_to)) is not None:
+                log.warning(line)
             plan = make_plan(cfg, parts, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
             record.tracker = logger.location

@@ -28,6 +28,7 @@ from stat_exp.errors import ConfigError
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.export import llama_cpp, save_pruned
 from stat_exp.export.gguf import export_gguf, gguf_plan
+from stat_exp.export.llama_cpp import width_warning
 from stat_exp.export.record import ExportError
 from stat_exp.models import get_adapter
 from stat_exp.pipeline import run_pipeline
@@ -156,6 +157,13 @@ def test_gguf_settings_are_checked_before_anything_loads(tmp_path):
         run_pipeline(compose_config(["save_gguf=f16", "logger=none"]), tmp_path)
 
 
+def test_a_quantized_gguf_asks_for_ffn_widths_on_its_block():
+    """llama-quantize leaves rows off the type's block in a wider type: the warning names the block."""
+    assert width_warning(["q4_k_m"], 1).endswith("set budget.round_to=256 to keep every FFN width on the block")
+    assert width_warning(["f16", "q8_0"], 48).endswith("budget.round_to=32 to keep every FFN width on the block")
+    assert width_warning(["q8_0", "q6_k"], 512) is None and width_warning(["f16", "f32"], 1) is None
+
+
 # ----------------------------------------------------------------------------- llama.cpp runs them
 
 
@@ -241,6 +249,7 @@ def test_a_stat_global_smollm2_job_runs_in_llama_cpp_as_in_pytorch(tmp_path, tex
     proc = run_cli(["pruner=stat", "budget.flops=0.7", "calib.num_examples=32", "calib.seq_len=256", *text,
                     "logger=none", "progress=false", "save_model=true", "save_gguf=q8_0", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "set budget.round_to=32" in proc.stdout + proc.stderr  # save_gguf=q8_0 with round_to=1
     record = json.loads((run / "results.json").read_text())
     structure, metrics = record["structure"], record["metrics"]
     assert len(set(structure["neurons"])) > 1  # the global allocation: layers differ

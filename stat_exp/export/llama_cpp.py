@@ -24,6 +24,21 @@ TOOLS = ("llama-perplexity", "llama-bench", "llama-quantize")
 CONVERTED = ("f32", "f16", "q8_0")  # GGUF types llama.cpp's converter writes itself
 QUANTIZED = ("q4_0", "q4_k_m", "q5_k_m", "q6_k")  # made by llama-quantize from the f16 file
 OUTTYPES = CONVERTED + QUANTIZED
+# Values per quantization block: llama-quantize stores a tensor whose rows are not a multiple of its
+# type's block in a wider type (F16 below 32), so a pruned FFN width off the block undoes the quantization
+# of its down projection (measured: STAT-pruned SmolLM2 at q4_k_m read more bytes per token than dense).
+QUANT_BLOCK = {"q8_0": 32, "q4_0": 32, "q4_k_m": 256, "q5_k_m": 256, "q6_k": 256}
+
+
+def width_warning(outtypes: list[str], round_to: int) -> str | None:
+    """One line when a quantized GGUF is asked for and the budget may keep FFN widths off its block."""
+    block = max((QUANT_BLOCK[t] for t in outtypes if t in QUANT_BLOCK), default=1)
+    if round_to % block == 0:
+        return None
+    asked = ", ".join(t for t in outtypes if t in QUANT_BLOCK)
+    return (f"GGUF {asked}: llama-quantize keeps a down projection whose width is not a multiple of {block} in a wider "
+            f"type (F16 below 32), so the pruned file can read more bytes per token than the dense one; "
+            f"set budget.round_to={block} to keep every FFN width on the block")
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF")
 
