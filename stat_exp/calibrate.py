@@ -287,12 +287,15 @@ class LayerStream:
             layer = self.store.onload(i)
             before = _parameter_ids(layer)
             stats = self._new_stats(layer)
-            outputs = self._run(layer, boundary, i, stats, dense)
+            # Fed the pruned model's outputs, this run's own outputs are replaced by the pruned
+            # block's: it stops once the last statistic is in (before the down projection).
+            partial = self.propagate == "pruned" and self.adapter.ffn(layer).post_norm is None
+            outputs = self._run(layer, boundary, i, stats, dense, partial)
             self.seconds += time.perf_counter() - start
             yield i, layer, stats
             start = time.perf_counter()
             pruned = _parameter_ids(layer) != before  # surgery swaps Parameter objects
-            if self.propagate == "pruned" and pruned and i + 1 < n:
+            if self.propagate == "pruned" and (pruned or partial) and i + 1 < n:
                 outputs = self._run(layer, boundary, i, None)
             self.store.offload(i)
             boundary.hidden = outputs
@@ -344,11 +347,12 @@ class LayerStream:
 
     @torch.inference_mode()
     def _run(self, layer: nn.Module, boundary: BlockBoundary, index: int, stats: LayerStats | None,
-             dense: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+             dense: list[torch.Tensor] | None = None, partial: bool = False) -> list[torch.Tensor]:
         """Run block `index` over all batches with its own call arguments; with `stats`, accumulate
         them. Outputs go back where the boundary keeps its hidden states. With `dense` (the dense
         model's hidden states at this boundary) each batch first runs on those, to pair the
-        activations for the cross Grams; `dense` moves on to the dense block's outputs."""
+        activations for the cross Grams; `dense` moves on to the dense block's outputs. `partial`:
+        each batch stops at the down projection's input (the last statistic); no outputs."""
         mask: list[torch.Tensor | None] = [None]
         current: dict[str, torch.Tensor] = {}  # this batch's dense O and down inputs
         outputs = []
@@ -358,11 +362,15 @@ class LayerStream:
             if dense is not None and stats is not None:  # before the hooks: the dense run accumulates nothing
                 dense[b] = self._dense_run(layer, dense[b], call, batch_mask, current).to(dense[b].device)
             handles = self._hooks(layer, stats, mask, energy=False, dense=current) if stats is not None else []
+            if partial:  # registered after the statistics' hooks, so they fire first
+                handles += _stop_when_both_seen(self.adapter.attention(layer).o, self.adapter.ffn(layer).down)
             try:
                 hidden = hidden.to(self.device)
                 if stats is not None:
                     _record_input(stats, hidden, batch_mask)
                 out = _first_output(layer(hidden, *call.args, **call.kwargs))
+            except _StopForward:
+                continue
             finally:
                 for h in handles:
                     h.remove()
@@ -385,6 +393,17 @@ class LayerStream:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _stop_when_both_seen(a: nn.Module, b: nn.Module) -> list:
+    """Hooks that end the forward pass once both modules have been called (in either order)."""
+    seen: set[int] = set()
+
+    def hook(module, args):
+        seen.add(id(module))
+        if len(seen) == 2:
+            raise _StopForward
+    return [a.register_forward_pre_hook(hook), b.register_forward_pre_hook(hook)]
 
 
 def _parameter_ids(layer: nn.Module) -> set[int]:

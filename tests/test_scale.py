@@ -151,9 +151,9 @@ def test_propagate_pruned_feeds_each_block_the_pruned_outputs(monkeypatch):
     base = tiny_llama(layers=2)
     model = clone(base)
     grams = {}
-    real = StatPruner.score
-    monkeypatch.setattr(StatPruner, "score", lambda self, adapter, i, layer, stats: (
-        grams.__setitem__(i, stats.ffn_factor.gram().clone()), real(self, adapter, i, layer, stats))[1])
+    real = StatPruner._scores
+    monkeypatch.setattr(StatPruner, "_scores", lambda self, adapter, i, layer, stats, priced: (
+        grams.__setitem__(i, stats.ffn_factor.gram().clone()), real(self, adapter, i, layer, stats, priced))[1])
     _run(model, propagate="pruned", factors="hold")  # the last scoring of block 1 is the pruned pass
     data = batches(pad_last=4)
     boundary = capture_block_inputs(model, get_adapter(model), data, CPU)

@@ -64,9 +64,18 @@ class Factorization:
         so E[k] is a suffix sum of column norms of V_perm R^T (weights folded into V).
         """
         V = out_weight.to(self.R)[:, self.perm] / self.weights[self.perm]
-        col = (V @ self.R.T).square().sum(0)
+        col = torch.cat([(V[:, rows.start:] @ self.R[rows, rows.start:].T).square().sum(0)
+                         for rows in _row_blocks(self.R.shape[0])]) if self.R.shape[0] else V.new_zeros(0)
         tail = torch.flip(torch.cumsum(torch.flip(col, [0]), 0), [0])
         return torch.cat([tail, tail.new_zeros(1)])
+
+
+TRIANGLE_BLOCKS = 16  # row blocks of R in V R^T: the zeros left of the diagonal are skipped (~53% of the product)
+
+
+def _row_blocks(m: int) -> list[slice]:
+    step = max(1, -(-m // TRIANGLE_BLOCKS))
+    return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 
 
 PANEL = 64  # pivots per panel of the blocked factorization: one trailing matrix product each

@@ -1,8 +1,19 @@
 """Drives a pruner over a model: stream statistics, score, allocate the budget, apply.
 
 The order of these steps depends on where the budget is decided: `uniform` decides each layer on
-its own, `global` needs every layer's scores first. With `calib.propagate=pruned` and a global
-budget, a first dense pass decides the counts and a second pass prunes in order. A pruner with
+its own, `global` needs every layer's scores first.
+
+`calib.propagate=pruned` feeds each block the pruned previous block's outputs. Each block's pruned
+output is computed once, by the pruned block, and is the next block's input; the run that gathers
+the block's statistics (the dense block on those inputs) stops at the last statistic, before the
+down projection, since its own outputs would be thrown away (`LayerStream`). With `uniform` that
+is one stream. A global allocation needs every block's cost curves before any count is known, and
+block i's statistics under pruned propagation depend on the counts of blocks < i, so exactness
+forces two streams: a dense one that prices every block (cost curves only; no factorization is
+kept), then the pruned one, which knows the counts and so skips what only the allocation reads
+(`Pruner.score_for_plan`: STAT's cost curves, as costly as its factorizations). Reusing the dense
+pass's factorizations is exact for block 0 alone (the only block whose inputs do not change), so
+they are not kept. A pruner with
 several `stages` (FFN neurons first, then heads) gets one such pass per stage, each on the model
 the previous stages left. What waits for a global allocation is bounded: small cost curves are
 kept, the heavy per-block state is held, spilled to disk or recomputed (`factors`).
@@ -148,7 +159,7 @@ class PruneRunner:
             plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
                                                                         keep_heavy=False)], shapes)
             for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
-                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats, planned=True), plans[i], stats)
             return
         keep_heavy = self.factors != "recompute"
         with self._pending() as pending:
@@ -161,8 +172,10 @@ class PruneRunner:
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
                 self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
 
-    def _score(self, adapter, index: int, layer: nn.Module, stats: LayerStats) -> LayerScores:
-        sc = self.pruner.score(adapter, index, layer, stats)
+    def _score(self, adapter, index: int, layer: nn.Module, stats: LayerStats, planned: bool = False) -> LayerScores:
+        """`planned`: the block's counts are already decided (its keep-counts need no prices)."""
+        score = self.pruner.score_for_plan if planned else self.pruner.score
+        sc = score(adapter, index, layer, stats)
         stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
         return sc
 

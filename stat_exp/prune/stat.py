@@ -107,6 +107,17 @@ class StatPruner(Pruner):
         return lambda dim: HeldOutAccumulator(backend.accumulator(dim), backend.accumulator(dim), self.validation)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+        return self._scores(adapter, index, layer, stats, priced=True)
+
+    def score_for_plan(self, adapter: ModelAdapter, index: int, layer: nn.Module,
+                       stats: LayerStats | None) -> LayerScores:
+        """Order and folds without the cost curves (as costly as the factorization itself), which
+        nothing reads once the counts are decided; zero costs stand in (the plain method; the
+        options still price)."""
+        return self._scores(adapter, index, layer, stats, priced=False)
+
+    def _scores(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None,
+                priced: bool) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
@@ -122,8 +133,12 @@ class StatPruner(Pruner):
             attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
             extra["attn_bounds"] = bounds
             heavy |= {"ffn": ffn_fact, "attn": attn_fact}
-            ffn_order, ffn_cost = ffn_fact.perm, ffn_fact.output_error(W2)
-            attn_cost = attn_fact.output_error(attn.o.weight.detach().double())[bounds]
+            ffn_order = ffn_fact.perm
+            if priced:
+                ffn_cost = ffn_fact.output_error(W2)
+                attn_cost = attn_fact.output_error(attn.o.weight.detach().double())[bounds]
+            else:
+                ffn_cost, attn_cost = W2.new_zeros(W2.shape[1] + 1), W2.new_zeros(len(levels))
         else:
             grams = self._grams(stats.ffn_factor, stats.ffn)
             ffn_fold, ffn_cost = self._ffn_fold(W2.to(grams.full.device), grams)
