@@ -88,29 +88,65 @@ def forward(depth: int, sequences: int) -> dict:
 
 
 EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.num_examples=64", "calib.seq_len=256",
-            "eval=perplexity", "eval.perplexity.max_tokens=16384", "logger=none", "progress=false", "device=cpu"]
-BOUNDED = ["execution.offload=disk", "execution.stream=block", "execution.factors=spill"]
+            "calib.batch_size=8", "eval=perplexity", "eval.perplexity.max_tokens=16384", "logger=none", "progress=false",
+            "device=cpu"]
+# name -> overrides on top of EMBEDDED; the first is the reference the others are compared with
+VARIANTS = {
+    "lapack": [],  # the CPU path: LAPACK's pivoted Cholesky, float32 Gram tiles summed in float64
+    "blocked": ["factorization.pivoting=blocked"],  # the accelerators' torch factorization, run on the CPU
+    "float64_gram": ["factorization.block_dtype=float64"],
+    "global_pruned": ["calib.propagate=pruned"],
+    "uniform_dense": ["budget.allocation=uniform"],
+    "uniform_pruned": ["budget.allocation=uniform", "calib.propagate=pruned"],
+    "bounded": ["execution.offload=disk", "execution.stream=block", "execution.factors=spill"],
+}
+DEFAULT_VARIANTS = ["lapack", "blocked", "float64_gram", "global_pruned", "uniform_dense", "uniform_pruned"]
 
 
-def embedded() -> str:
-    """The embedded default (STAT 0.7 on SmolLM2, the README's quality setting) with today's fast
-    path and with the bounded path (blocks on disk, one at a time, factorizations spilled). Both
-    jobs run in this process, so no peak memory is compared here (the depth runs measure it)."""
+def embedded_forward() -> float:
+    """Seconds of one dense forward pass of SmolLM2 over the embedded runs' calibration set."""
+    from benchmarks.common import smollm2
+
+    model, _, batches = smollm2(64, 256, 8)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            model(**b, use_cache=False)
+    return time.perf_counter() - start
+
+
+def embedded(names: list[str]) -> str:
+    """STAT at 0.7 on SmolLM2 in several variants, side by side in this process, next to one dense
+    forward pass over the same calibration set: the same model out (structure, perplexity) from
+    every factorization path and Gram precision, and the time of each against the forward pass."""
     from benchmarks.common import run_job
 
-    rows = [(name, run_job([*EMBEDDED, *extra], OUT / f"embedded_{tag}"))
-            for name, tag, extra in (("default", "default", []), ("bounded", "bounded", BOUNDED))]
-    (_, a), (_, b) = rows
-    if isinstance(a, str) or isinstance(b, str):
-        return f"failed: {a if isinstance(a, str) else b}"
-    ppl_a, ppl_b = a.metrics["perplexity/ppl"], b.metrics["perplexity/ppl"]
-    return "\n".join([
-        "| SmolLM2, STAT 0.7 | execution | wiki_eval ppl | structure | calibrate + prune (s) |",
-        "|---|---|---|---|---|",
-        *(f"| {name} | {', '.join(f'{k}={v}' for k, v in r.execution.items())} | {r.metrics['perplexity/ppl']:.3f} | "
-          f"{'same' if r.structure == a.structure else 'DIFFERS'} | "
-          f"{r.timing_s.get('calibrate', 0) + r.timing_s.get('prune', 0):.0f} |" for name, r in rows),
-        "", f"perplexity difference: {abs(ppl_b / ppl_a - 1) * 100:.3f}% (target: within 0.5%)"])
+    forward_s = embedded_forward()
+    runs = [(name, run_job([*EMBEDDED, *VARIANTS[name]], OUT / f"embedded_{name}")) for name in names]
+    ref_name, ref = runs[0]
+    if isinstance(ref, str):
+        return f"failed: {ref}"
+    ppl_ref = ref.metrics["perplexity/ppl"]
+    lines = [f"SmolLM2-135M, STAT 0.7, 64 x 256 calibration tokens, CPU; one dense forward pass over them: "
+             f"{forward_s:.1f} s", "",
+             "| variant | overrides | wiki_eval ppl | vs " + ref_name + " | structure | calibrate (s) | prune (s) | "
+             "(calibrate + prune) / forward |", "|---|---|---|---|---|---|---|---|"]
+    work = {}
+    for name, r in runs:
+        if isinstance(r, str):
+            lines.append(f"| {name} | {' '.join(VARIANTS[name])} | failed: {r} ||||||")
+            continue
+        ppl = r.metrics["perplexity/ppl"]
+        work[name] = r.timing_s.get("calibrate", 0) + r.timing_s.get("prune", 0)
+        same = "same" if r.structure == ref.structure else "differs"
+        lines.append(f"| {name} | {' '.join(VARIANTS[name]) or '(default)'} | {ppl:.3f} | {(ppl / ppl_ref - 1) * 100:+.3f}% | "
+                     f"{same} | {r.timing_s.get('calibrate', 0):.1f} | {r.timing_s.get('prune', 0):.1f} | "
+                     f"{work[name] / forward_s:.2f} |")
+    lines.append("")
+    for pruned, dense in (("global_pruned", "lapack"), ("uniform_pruned", "uniform_dense")):
+        if pruned in work and dense in work:
+            lines.append(f"- {pruned} / {dense}: {work[pruned] / work[dense]:.2f}x the calibrate + prune time")
+    return "\n".join(lines)
 
 
 def _subprocess(*args: str) -> dict:
@@ -127,11 +163,12 @@ def main() -> None:
     parser.add_argument("--sequences", type=int, default=44)
     parser.add_argument("--one", nargs=3, metavar=("DEPTH", "OFFLOAD", "FACTORS"))
     parser.add_argument("--forward", type=int, metavar="DEPTH")
-    parser.add_argument("--embedded", action="store_true", help="only the embedded model: both paths side by side")
+    parser.add_argument("--embedded", nargs="*", metavar="VARIANT", choices=list(VARIANTS),
+                        help=f"only the embedded model, these variants side by side (default: {' '.join(DEFAULT_VARIANTS)})")
     args = parser.parse_args()
-    if args.embedded:
+    if args.embedded is not None:
         OUT.mkdir(parents=True, exist_ok=True)
-        table = embedded()
+        table = embedded(args.embedded or DEFAULT_VARIANTS)
         (OUT / "embedded.md").write_text(table + "\n")
         print(table)
         return

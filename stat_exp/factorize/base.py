@@ -149,46 +149,53 @@ def _scipy():
 def _pivoted_cholesky_torch(G: torch.Tensor, panel: int = PANEL) -> tuple[torch.Tensor, torch.Tensor]:
     """Blocked pivoted Cholesky with torch ops, for accelerators (and the CPU without scipy).
 
-    The scheme of LAPACK's ?pstrf: pivots are chosen one at a time inside a panel of `panel`
-    columns, each row of R formed from the panel's earlier rows only (a small matrix-vector
-    product), and the trailing Schur complement is updated once per panel by one matrix product,
-    so the work is matmul-bound, not one pass over the whole trailing matrix per column (the
-    column loop this replaces; `panel=1` is that loop). One host synchronisation per column (the
-    pivot's index and value).
+    ?pstrf's scheme: pivots are chosen one at a time inside a panel of `panel` rows of R, each row
+    formed from the Schur complement as of the panel's start less the panel's earlier rows (a small
+    matrix-vector product), and the Schur complement is updated once per panel by one matrix
+    product, so the work is matmul-bound instead of one pass over the trailing matrix per pivot
+    (the column loop this replaces; `panel=1` is that loop). Rows of R are kept in the units'
+    own column order, so nothing is ever swapped, and a pivot's index never leaves the device:
+    a pivot step is a dozen small kernels and no host synchronisation (one per panel, for the
+    rank). The update covers the whole matrix (2 m^3 flops, not m^3 / 3): on an accelerator the
+    product is cheap and the launches are what count.
     """
     m = G.shape[0]
     A = G.clone()
-    perm = torch.arange(m, device=G.device)
-    R = torch.zeros_like(G)
+    rows = torch.zeros_like(G)  # row j: the j-th pivot's row of R, columns in the units' order
+    perm = torch.zeros(m, dtype=torch.long, device=G.device)
+    values = torch.zeros(m, dtype=G.dtype, device=G.device)  # the pivots' Schur values
+    open_ = torch.ones(m, dtype=G.dtype, device=G.device)  # 1 for units not yet pivoted
     stop = m * torch.finfo(G.dtype).eps * float(G.diagonal().max()) if m else 0.0
     rank = m
     for k in range(0, m, panel):
         end = min(k + panel, m)
-        schur = A.diagonal()[k:].clone()  # the trailing diagonal at the panel's start ...
-        used = torch.zeros_like(schur)  # ... less what this panel's rows have taken from it
+        schur = A.diagonal().clone().masked_fill_(open_ == 0, -float("inf"))
+        used = torch.zeros_like(schur)  # what this panel's rows have taken from the diagonal
         for j in range(k, end):
-            value, at = torch.max(schur[j - k:] - used[j - k:], 0)
-            value, p = value.item(), j + int(at)
-            if value <= stop:
-                rank = j
-                break
-            if p != j:
-                swap, back = [j, p], [p, j]
-                perm[swap] = perm[back]
-                A[swap, k:] = A[back, k:]
-                A[k:, swap] = A[k:, back]
-                R[:j, swap] = R[:j, back]
-                local, local_back = [j - k, p - k], [p - k, j - k]
-                schur[local], used[local] = schur[local_back], used[local_back]
-            row = A[j, j + 1:] - R[k:j, j] @ R[k:j, j + 1:] if j > k else A[j, j + 1:]
-            R[j, j] = value ** 0.5
-            R[j, j + 1:] = row / R[j, j]
-            used[j - k + 1:] += R[j, j + 1:].square()
-        if rank < m:
+            p = torch.argmax(schur - used).view(1)
+            value = (schur - used).index_select(0, p)
+            row = A.index_select(0, p)[0]
+            if j > k:
+                row = row - rows[k:j].index_select(1, p)[:, 0] @ rows[k:j]
+            row = row * open_ / value.sqrt()
+            rows[j] = row
+            used.addcmul_(row, row)
+            schur.index_fill_(0, p, -float("inf"))
+            open_.index_fill_(0, p, 0.0)
+            perm[j], values[j] = p[0], value[0]
+        low = (values[k:end] <= stop) | values[k:end].isnan()
+        if bool(low.any()):  # the numerical rank is reached inside this panel
+            rank = k + int(low.nonzero()[0])
             break
         if end < m:
-            P = R[k:end, end:]
-            A[end:, end:].addmm_(P.T, P, alpha=-1.0)
+            P = rows[k:end]
+            A.addmm_(P.T, P, alpha=-1.0)
+    chosen = perm[:rank]
+    rest = torch.ones(m, dtype=torch.bool, device=G.device)
+    rest[chosen] = False
+    perm = torch.cat([chosen, rest.nonzero()[:, 0]])
+    R = torch.zeros_like(G)
+    R[:rank] = rows[:rank][:, perm]
     return _complete_order(perm, R, G, rank)
 
 
