@@ -34,13 +34,29 @@ MB = 2**20
 FLOAT64 = 8
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
-# device cannot be measured here; sustained, not peak. The factorizations run at `FACTOR_SHARE`
-# of it (pivoted Cholesky is memory-bound).
+# device cannot be measured here; sustained, not peak.
 ASSUMED_TFLOPS = {"cuda": 200.0}
-FACTOR_SHARE = 0.05
-# Off the CPU the pivoted factorizations are a loop of small kernels, one step per column: their
-# time is launches and synchronisations, not FLOPs (assumed per step; LAPACK on the CPU has none).
-PIVOT_STEP_S = {"cuda": 1.5e-4}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast each pruning phase runs, as a share of the dense matmul rate in the model dtype
+    (`tflops`): the float32 Gram tiles (full float32, no TF32), the pivoted Cholesky (per m^3 / 3
+    flops, whatever the algorithm does), the float64 products of the error curves and the folds;
+    and seconds per pivot beyond the flops (kernel launches of the blocked factorization)."""
+
+    gram: float
+    factor: float
+    float64: float
+    pivot_s: float = 0.0
+
+
+# cpu: fitted on the development machine (2 shared cores, AMD EPYC; `python -m benchmarks.plan_fit`).
+# cuda: assumed for an H100 (float32 without TF32 and float64 tensor cores at ~1/4 of the sustained
+# bf16 rate; the blocked factorization does 2 m^3 flops at that rate, and ~14 kernel launches per
+# pivot); not measured yet: no GPU was lent to the session that wrote it.
+RATES = {"cpu": Rates(gram=0.25, factor=0.10, float64=0.12), "cuda": Rates(gram=0.25, factor=0.04, float64=0.2,
+                                                                          pivot_s=7e-5)}
 LOGITS_COPIES = 3  # logits, their float32 copy and log-softmax in the perplexity loss
 
 
@@ -67,8 +83,11 @@ class Sizes:
     eval_work: int  # one evaluation batch's logits
     tokens: int
     calibration_flops: float  # one dense forward of the calibration set through the blocks
+    down_flops: float  # the down projections' share of it (a statistics-only run stops before them)
     gram_flops: float
-    factor_flops: float
+    factor_flops: float  # m^3 / 3 per factorized width
+    curve_flops: float  # the error curves, V R^T over R's upper triangle
+    fold_flops: float  # corrections and folds at half the units kept (their most expensive count)
     pivot_steps: int  # columns the pivoted factorizations step through
 
 
@@ -84,11 +103,13 @@ class Plan:
     tflops: float
     device: str
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of calibrate, factorize, curves, fold
 
     def summary(self) -> dict:
         return {"peak_host_mb": round(self.peak_host_mb, 1), "peak_device_mb": round(self.peak_device_mb, 1),
                 "disk_mb": round(self.disk_mb, 1), "seconds": round(self.seconds, 1), "tflops": self.tflops,
-                "device": self.device, **asdict(self.execution)}
+                "device": self.device, "phases_s": {k: round(v, 1) for k, v in self.phases.items()},
+                **asdict(self.execution)}
 
 
 @dataclass
@@ -107,6 +128,7 @@ class Job:
     propagate: str = "dense"
     allocation: str = "global"  # the effective allocation
     prunes: bool = True
+    kept: float = 1.0  # the FLOPs fraction pruning keeps (what a pruned block's rerun costs)
 
 
 def meta_model(source: str, task: str, dtype: str) -> nn.Module:
@@ -139,7 +161,8 @@ def job_of(cfg, prunes: bool = True) -> Job:
                dtype=getattr(torch, cfg.model.dtype), sequences=int(calib.num_examples),
                seq_len=int(calib.get("seq_len") or calib.get("max_length")), batch_size=int(calib.batch_size),
                eval_batch=int(first.get("batch_size", 8) or 8), eval_len=int(first.get("seq_len", 256) or 256),
-               propagate=calib.get("propagate", "dense"), allocation=pruner.allocation_under(cfg.budget.allocation),
+               propagate=pruner.propagate_under(calib.get("propagate", "dense")),
+               allocation=pruner.allocation_under(cfg.budget.allocation), kept=float(cfg.budget.flops),
                prunes=prunes and pruner.prunes and cfg.budget.flops < 1)
 
 
@@ -152,7 +175,8 @@ def plan_sizes(job: Job) -> Sizes:
     block_params = {id(p) for layer in adapter.layers() for p in layer.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in block_params) * elem
     shapes = shapes_of(adapter)
-    blocks, gram_flops, factor_flops, steps = [], 0.0, 0.0, 0
+    blocks, steps = [], 0
+    gram_flops = factor_flops = curve_flops = fold_flops = down_flops = 0.0
     for layer, sh in zip(adapter.layers(), shapes):
         weights = sum(p.numel() for p in layer.parameters()) * elem
         d_attn, d_ffn = sh.num_heads * sh.head_dim, sh.ffn_width
@@ -165,8 +189,11 @@ def plan_sizes(job: Job) -> Sizes:
             # scoring the FFN: the weighted Gram and the factor beside the statistics, and V R^T
             work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
             gram_flops += tokens * (d_attn ** 2 + d_ffn ** 2)  # tiles cover ~half of each product, x2 flops
-            factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3 + 2 * sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+            factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3
+            curve_flops += sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+            fold_flops += sum(d ** 3 / 8 + sh.hidden * d ** 2 / 2 for d in (d_attn, d_ffn))
             steps += d_attn + d_ffn
+        down_flops += 2 * tokens * sh.hidden * d_ffn
         if pruner.needs_moments:
             stats += 2 * (d_attn + d_ffn) * FLOAT64
         inner = max(d_ffn * sh.ffn_matrices, 4 * sh.hidden + 2 * d_attn)  # gate, up, product / q, k, v, o
@@ -178,7 +205,8 @@ def plan_sizes(job: Job) -> Sizes:
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
                  calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
-                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps)
+                 down_flops=down_flops, gram_flops=gram_flops, factor_flops=factor_flops, curve_flops=curve_flops,
+                 fold_flops=fold_flops, pivot_steps=steps)
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -248,7 +276,7 @@ def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path 
                             must_stream_blocks=holds_activations or job.propagate != "dense",
                             needs_whole_model=job.pruner.needs_whole_model, prunes=job.prunes)
     plan = _estimate(sizes, resolved, device, job.prunes, spec.tflops or measured_tflops(device, job.dtype),
-                     global_allocation=job.allocation == "global")
+                     global_allocation=job.allocation == "global", propagate=job.propagate, kept=job.kept)
     if plan.peak_host_mb > host_limit:
         raise PlanError(f"the plan needs {plan.peak_host_mb:,.0f} MB of host memory, {host_limit:,.0f} MB are available "
                         f"(execution: {resolved.describe()}); try execution.offload=disk or fewer calib.num_examples")
@@ -267,7 +295,7 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops: float,
-              global_allocation: bool) -> Plan:
+              global_allocation: bool, propagate: str = "dense", kept: float = 1.0) -> Plan:
     """Peaks are the largest sum of what coexists at any step; everything is on the host when the
     device is the CPU."""
     on_cpu = device.type == "cpu"
@@ -301,18 +329,36 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
         disk += sum(b.weights for b in blocks)
     if prunes and ex.factors == "spill":
         disk += sum(b.heavy for b in blocks)
-    passes = 2 if (prunes and ex.factors == "recompute" and global_allocation) else 1
-    seconds = 0.0
-    if prunes:
-        seconds = passes * ((s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
-                            + s.pivot_steps * PIVOT_STEP_S.get(device.type, 0.0))
+    phases = _phase_seconds(s, RATES.get(device.type, RATES["cuda"]), tflops * 1e12, ex.factors == "recompute",
+                            global_allocation, propagate, kept) if prunes else {}
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
              (sum(b.stats for b in blocks) if ex.stream == "model" else max(b.stats for b in blocks)) / MB if prunes else 0.0),
             ("factorizations held for the allocation", held / MB),
             ("evaluation logits", s.eval_work / MB)]
-    return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, seconds, round(tflops, 3), str(device), rows)
+    return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, sum(phases.values()), round(tflops, 3), str(device),
+                rows, phases)
+
+
+def _phase_seconds(s: Sizes, r: Rates, rate: float, recompute: bool, global_allocation: bool, propagate: str,
+                   kept: float) -> dict[str, float]:
+    """Seconds of each phase: `calibrate` (blocks forward and the Gram tiles: what a run records as
+    calibrate), `factorize`, `curves` and `fold` (together what it records as prune). Passes follow
+    the runner: a global allocation with `factors=recompute` streams twice; `propagate=pruned`
+    runs each block's statistics up to the down projection and the pruned block once for its
+    outputs, after a dense pricing pass under a global allocation (whose second pass has no curves)."""
+    stream, gram = s.calibration_flops / rate, s.gram_flops / (rate * r.gram)
+    factor = s.factor_flops / (rate * r.factor) + s.pivot_steps * r.pivot_s
+    curves, fold = s.curve_flops / (rate * r.float64), s.fold_flops / (rate * r.float64)
+    if propagate == "pruned":
+        pruned_stream = (s.calibration_flops - s.down_flops + kept * s.calibration_flops) / rate + gram
+        if global_allocation:
+            return {"calibrate": stream + gram + pruned_stream, "factorize": 2 * factor, "curves": curves, "fold": fold}
+        return {"calibrate": pruned_stream, "factorize": factor, "curves": curves, "fold": fold}
+    passes = 2 if recompute and global_allocation else 1
+    return {"calibrate": passes * (stream + gram), "factorize": passes * factor, "curves": passes * curves,
+            "fold": fold}
 
 
 def render(plan: Plan) -> str:
@@ -321,6 +367,7 @@ def render(plan: Plan) -> str:
     lines += [f"| peak host memory | {plan.peak_host_mb:,.0f} |", f"| peak device memory | {plan.peak_device_mb:,.0f} |",
               f"| disk | {plan.disk_mb:,.0f} |",
               f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]
+    lines += [f"| of which {phase} | {seconds:,.0f} s |" for phase, seconds in plan.phases.items()]
     return "\n".join(lines)
 
 

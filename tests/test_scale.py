@@ -309,3 +309,22 @@ def test_gpu_check_stops_in_one_line_without_a_gpu_and_its_smoke_run_passes():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("| ok |") == 2 and "| scale," in proc.stdout
+
+
+def test_the_time_model_prices_each_phase_and_pass():
+    """Per phase, the passes of the runner: recompute doubles the factorizations, propagate=pruned
+    adds the pruned block's rerun less the down projections the statistics run skips, and with a
+    global allocation a dense pricing pass before it."""
+    from stat_exp.plan import Rates, Sizes, _phase_seconds
+
+    s = Sizes(blocks=[], rest_weights=0, hidden=0, eval_work=0, tokens=0, calibration_flops=100.0, down_flops=20.0,
+              gram_flops=10.0, factor_flops=3.0, curve_flops=4.0, fold_flops=5.0, pivot_steps=10)
+    r = Rates(gram=0.5, factor=0.1, float64=0.5, pivot_s=0.1)
+    dense = _phase_seconds(s, r, 1.0, False, True, "dense", 0.5)
+    assert dense == {"calibrate": 120.0, "factorize": 31.0, "curves": 8.0, "fold": 10.0}
+    assert _phase_seconds(s, r, 1.0, True, True, "dense", 0.5)["factorize"] == 62.0
+    uniform = _phase_seconds(s, r, 1.0, False, False, "pruned", 0.5)
+    assert uniform["calibrate"] == 100.0 - 20.0 + 50.0 + 20.0
+    glob = _phase_seconds(s, r, 1.0, False, True, "pruned", 0.5)
+    assert glob["calibrate"] == 120.0 + uniform["calibrate"] and glob["factorize"] == 62.0
+    assert glob["curves"] == dense["curves"]
