@@ -92,8 +92,8 @@ def forward(depth: int, sequences: int) -> dict:
     return {"forward_s": time.perf_counter() - start}
 
 
-EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.num_examples=32", "calib.seq_len=256",
-            "calib.batch_size=8", "eval=perplexity", "eval.perplexity.max_tokens=4096", "logger=none", "progress=false",
+EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.num_examples=16", "calib.seq_len=256",
+            "calib.batch_size=8", "eval=perplexity", "eval.perplexity.max_tokens=2048", "logger=none", "progress=false",
             "device=cpu"]
 # name -> overrides on top of EMBEDDED; the first is the reference the others are compared with
 VARIANTS = {
@@ -112,7 +112,7 @@ def embedded_forward() -> float:
     """Seconds of one dense forward pass of SmolLM2 over the embedded runs' calibration set."""
     from benchmarks.common import smollm2
 
-    model, _, batches = smollm2(32, 256, 8)
+    model, _, batches = smollm2(16, 256, 8)
     start = time.perf_counter()
     with torch.inference_mode():
         for b in batches:
@@ -132,7 +132,7 @@ def embedded(names: list[str]) -> str:
     if isinstance(ref, str):
         return f"failed: {ref}"
     ppl_ref = ref.metrics["perplexity/ppl"]
-    lines = [f"SmolLM2-135M, STAT 0.7, 32 x 256 calibration tokens, 4,096 evaluation tokens, CPU; one dense forward pass over the calibration set: "
+    lines = [f"SmolLM2-135M, STAT 0.7, 16 x 256 calibration tokens, 2,048 evaluation tokens, CPU; one dense forward pass over the calibration set: "
              f"{forward_s:.1f} s", "",
              "| variant | overrides | wiki_eval ppl | vs " + ref_name + " | structure | calibrate (s) | prune (s) | "
              "(calibrate + prune) / forward |", "|---|---|---|---|---|---|---|---|"]
@@ -174,8 +174,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.embedded is not None:
         OUT.mkdir(parents=True, exist_ok=True)
-        table = embedded(args.embedded or DEFAULT_VARIANTS)
-        (OUT / "embedded.md").write_text(table + "\n")
+        names = args.embedded or DEFAULT_VARIANTS
+        table = embedded(names)
+        (OUT / f"embedded_{'_'.join(names)}.md").write_text(table + "\n")
         print(table)
         return
     if args.one:
