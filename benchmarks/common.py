@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,3 +52,36 @@ def save_table(lines: list[str], out: Path, name: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.md").write_text(table + "\n", encoding="utf-8")
     return table
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _commit() -> str:
+    """The commit the measurement ran at, marked when the working tree had changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=RESULTS.parent, capture_output=True, text=True).stdout.strip()
+
+    head = git("rev-parse", "--short=12", "HEAD") or "unknown"
+    return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def machine() -> str:
+    """One line on what measured it: processor, cores, threads torch used, memory, torch version."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, {memory:.0f} GiB, torch {torch.__version__}, "
+            f"Python {platform.python_version()}").replace("  ", " ")
+
+
+def record_result(name: str, body: str, note: str = "") -> Path:
+    """Write benchmarks/results/<name>.md: the table with the command that made it, the commit and the
+    machine, so a table and the code that measured it cannot drift apart silently."""
+    command = "python -m " + " ".join([__package__ + "." + Path(sys.argv[0]).stem if sys.argv[0].endswith(".py")
+                                       else sys.argv[0], *map(shlex.quote, sys.argv[1:])])
+    header = (f"# {name}\n\nCommand: `{command}`  \nCommit: {_commit()}  \nMachine: {machine()}  \n"
+              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.md"
+    path.write_text(header + (note + "\n\n" if note else "") + body.rstrip() + "\n", encoding="utf-8")
+    return path

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import run_job, save_table
-from stat_exp.finetune import ensure_polarity_model
+from stat_exp.finetune.classifier import ensure_polarity_model
 from stat_exp.track.results import RunRecord
 
 PRUNERS = ["stat", "stat_nocorr", "magnitude_sp", "wanda_sp", "flap", "kwon", "random"]  # kwon: task loss only

@@ -160,9 +160,9 @@ def _gpu_or_cpu() -> str:
 
 def scale(small: bool) -> list[str]:
     """Seconds per phase and peak device memory of the 7B-shaped job, next to the plan."""
-    from stat_exp.execution import ExecutionSpec
+    from stat_exp.execution.choices import ExecutionSpec
+    from stat_exp.execution.plan import Job, plan_job
     from stat_exp.factorize import GramBackend
-    from stat_exp.plan import Job, plan_job
     from stat_exp.prune.stat import StatPruner
 
     shape = dict(LLAMA2_7B, num_hidden_layers=2, hidden_size=64, intermediate_size=172, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""Fit the planner's CPU rates (stat_exp.plan.RATES["cpu"]) on this machine.
+"""Fit the planner's CPU rates (stat_exp.execution.plan.RATES["cpu"]) on this machine.
 
     python -m benchmarks.plan_fit [--width 2048]
 
@@ -16,7 +16,7 @@ import torch
 
 from stat_exp.factorize import GramBackend, pivoted_cholesky
 from stat_exp.factorize.base import Factorization
-from stat_exp.plan import measured_tflops
+from stat_exp.execution.plan import measured_tflops
 
 
 def best(fn, reps: int = 3) -> float:

@@ -28,8 +28,9 @@ from stat_exp.eval.latency import DecodeRun, prefill_run, time_runs
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import model_flops, shapes_of
 from stat_exp.prune.budget import BudgetSpec, allocate
-from stat_exp.prune.runner import PruneRunner, model_flops, shapes_of
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 
 SEQ_LEN, DECODE_TOKENS, WARMUP_ROUNDS = 256, 32, 2

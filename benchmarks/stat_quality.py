@@ -34,9 +34,10 @@ from stat_exp.data.text import encode, load_text
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import FlopsModel, shapes_of
 from stat_exp.models.loading import load_model
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, allocate
-from stat_exp.prune.runner import PruneRunner, shapes_of
+from stat_exp.prune.budget import BudgetSpec, allocate
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 
 FLOPS = FlopsModel(256)

@@ -156,12 +156,12 @@ def _minilm() -> Path:
 
 
 # Embedded model name -> its preparer: a function returning a ready folder, or "module:function"
-# for a preparer imported on first use (the fine-tuned model's preparer lives in stat_exp.finetune,
+# for a preparer imported on first use (the fine-tuned model's preparer lives in stat_exp.finetune.classifier,
 # which imports the model loader: naming it keeps this registry free of that import).
 _MODELS: dict[str, Callable[[], Path] | str] = {
     "smollm2_135m": _smollm2,
     "minilm_l6": _minilm,
-    "minilm_l6_polarity": "stat_exp.finetune:ensure_polarity_model",
+    "minilm_l6_polarity": "stat_exp.finetune.classifier:ensure_polarity_model",
 }
 
 

@@ -11,19 +11,16 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from stat_exp.execution.choices import model_major
+from stat_exp.execution.offload import BlockStore
 from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
-from stat_exp.offload import BlockStore
-
-Propagate = Literal["dense", "pruned"]
-PROPAGATE_MODES = get_args(Propagate)
-LABELS = "labels"  # batch key for task labels: used by loss-based pruners, never fed to the stream
+from stat_exp.types import LABELS, PROPAGATE_MODES
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -211,7 +208,8 @@ def _first_output(out):
 class LayerStream:
     """Iterates blocks with their statistics; between two blocks the caller may prune the block.
 
-    Two orders. Model-major (`model_major=True`, dense propagation, blocks resident): every batch
+    Two orders (which one: `stat_exp.execution.choices.model_major`, from `stream`, the store, the
+    propagation and whether the accumulators hold the activations). Model-major: every batch
     runs through the whole model once with hooks on all blocks, so no hidden states are stored,
     but every block's statistics are held at once. Block-major: the calibration set is kept at the
     current block boundary (`BlockBoundary`) and one block at a time runs over all batches, so what
@@ -228,8 +226,8 @@ class LayerStream:
     def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                  device: torch.device, propagate: str = "dense",
                  make_accumulator: Callable[[int], Accumulator] | None = None, progress: bool = True,
-                 model_major: bool = True, moments: bool = True, store: BlockStore | None = None,
-                 dense_targets: bool = False):
+                 stream: str = "model", moments: bool = True, store: BlockStore | None = None,
+                 dense_targets: bool = False, holds_activations: bool = False):
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"calib.propagate={propagate!r}; allowed: {', '.join(PROPAGATE_MODES)}")
         self.model, self.adapter, self.batches = model, adapter, batches
@@ -239,7 +237,7 @@ class LayerStream:
         self.moments = moments  # per-channel moments cost a pass over every activation: only on request
         self.progress = progress
         self.store = store or BlockStore(model, adapter, device)
-        self.model_major = model_major and propagate == "dense" and self.store.mode == "none"
+        self.model_major = model_major(stream, self.store.resident, propagate, holds_activations)
         self.dense_targets = dense_targets and propagate == "pruned"
         self.seconds = 0.0  # time spent running blocks and accumulating statistics
 
@@ -279,7 +277,7 @@ class LayerStream:
 
     def _block_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
-        home = torch.device("cpu") if self.store.mode != "none" else self.device
+        home = self.device if self.store.resident else torch.device("cpu")
         boundary = capture_block_inputs(self.model, self.adapter, self.batches, self.device, home)
         dense = list(boundary.hidden) if self.dense_targets else None  # the dense model's, side by side
         n = len(self.adapter.layers())

@@ -41,9 +41,9 @@ def describe(cfg: DictConfig, run_dir: Path, choices: Mapping[str, str] | None =
         f"budget.flops={budget.flops} " + (f"(seq_len={budget.seq_len}, {pruner.allocation_under(budget.allocation)})"
                                             if prunes else "(nothing pruned)"),
     ]
-    if prunes and pruner.needs_calibration:
+    if prunes and pruner.requirements.calibration:
         parts.append(f"calib={choices.get('calib', '?')}{_settings(cfg.calib)}")
-    if prunes and pruner.needs_factorization:
+    if prunes and pruner.requirements.factorization:
         parts.append(f"factorization={choices.get('factorization', '?')}")
     parts.append("eval=[" + ", ".join(f"{name}{_settings(sub)}" for name, sub in cfg.eval.items()) + "]")
     parts.append(f"run_dir={run_dir}")

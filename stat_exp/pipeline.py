@@ -17,18 +17,20 @@ from stat_exp.config.validate import checked_config
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
+from stat_exp.execution.offload import open_model
+from stat_exp.execution.plan import Parts, make_plan
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
 from stat_exp.models import adapter_from_config, get_adapter
-from stat_exp.offload import open_model
-from stat_exp.plan import make_plan
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.none import NoPruner
 from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
+from stat_exp.track.plots import STRUCTURE_PLOT, structure_plot
 from stat_exp.track.report import label
 from stat_exp.track.results import RunRecord, Timings, config_hash, peak_rss_mb
+from stat_exp.track.summary import plan_line
 
 log = logging.getLogger(__name__)
 
@@ -76,33 +78,35 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             record.write(run_dir)
             torch.manual_seed(cfg.seed)
             device = resolve_device(cfg.device)
-            pruner: Pruner = instantiate(cfg.pruner)
+            parts = build_parts(cfg, device, run_dir)
+            pruner, backend, calibration = parts.pruner, parts.backend, parts.calibration
             record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
-            user_adapter = adapter_from_config(cfg.model.get("adapter"))
-            evaluators = make_evaluators(cfg.eval, run_dir)
-            backend = instantiate(cfg.factorization, device=device) if pruner.needs_factorization else None
             record.factorization = backend.name if backend else None
-            calibration = instantiate(cfg.calib)
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
             prunes = pruner.prunes and cfg.budget.flops < 1
-            plan = make_plan(cfg, device, run_dir, prunes)  # before any weight is read
+            plan = make_plan(cfg, parts, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
+            record.tracker = logger.location
+            if (line := plan_line(record.plan)) is not None:
+                print(line, flush=True)
             work_dir = Path(cfg.execution.dir) if cfg.execution.dir else run_dir / "offload"
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with timings("load"):
                 model, tokenizer, store = open_model(cfg.model.source, cfg.model.task, cfg.model.dtype, device,
-                                                     plan.execution.offload, work_dir / "blocks", user_adapter)
+                                                     plan.execution.offload, work_dir / "blocks", parts.adapter)
             log.info("loaded %s in %.1f s (%s)", cfg.model.source, timings.seconds["load"], plan.execution.describe())
             try:
                 adapter = get_adapter(model)
+                record.dense_structure = adapter.structure()
                 batches, examples = [], None
-                if prunes and pruner.needs_calibration:
+                needs = pruner.requirements
+                if prunes and needs.calibration:
                     with timings("calibrate"):
                         batches = calibration.batches(tokenizer)
-                        if pruner.prepare_examples:
-                            examples = calibration.batches(tokenizer, num_examples=pruner.prepare_examples)
+                        if needs.examples:
+                            examples = calibration.batches(tokenizer, num_examples=needs.examples)
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
                                     cfg.budget.allocation, cfg.budget.round_to)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
@@ -115,10 +119,13 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 log.info("pruned: %s", record.achieved)
                 store.prepare_for_eval()
                 with timings("eval"):
-                    record.metrics = evaluate(evaluators, model, tokenizer, device)
+                    record.metrics = evaluate(parts.evaluators, model, tokenizer, device)
                 log.info("metrics: %s", record.metrics)
                 if cfg.save_model:
                     save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                if record.structure != record.dense_structure:
+                    structure_plot(record.structure, record.dense_structure, run_dir / STRUCTURE_PLOT,
+                                   f"{record.model}, {label(record.to_dict())}")
             finally:
                 store.close()
                 if device.type == "cuda":
@@ -134,9 +141,21 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             logger.log_metrics({**record.metrics, **{f"achieved/{k}": v for k, v in record.achieved.items()},
                                 **{f"timing_s/{k}": v for k, v in record.timing_s.items()}})
             logger.log_structure(record.structure)
+            if (run_dir / STRUCTURE_PLOT).exists():
+                logger.log_image("structure_plot", run_dir / STRUCTURE_PLOT)
         logger.log_file(path)
         logger.finish(record.status, record.error)
     return record
+
+
+def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
+    """Every part of a run built from its config, before the model loads (so a bad setting fails
+    first); the planner sizes these same objects."""
+    pruner: Pruner = instantiate(cfg.pruner)
+    adapter = adapter_from_config(cfg.model.get("adapter"))
+    evaluators = make_evaluators(cfg.eval, run_dir)
+    backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
+    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter)
 
 
 def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:

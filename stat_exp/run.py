@@ -25,6 +25,7 @@ from stat_exp.errors import UserError, one_line
 from stat_exp.pipeline import run_pipeline
 from stat_exp.track.callbacks import SweepReport
 from stat_exp.track.report import main_metric
+from stat_exp.track.summary import run_summary
 
 # conf/hydra/launcher/*.yaml refine the launcher plug-ins' configs of the same name: Hydra merges them
 # onto the plug-in's typed config (so a misspelt launcher field is still an error) and warns about it.
@@ -54,6 +55,7 @@ def _job(cfg: DictConfig) -> float | None:
             print(describe(cfg, run_dir, hc.runtime.choices), flush=True)
             return None
         record = run_pipeline(cfg, run_dir, Path(hc.sweep.dir) if multirun else None)
+        print(run_summary(record.to_dict(), run_dir, run_dir / "model" if cfg.save_model else None), flush=True)
     except Exception as e:
         trace.info("job failed", exc_info=e)
         user = _user_error(e)

@@ -17,16 +17,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from stat_exp.export import load_pruned, save_pruned
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.models.loading import TASKS
-from stat_exp.export import load_pruned, save_pruned
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
-from stat_exp.prune.scores import GQA_MODES, attention_levels, attention_units
+from stat_exp.prune.scores import attention_levels, attention_units
 from stat_exp.prune.stat import StatPruner
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
+from stat_exp.types import GQA_MODES
 from tests.tiny import batches, clone
 
 CPU = torch.device("cpu")

@@ -15,9 +15,23 @@ from stat_exp.models.conv1d import TransposedLinear
 from stat_exp.models.decoders import LlamaAdapter
 from stat_exp.models.discovery import plan_block
 from tests.adapter_contract import AdapterContract, one_thread, output, stat  # noqa: F401 (fixture)
-from tests.tiny import (batches, clone, tiny_bert, tiny_distilbert, tiny_falcon, tiny_gemma2, tiny_gpt2, tiny_gpt_neox,
-                        tiny_llama, tiny_mistral, tiny_opt, tiny_phi3, tiny_qwen2, tiny_qwen3, tiny_roberta)
-
+from tests.tiny import (
+    batches,
+    clone,
+    tiny_bert,
+    tiny_distilbert,
+    tiny_falcon,
+    tiny_gemma2,
+    tiny_gpt2,
+    tiny_gpt_neox,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen2,
+    tiny_qwen3,
+    tiny_roberta,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,19 +15,19 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 from stat_exp.calibrate import LayerStream
+from stat_exp.config.signature import check_node
+from stat_exp.errors import ConfigError
+from stat_exp.export import load_pruned
+from stat_exp.export.save import save_pruned
 from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
-from stat_exp.export.load import load_pruned
-from stat_exp.export.save import save_pruned
+from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.flap import FlapPruner
 from stat_exp.prune.kwon import KwonPruner, cached_mask_gradients, mask_gradients, rearranged
 from stat_exp.prune.kwon_tuning import MaskTuner, _unit_mask
 from stat_exp.prune.random import RandomPruner
-from stat_exp.prune.budget import FlopsModel
-from stat_exp.config.signature import check_node
-from stat_exp.errors import ConfigError
-from stat_exp.prune.budget import BudgetSpec
-from stat_exp.prune.runner import PruneRunner, shapes_of
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.wanda import WandaPruner
 from stat_exp.run import CONF_DIR
 from tests.tiny import VOCAB, tiny_llama, tiny_opt

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from stat_exp.prune.budget import BudgetError, FlopsModel, LayerShape, allocate
+from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetError, allocate
 from stat_exp.prune.scores import LayerScores, attention_levels
 
 SMOLLM2 = LayerShape(hidden=576, head_dim=64, num_heads=9, num_kv_heads=3, ffn_width=1536, ffn_matrices=3)

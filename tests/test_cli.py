@@ -20,7 +20,7 @@ from stat_exp.config.validate import SCHEMAS, SUPPLIED, checked_config
 from stat_exp.data.text import load_text
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.perplexity import perplexity
-from stat_exp.export.load import load_pruned
+from stat_exp.export import load_pruned
 from stat_exp.track.results import validate_results
 from tests.jobs import ENV, REPO, run_cli
 from tests.tiny import save_tiny_causal_lm

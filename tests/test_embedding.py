@@ -9,13 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertModel
 
-import stat_exp.finetune as finetune_module
+import stat_exp.finetune.classifier as finetune_module
 from stat_exp.config.signature import check_node
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.embedding import EmbeddingEval, embed
-from stat_exp.finetune import INFO_FILE, Recipe, ensure_polarity_model, finetune
-from stat_exp.models.loading import resolve_source
-from stat_exp.models.loading import load_model
+from stat_exp.finetune.classifier import INFO_FILE, Recipe, ensure_polarity_model, finetune
+from stat_exp.models.loading import load_model, resolve_source
 
 CPU = torch.device("cpu")
 

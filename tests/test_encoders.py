@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, BertModel, DistilBertConfig,
-                          DistilBertForSequenceClassification, DistilBertModel, RobertaConfig, RobertaModel)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.models.encoders import BertAdapter, DistilBertAdapter
-from stat_exp.prune.budget import FlopsModel, LayerShape
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner

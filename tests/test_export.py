@@ -20,10 +20,10 @@ from stat_exp.errors import ConfigError
 from stat_exp.eval.latency import LatencyEval
 from stat_exp.eval.tasks import prepare_tasks
 from stat_exp.export import load_pruned, save_pruned
-from stat_exp.export.load import CheckpointError, load_model
 from stat_exp.export.save import MODELING_FILE
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
+from stat_exp.models.checkpoint import CheckpointError, load_model
 from stat_exp.pipeline import run_pipeline
 from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.runner import PruneRunner

@@ -10,8 +10,21 @@ from stat_exp.pipeline import run_pipeline
 from tests.adapter_contract import one_thread  # noqa: F401 (fixture)
 from tests.jobs import run_cli
 from tests.test_adapters import NotedLlamaAdapter
-from tests.tiny import (tiny_bert, tiny_distilbert, tiny_falcon, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama,
-                        tiny_mistral, tiny_opt, tiny_phi3, tiny_qwen2, tiny_qwen3, tiny_roberta)
+from tests.tiny import (
+    tiny_bert,
+    tiny_distilbert,
+    tiny_falcon,
+    tiny_gemma2,
+    tiny_gpt2,
+    tiny_gpt_neox,
+    tiny_llama,
+    tiny_mistral,
+    tiny_opt,
+    tiny_phi3,
+    tiny_qwen2,
+    tiny_qwen3,
+    tiny_roberta,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,7 +104,7 @@ def test_disk_offload_refuses_conv1d_checkpoints_in_one_line(folders, tmp_path):
     """offload=disk reads block weights by name: GPT-2's stored-transposed Conv1D would load wrong."""
     import torch
 
-    from stat_exp.offload import OffloadError, open_model
+    from stat_exp.execution.offload import OffloadError, open_model
 
     with pytest.raises(OffloadError, match="^offload=disk reads block weights by name, and Conv1D checkpoints"):
         open_model(str(folders("gpt2")), "causal_lm", "float32", torch.device("cpu"), "disk", tmp_path)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from stat_exp.data.glue import GlueCalibration, load_split
-from stat_exp.data.text import DataError
 from stat_exp.config.cli import compose_config
 from stat_exp.config.signature import check_node
+from stat_exp.data.glue import GlueCalibration, load_split
+from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
-from stat_exp.models import get_adapter
 from stat_exp.eval.glue import GlueEval, accuracy, f1, matthews, pearson, spearman
+from stat_exp.models import get_adapter
 from stat_exp.pipeline import run_pipeline
 
 SENTENCES = ["a gripping , funny and moving film .", "dull .", "the best movie of the year , by far .",

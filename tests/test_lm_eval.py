@@ -10,15 +10,15 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from stat_exp.assets import corpus_path, model_path
-from stat_exp.data.text import encode
 from stat_exp.config.signature import check_node
+from stat_exp.data.text import encode
 from stat_exp.errors import ConfigError, UserError
-from stat_exp.eval.lm_eval_bridge import RESULTS_FILE, TABLE_FILE, LMEvalEval, metrics_of
+from stat_exp.eval.lm_eval_bridge import TABLE_FILE, LMEvalEval, metrics_of
 from stat_exp.eval.perplexity import make_chunks, perplexity
 from stat_exp.eval.tasks import TASK_NAMES, analogy_questions, prepare_tasks
 from stat_exp.models import get_adapter
-from stat_exp.prune.magnitude import MagnitudePruner
 from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.magnitude import MagnitudePruner
 from stat_exp.prune.runner import PruneRunner
 
 CPU = torch.device("cpu")

@@ -44,3 +44,10 @@ def test_wheel_installed_in_a_fresh_venv_runs_the_cli(tiny_job, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "results.json").read_text())["status"] == "ok"
     assert os.path.exists(run_dir / ".hydra" / "config.yaml")
+    assert "tiny pruned by magnitude_sp" in proc.stdout and f"results:  {run_dir}" in proc.stdout  # what it did
+    help_page = run_cli(["--help"], tmp_path, executable=str(venv / "bin" / "stat-exp"), env=env).stdout
+    assert help_page.startswith("stat-exp: prune a trained transformer")
+    report = subprocess.run([str(venv / "bin" / "stat-exp-report"), str(run_dir), "--out", str(tmp_path / "report")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "report.md").is_file()

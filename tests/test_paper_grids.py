@@ -9,10 +9,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pytest
 import yaml
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from stat_exp.grids import expand, grids_of
 from stat_exp.track.published import published_value

@@ -13,11 +13,13 @@ from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
 
 from stat_exp.calibrate import capture_block_inputs
 from stat_exp.errors import ConfigError
+from stat_exp.execution import plan as execution_plan
+from stat_exp.execution.offload import HostStore, OffloadError, checkpoint_index, open_model
+from stat_exp.execution.plan import PlanError
 from stat_exp.factorize import GramBackend, QRBackend
 from stat_exp.models import get_adapter
 from stat_exp.models.decoders import LlamaAdapter
-from stat_exp.offload import HostStore, OffloadError, checkpoint_index, open_model
-from stat_exp.plan import PlanError, make_plan
+from stat_exp.pipeline import build_parts
 from stat_exp.prune.budget import BudgetSpec
 from stat_exp.prune.kwon import KwonPruner
 from stat_exp.prune.runner import PruneRunner
@@ -58,7 +60,7 @@ def test_every_execution_mode_prunes_exactly_like_the_held_model_major_path(tmp_
 
 def test_spilled_factors_leave_memory_and_come_back_from_disk(tmp_path, monkeypatch):
     """With spill, no block's factorization stays in memory while the allocation waits."""
-    from stat_exp.prune import pending
+    from stat_exp.execution import factors as pending
 
     seen = []
     real = pending.SpilledPending._stash
@@ -223,6 +225,11 @@ def _config(tmp_path: Path, *overrides: str):
         [f"model.source={folder}", "calib.num_examples=4", "calib.seq_len=32", "budget.seq_len=32", *overrides])))
 
 
+def make_plan(cfg, device: torch.device, run_dir: Path):
+    """The plan of a config with the parts a run builds from it."""
+    return execution_plan.make_plan(cfg, build_parts(cfg, device, run_dir), device, run_dir)
+
+
 def test_plan_resolves_auto_to_the_fast_path_for_small_models(tmp_path):
     plan = make_plan(_config(tmp_path), CPU, tmp_path)
     assert (plan.execution.offload, plan.execution.stream, plan.execution.factors) == ("none", "model", "hold")
@@ -259,7 +266,7 @@ def test_bad_execution_values_are_one_line(tmp_path):
 
 def test_plan_command_prints_a_table_and_a_json_line(tmp_path):
     _config(tmp_path)  # writes the model folder
-    proc = subprocess.run([sys.executable, "-m", "stat_exp.plan", f"model.source={tmp_path / 'model'}",
+    proc = subprocess.run([sys.executable, "-m", "stat_exp.execution", f"model.source={tmp_path / 'model'}",
                            "execution.offload=disk"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -315,7 +322,7 @@ def test_the_time_model_prices_each_phase_and_pass():
     """Per phase, the passes of the runner: recompute doubles the factorizations, propagate=pruned
     adds the pruned block's rerun less the down projections the statistics run skips, and with a
     global allocation a dense pricing pass before it."""
-    from stat_exp.plan import Rates, Sizes, _phase_seconds
+    from stat_exp.execution.plan import Rates, Sizes, _phase_seconds
 
     s = Sizes(blocks=[], rest_weights=0, hidden=0, eval_work=0, tokens=0, calibration_flops=100.0, down_flops=20.0,
               gram_flops=10.0, factor_flops=3.0, curve_flops=4.0, fold_flops=5.0, pivot_steps=10)

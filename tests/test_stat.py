@@ -8,10 +8,9 @@ import torch
 from stat_exp.calibrate import ChannelMoments, LayerStream
 from stat_exp.factorize import GramBackend, QRBackend, RankError
 from stat_exp.models import get_adapter
-from stat_exp.prune.budget import BudgetError, LayerPlan
-from stat_exp.prune.budget import BudgetSpec
-from stat_exp.prune.runner import PruneRunner
+from stat_exp.prune.budget import BudgetError, BudgetSpec, LayerPlan
 from stat_exp.prune.flap import FlapPruner
+from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.prune.wanda import WandaPruner
 from tests.tiny import batches, clone, tiny_gemma2, tiny_llama
@@ -217,8 +216,8 @@ def test_one_forward_per_batch_and_block_by_block_give_the_same_statistics():
     model = tiny_llama()
     adapter = get_adapter(model)
     make = GramBackend(block_dtype="float64").accumulator
-    streams = [LayerStream(model, adapter, batches(pad_last=4), CPU, "dense", make, progress=False, model_major=m)
-               for m in (True, False)]
+    streams = [LayerStream(model, adapter, batches(pad_last=4), CPU, "dense", make, progress=False, stream=m)
+               for m in ("model", "block")]
     for (i, _, a), (j, _, b) in zip(*streams):
         assert i == j and a.n_tokens == b.n_tokens
         assert a.typical_energy == pytest.approx(b.typical_energy, rel=1e-6)

@@ -36,7 +36,7 @@ def scored(model, pruner, data=None):
     adapter = get_adapter(model)
     make = pruner.accumulator(GramBackend(block_dtype="float64"))
     stream = LayerStream(model, adapter, data or batches(), CPU, "dense", make, progress=False,
-                         moments=pruner.needs_moments)
+                         moments=pruner.requirements.moments)
     return [(pruner.score(adapter, i, layer, stats), stats) for i, layer, stats in stream]
 
 

@@ -17,8 +17,9 @@ from stat_exp.calibrate import LayerStream
 from stat_exp.errors import ConfigError
 from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.scores import AttentionLevel
 from stat_exp.prune.stat_paper import StatPaperPruner, paper_plans, raw_unit_gram, weighted_errors

@@ -11,7 +11,9 @@ import pandas as pd
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
+from stat_exp.track import wandb_logger
 from stat_exp.track.callbacks import SweepReport
+from stat_exp.track.logger import NullLogger, make_logger, metric_tables, run_name
 from stat_exp.track.report import choose_metric, collect, to_table, write_report
 from stat_exp.track.results import (
     RESULTS_FILE,
@@ -21,8 +23,6 @@ from stat_exp.track.results import (
     validate_results,
     write_json_atomic,
 )
-from stat_exp.track import wandb_logger
-from stat_exp.track.logger import NullLogger, make_logger, metric_tables, run_name
 from stat_exp.track.wandb_logger import WandbLogger, wandb_env
 
 WANDB_ENV = (
@@ -142,6 +142,8 @@ def test_wandb_offline_keeps_files_in_run_dirs_and_names_what_ran(home, tmp_path
         run = logger._run
         assert run.name == "tiny stat (no correction) @0.7" and run.group == "multirun-2026-11-25_04-30-00"
         assert set(run.tags) == {"tiny", "StatPruner", "GramBackend", "flops=0.7", "perplexity", "mine"}
+        assert logger.location.startswith(str(sweep / job / "wandb" / "offline-run-"))  # the run's summary says so
+        assert logger.location.endswith("uploads it)")
         with logger:
             logger.log_metrics({"lm_eval/piqa/acc": 0.6, "lm_eval/piqa/acc_stderr": 0.01, "perplexity/ppl": 20.0})
             logger.log_structure({"heads": [2, 1], "neurons": [8, 4]})

@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.models.loading import DTYPES, TASKS
+from stat_exp.types import NonNegativeInt, PositiveInt, SquadVersion
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class ModelConfig:
     dtype: Literal[DTYPES]
     glue_task: str | None = None  # eval=glue and calib=glue take their task from here
     label_map: list[NonNegativeInt] | None = None  # label_map[i]: the model's output index for dataset label i
-    squad_version: Literal["1.1", "2.0"] | None = None  # eval=squad and calib=squad take their version from here
+    squad_version: SquadVersion | None = None  # eval=squad and calib=squad take their version from here
     round_to: PositiveInt = 1  # budget.round_to's default: GPU model configs keep neuron counts in multiples of 64
     # an adapter of your own, {_target_: your_module.YourAdapter, _partial_: true, ...options}; `_target_: null`
     # (the default): the explicit adapter of config.model_type, else discovery

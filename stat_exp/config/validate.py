@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 from stat_exp.config.schema import ModelConfig, RunConfig
 from stat_exp.config.signature import check_node, is_target_node, with_defaults
 from stat_exp.errors import ConfigError
-from stat_exp.execution import ExecutionSpec
+from stat_exp.execution.choices import ExecutionSpec
 from stat_exp.prune.budget import BudgetSpec
 
 TARGET_GROUPS = ("calib", "pruner", "factorization", "logger")  # each names the class it builds

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from stat_exp.calibrate import Propagate
-from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError, encode, load_text
+from stat_exp.types import PositiveInt, Propagate
 
 
 def calibration_batches(

@@ -19,10 +19,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import AssetError, corpus_path
-from stat_exp.calibrate import LABELS, Propagate
-from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
+from stat_exp.types import LABELS, PositiveInt, Propagate
 
 HUB_DATASET = "nyu-mll/glue"
 LOCAL_FORMATS = (".jsonl", ".tsv")

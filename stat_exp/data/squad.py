@@ -12,16 +12,14 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.calibrate import LABELS, Propagate
-from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
-from stat_exp.eval.squad_metric import VERSIONS
+from stat_exp.types import LABELS, NonNegativeInt, PositiveInt, Propagate, SquadVersion
+from stat_exp.types import SQUAD_VERSIONS as VERSIONS
 
 HUB_DATASETS = {"1.1": "rajpurkar/squad", "2.0": "rajpurkar/squad_v2"}
 SPLITS = ("train", "validation")
@@ -173,7 +171,7 @@ class SquadCalibration:
     window of their contexts, with their answer spans (`pruner=kwon` takes its Fisher information
     from the QA loss; the layer stream ignores them)."""
 
-    version: Literal["1.1", "2.0"] = "1.1"
+    version: SquadVersion = "1.1"
     data_file: str | None = None
     num_examples: PositiveInt = 512
     max_length: PositiveInt = 384

@@ -14,6 +14,11 @@ class Evaluator(ABC):
 
     name: ClassVar[str] = ""
 
+    def lengths(self) -> tuple[int, int]:
+        """(sequences, tokens each) of this evaluator's largest forward pass: the planner sizes the
+        evaluation's logits by it before the model loads. The default assumes 8 x 256."""
+        return 8, 256
+
     @abstractmethod
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         ...

@@ -17,18 +17,18 @@ from typing import Annotated, Literal, get_args
 import numpy as np
 import torch
 import torch.nn.functional as F
+from annotated_types import Ge, MinLen
 from scipy.stats import pearsonr, spearmanr
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from annotated_types import Ge, MinLen
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import corpus_path
-from stat_exp.config.types import PositiveInt
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import PositiveInt
 
 Benchmark = Literal["lee", "simlex", "polarity"]
 BENCHMARKS = get_args(Benchmark)
@@ -73,6 +73,9 @@ class EmbeddingEval(Evaluator):
         self.benchmarks = tuple(benchmarks)
         self.batch_size, self.max_length, self.folds, self.seed = batch_size, max_length, folds, seed
         self.max_pairs, self.max_docs = max_pairs, max_docs
+
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.max_length
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         def encode(texts: Sequence[str]) -> torch.Tensor:

@@ -17,10 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import NonNegativeInt, PositiveInt
 
 
 def accuracy(pred: Sequence, label: Sequence) -> float:
@@ -80,6 +80,9 @@ class GlueEval(Evaluator):
         self.data_dir, self.max_length, self.batch_size = data_dir, max_length, batch_size
         self.max_examples, self.seed, self.progress = max_examples, seed, progress
         self.label_map = _check_label_map(label_map, self.spec)
+
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.max_length
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import NonNegativeInt, PositiveInt
 
 
 def time_runs(fn: Callable[[], object], warmup: int, repeats: int, setup: Callable[[], None] | None = None,
@@ -79,6 +79,9 @@ class LatencyEval(Evaluator):
         """`threads`: CPU threads while timing (None: torch's current count)."""
         self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
         self.warmup, self.repeats, self.threads, self.seed = warmup, repeats, threads, seed
+
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.seq_len
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)

@@ -33,10 +33,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from transformers import GenerationMixin, PreTrainedTokenizerBase
 
-from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.eval.base import Evaluator
 from stat_exp.eval.tasks import TASK_NAMES, prepare_tasks, write_atomic
+from stat_exp.types import NonNegativeInt, PositiveInt
 
 if TYPE_CHECKING:  # lm_eval is imported when used: it is slow to import
     from lm_eval.api.group import Group
@@ -90,6 +90,9 @@ class LMEvalEval(Evaluator):
         self.cache = {"use_cache": use_cache, "cache_requests": cache_requests,
                       "rewrite_requests_cache": rewrite_requests_cache, "delete_requests_cache": delete_requests_cache}
         self._manager, self._tasks = load_tasks(self.specs)
+
+    def lengths(self) -> tuple[int, int]:
+        return (self.batch_size if isinstance(self.batch_size, int) else 8), 256  # "auto": lm-eval's own choice
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         results = self.results(model, tokenizer, device)

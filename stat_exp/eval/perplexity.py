@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from annotated_types import Ge
 from tqdm.auto import tqdm
 
-from stat_exp.config.types import PositiveInt
 from stat_exp.data.text import DataError, encode, load_text
 from stat_exp.eval.base import Evaluator
+from stat_exp.types import PositiveInt
 
 
 def perplexity(
@@ -101,6 +101,9 @@ class PerplexityEval(Evaluator):
         `max_tokens` tokens (None: all) in chunks of `seq_len`."""
         self.source = text_file or "wiki_eval"
         self.seq_len, self.max_tokens, self.batch_size, self.progress = seq_len, max_tokens, batch_size, progress
+
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.seq_len
 
     def __call__(self, model, tokenizer, device) -> dict[str, float]:
         result = perplexity(model, tokenizer, load_text(self.source), self.seq_len, self.max_tokens,

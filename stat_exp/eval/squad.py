@@ -10,8 +10,6 @@ squad/no_answer_*).
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 from torch import nn
@@ -19,11 +17,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.calibrate import model_inputs
-from stat_exp.config.types import NonNegativeInt, PositiveInt
 from stat_exp.data.squad import Features, SquadExample, check_version, encode, load_examples
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
 from stat_exp.eval.squad_metric import squad_scores
+from stat_exp.types import NonNegativeInt, PositiveInt, SquadVersion
 
 
 def best_answer(example: SquadExample, windows: list[tuple[np.ndarray, np.ndarray, list]], n_best: int,
@@ -50,7 +48,7 @@ class SquadEval(Evaluator):
 
     name = "squad"
 
-    def __init__(self, version: Literal["1.1", "2.0"] = "1.1", data_file: str | None = None,
+    def __init__(self, version: SquadVersion = "1.1", data_file: str | None = None,
                  max_length: PositiveInt = 384, doc_stride: NonNegativeInt = 128, batch_size: PositiveInt = 32,
                  n_best: PositiveInt = 20, max_answer_length: PositiveInt = 30, null_score_diff_threshold: float = 0.0,
                  max_examples: PositiveInt | None = None, seed: int = 0, progress: bool = True):
@@ -60,6 +58,9 @@ class SquadEval(Evaluator):
         self.progress = progress
         # read now: a missing or malformed file fails before the model is pruned
         self.examples = load_examples(self.version, "validation", data_file, max_examples, seed)
+
+    def lengths(self) -> tuple[int, int]:
+        return self.batch_size, self.max_length
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         predictions = self.predict(model, tokenizer, self.examples, device)

@@ -14,7 +14,8 @@ import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 
-VERSIONS = ("1.1", "2.0")
+from stat_exp.types import SQUAD_VERSIONS as VERSIONS
+
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
 

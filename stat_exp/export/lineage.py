@@ -11,8 +11,8 @@ from torch import nn
 
 from stat_exp.export.record import recorded_origin
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.budget import BudgetSpec, FlopsModel
-from stat_exp.prune.runner import model_flops, prunable_params
+from stat_exp.models.flops import FlopsModel, model_flops, prunable_params
+from stat_exp.prune.budget import BudgetSpec
 
 
 def against_dense(model: nn.Module, adapter: ModelAdapter, achieved: dict[str, float],

@@ -25,11 +25,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from stat_exp.errors import UserError
-from stat_exp.export.modeling_stat_pruned import RECORD_KEY
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import LayerShape, prunable_params, shapes_of
 from stat_exp.models.loading import TASKS
-from stat_exp.prune.budget import LayerShape
-from stat_exp.prune.runner import prunable_params, shapes_of
+from stat_exp.models.modeling_stat_pruned import RECORD_KEY
 
 MODELING_MODULE = "modeling_stat_pruned"
 FORMAT = 1

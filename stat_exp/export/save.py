@@ -14,8 +14,8 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.export import modeling_stat_pruned
 from stat_exp.export.record import MODELING_MODULE, export_config
+from stat_exp.models import modeling_stat_pruned
 
 MODELING_FILE = f"{MODELING_MODULE}.py"
 

@@ -277,6 +277,9 @@ class Accumulator(ABC):
         return w.clamp_min(float(w.max()) * 1e-12 if w.max() > 0 else 1.0)
 
 
+FLOAT64_BYTES = 8
+
+
 class Backend(ABC):
     """A factorization backend: makes accumulators for a given width."""
 
@@ -288,3 +291,9 @@ class Backend(ABC):
 
     @abstractmethod
     def accumulator(self, dim: int) -> Accumulator: ...
+
+    def statistics_bytes(self, dim: int, tokens: int) -> int:
+        """Bytes one accumulator of width `dim` holds after `tokens` calibration tokens (what the
+        planner sizes a block's statistics by): a float64 dim x dim matrix by default; a backend
+        whose accumulator holds more (or grows with the tokens) says so here."""
+        return dim * dim * FLOAT64_BYTES

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from stat_exp.factorize.base import Accumulator, Backend, Factorization, pivoted_qr
+from stat_exp.factorize.base import FLOAT64_BYTES, Accumulator, Backend, Factorization, pivoted_qr
 
 
 class ActivationAccumulator(Accumulator):
@@ -36,6 +36,9 @@ class ActivationAccumulator(Accumulator):
 class QRBackend(Backend):
     name = "qr"
     holds_activations = True
+
+    def statistics_bytes(self, dim: int, tokens: int) -> int:
+        return tokens * dim * FLOAT64_BYTES  # the activations themselves
 
     def accumulator(self, dim: int) -> ActivationAccumulator:
         return ActivationAccumulator(dim, self.device)

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 import torch
 from annotated_types import Ge
 
-from stat_exp.factorize.base import Accumulator, Backend, Factorization, pivoted_qr
+from stat_exp.factorize.base import FLOAT64_BYTES, Accumulator, Backend, Factorization, pivoted_qr
 
 SketchKind = Literal["gaussian", "countsketch"]
 
@@ -54,6 +54,9 @@ class SketchBackend(Backend):
         self.kind = kind
         self.rows_per_unit = rows_per_unit
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
+
+    def statistics_bytes(self, dim: int, tokens: int) -> int:
+        return math.ceil(self.rows_per_unit * dim) * dim * FLOAT64_BYTES
 
     def accumulator(self, dim: int) -> SketchAccumulator:
         return SketchAccumulator(dim, self.device, math.ceil(self.rows_per_unit * dim), self.kind, self.gen)

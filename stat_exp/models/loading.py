@@ -6,8 +6,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForQuestionAnswering,
-                          AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase)
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
 from stat_exp import assets
 from stat_exp.errors import ConfigError, UserError

@@ -13,31 +13,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import PROPAGATE_MODES, LayerStats
+from stat_exp.calibrate import LayerStats
+from stat_exp.execution.requirements import Requirements
 from stat_exp.factorize.base import Accumulator, Backend
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.budget import Allocation, BudgetSpec, FlopsModel, LayerPlan, LayerShape
-from stat_exp.prune.scores import GqaMode, LayerScores, attention_levels, attention_units
+from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetSpec, LayerPlan
+from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import prune_attention, prune_ffn
-
+from stat_exp.types import PROPAGATE_MODES, Allocation, GqaMode
 
 # "budget": follow budget.allocation; "global" or "uniform": a pruner that fixes its own.
 AllocationChoice = Literal["budget"] | Allocation
 
 
 class Pruner(ABC):
-    """Base class. Subclasses set `name` and which statistics they need: calibration data at all,
-    factorizations, channel moments."""
+    """Base class. Subclasses set `name` and `requirements`: what they need of a run (calibration
+    data at all, factorizations, channel moments, ...; a class attribute, or set in `__init__` when
+    it depends on the options)."""
 
     name: ClassVar[str] = ""
-    needs_calibration: ClassVar[bool] = True
-    needs_factorization: ClassVar[bool] = False
-    needs_moments: ClassVar[bool] = False  # per-channel mean and variance of the pruned inputs
-    needs_layer_stream: ClassVar[bool] = True  # False: scores need no layer statistics (data only in prepare)
-    needs_whole_model: ClassVar[bool] = False  # runs the whole model at once (gradients): no offloading
-    needs_dense_targets: bool = False  # with propagate=pruned: the dense model's activations alongside
+    requirements: Requirements = Requirements()
     prunes: ClassVar[bool] = True
-    prepare_examples: int | None = None  # calibration examples `prepare` draws for itself (None: the batches)
     # The passes over the calibration data, in order: each stage is streamed, scored, allocated and
     # applied on the model the previous stages left (one stage for most pruners).
     stages: tuple[str, ...] = ("prune",)

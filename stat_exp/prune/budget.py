@@ -1,69 +1,22 @@
-"""The FLOPs model and the allocation of a global budget to layers.
-
-FLOPs are counted from the real matmul shapes of each block at `seq_len` tokens: the Q/K/V/O
-projections, attention scores and context (every query attends to seq_len keys), and the FFN.
-Scores are counted in full, also for causal blocks, as eager attention computes them. The
-budget is the kept fraction of these prunable FLOPs; embeddings and the LM head are outside.
-"""
+"""The budget and its allocation to layers: the kept fraction of the prunable FLOPs
+(`stat_exp.models.flops`), spent globally or uniformly."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import numpy as np
 
-from stat_exp.config.types import Fraction, PositiveInt
 from stat_exp.errors import UserError
-from stat_exp.models.base import AttentionParts, FFNParts
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.scores import LayerScores
+from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt
 
-Allocation = Literal["global", "uniform"]
-ALLOCATIONS = get_args(Allocation)
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
 
 class BudgetError(UserError, ValueError):
     """The requested budget cannot be met under the structural constraints."""
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """What the FLOPs of one block depend on."""
-
-    hidden: int
-    head_dim: int
-    num_heads: int
-    num_kv_heads: int
-    ffn_width: int
-    ffn_matrices: int  # 2 for up/down, 3 when gated (a fused gate_up is still two matrices' work)
-
-    @classmethod
-    def of(cls, attn: AttentionParts, ffn: FFNParts) -> "LayerShape":
-        return cls(hidden=attn.o.out_features, head_dim=attn.head_dim, num_heads=attn.num_heads,
-                   num_kv_heads=attn.num_kv_heads, ffn_width=ffn.width, ffn_matrices=ffn.matrices)
-
-
-@dataclass(frozen=True)
-class FlopsModel:
-    """Multiply-adds x 2 of one block at `seq_len` tokens."""
-
-    seq_len: int
-
-    def attention(self, shape: LayerShape, num_heads: int, num_kv_heads: int) -> float:
-        d, hd, s = shape.hidden, shape.head_dim, self.seq_len
-        projections = d * hd * (2 * num_heads + 2 * num_kv_heads)  # q, o and k, v
-        scores_and_context = 2 * s * num_heads * hd
-        return 2.0 * s * (projections + scores_and_context)
-
-    def ffn(self, shape: LayerShape, neurons: int) -> float:
-        return 2.0 * self.seq_len * shape.ffn_matrices * shape.hidden * neurons
-
-    def layer(self, shape: LayerShape, num_heads: int, num_kv_heads: int, neurons: int) -> float:
-        return self.attention(shape, num_heads, num_kv_heads) + self.ffn(shape, neurons)
-
-    def dense(self, shape: LayerShape) -> float:
-        return self.layer(shape, shape.num_heads, shape.num_kv_heads, shape.ffn_width)
 
 
 @dataclass

@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import ChannelMoments, LayerStats
+from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import ModelAdapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
+from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.global_rank import Increments
 from stat_exp.prune.scores import LayerScores
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
@@ -47,7 +49,7 @@ def fluctuation_scores(linear: nn.Linear, moments: ChannelMoments) -> torch.Tens
 
 class FlapPruner(Pruner):
     name = "flap"
-    needs_moments = True
+    requirements = Requirements(moments=True)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stat_exp.prune.budget import BudgetError, FlopsModel, LayerPlan, LayerShape, neuron_options
+from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetError, LayerPlan, neuron_options
 from stat_exp.prune.scores import LayerScores
 
 REDUCTIONS = ("sum", "mean")

@@ -41,16 +41,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from stat_exp.calibrate import LABELS, LayerStats, model_inputs
-from stat_exp.config.types import PositiveFloat, PositiveInt
+from stat_exp.calibrate import LayerStats, model_inputs
 from stat_exp.errors import ConfigError
+from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import AttentionParts, ModelAdapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import AllocationChoice, Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
+from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
 from stat_exp.prune.global_rank import Increments
 from stat_exp.prune.kwon_tuning import MaskTuner
-from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_units
+from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
+from stat_exp.types import LABELS, GqaMode, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,8 @@ SCHEDULE_STEPS = 2  # their get_pruning_schedule(target, num_iter=2): the teache
 
 class KwonPruner(Pruner):
     name = "kwon"
-    needs_whole_model = True  # gradients through the whole model
-    needs_layer_stream = False  # Fisher information and its own tuning streams; no layer statistics
+    # gradients through the whole model; Fisher information and its own tuning streams: no layer statistics
+    requirements = Requirements(layer_stream=False, whole_model=True)
 
     def __init__(self, gqa: GqaMode = "per_group", rearrange: bool = True, tune: bool = True,
                  max_scale: PositiveFloat = 10.0, allocation: AllocationChoice = "budget",
@@ -73,7 +75,7 @@ class KwonPruner(Pruner):
         super().__init__(gqa, allocation)
         self.rearrange, self.tune, self.max_scale = rearrange, tune, max_scale
         self.fisher_cache = Path(fisher_cache).expanduser() if fisher_cache else None
-        self.prepare_examples = fisher_examples
+        self.requirements = Requirements(layer_stream=False, whole_model=True, examples=fisher_examples)
         self.grads: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._teacher_plans: dict[int, LayerPlan] = {}
         self._tuner: MaskTuner | None = None

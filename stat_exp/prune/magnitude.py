@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from stat_exp.calibrate import LayerStats
+from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.scores import LayerScores
@@ -15,7 +16,7 @@ from stat_exp.prune.scores import LayerScores
 
 class MagnitudePruner(Pruner):
     name = "magnitude_sp"
-    needs_calibration = False
+    requirements = Requirements(calibration=False)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)

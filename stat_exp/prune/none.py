@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import LayerStats
+from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.scores import AttentionLevel, LayerScores
@@ -13,7 +14,7 @@ from stat_exp.prune.scores import AttentionLevel, LayerScores
 
 class NoPruner(Pruner):
     name = "none"
-    needs_calibration = False
+    requirements = Requirements(calibration=False)
     prunes = False
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:

@@ -19,10 +19,13 @@ from torch import nn
 
 from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
+from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import ModelAdapter
+from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import AllocationChoice, Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape
-from stat_exp.prune.scores import GqaMode, LayerScores
+from stat_exp.prune.budget import BudgetSpec, LayerPlan
+from stat_exp.prune.scores import LayerScores
+from stat_exp.types import GqaMode
 
 STRUCTURE_KEYS = ("heads", "kv_heads", "neurons")
 
@@ -42,7 +45,7 @@ def read_structure(path: str | Path) -> dict[str, list[int]]:
 
 class RandomPruner(Pruner):
     name = "random"
-    needs_calibration = False
+    requirements = Requirements(calibration=False)
 
     def __init__(self, gqa: GqaMode = "per_group", seed: int = 0, allocation: AllocationChoice = "uniform",
                  structure_file: str | None = None):

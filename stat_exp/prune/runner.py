@@ -31,16 +31,15 @@ from tqdm.auto import tqdm
 
 from stat_exp.calibrate import LayerStats, LayerStream
 from stat_exp.errors import ConfigError
+from stat_exp.execution.choices import STREAMS
+from stat_exp.execution.factors import factors_class
+from stat_exp.execution.offload import BlockStore
 from stat_exp.factorize.base import Backend
 from stat_exp.models.base import ModelAdapter
-from stat_exp.offload import BlockStore
+from stat_exp.models.flops import FlopsModel, LayerShape, model_flops, prunable_params, shapes_of
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
-from stat_exp.prune.pending import Pending, SpilledPending
+from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
 from stat_exp.prune.scores import LayerScores
-
-STREAMS = ("model", "block")
-FACTOR_MODES = ("hold", "spill", "recompute")
 
 
 @dataclass
@@ -50,24 +49,6 @@ class PruneOutcome:
     achieved: dict[str, float]
     structure: dict[str, list[int]]
     timing_s: dict[str, float] = field(default_factory=dict)
-
-
-def prunable_params(adapter: ModelAdapter) -> int:
-    """Parameters of the projections pruning can cut (attention and FFN of every block)."""
-    total = 0
-    for layer in adapter.layers():
-        for lin in (*adapter.attention(layer).projections, *adapter.ffn(layer).projections):
-            total += sum(p.numel() for p in lin.parameters())
-    return total
-
-
-def shapes_of(adapter: ModelAdapter) -> list[LayerShape]:
-    return [LayerShape.of(adapter.attention(l), adapter.ffn(l)) for l in adapter.layers()]
-
-
-def model_flops(adapter: ModelAdapter, flops: FlopsModel) -> float:
-    """Prunable FLOPs of the model as it is now."""
-    return sum(flops.layer(s, s.num_heads, s.num_kv_heads, s.ffn_width) for s in shapes_of(adapter))
 
 
 class PruneRunner:
@@ -86,14 +67,10 @@ class PruneRunner:
                  spill_dir: Path | None = None):
         if stream not in STREAMS:
             raise ConfigError(f"execution.stream={stream!r}; allowed: {', '.join(STREAMS)}")
-        if factors not in FACTOR_MODES:
-            raise ConfigError(f"execution.factors={factors!r}; allowed: {', '.join(FACTOR_MODES)}")
-        if factors == "spill" and spill_dir is None:
-            raise ConfigError("execution.factors=spill needs a folder for the spilled factors")
         budget = replace(budget, allocation=pruner.allocation_under(budget.allocation))
         self.pruner, self.budget, self.backend = pruner, budget, backend
         self.propagate, self.progress = pruner.propagate_under(propagate), progress
-        self.stream, self.factors, self.spill_dir = stream, factors, spill_dir
+        self.stream, self.factors = stream, factors_class(factors)(spill_dir)
         self.flops = FlopsModel(budget.seq_len)
         self._streamed = 0.0  # seconds spent streaming calibration batches through blocks
 
@@ -102,7 +79,7 @@ class PruneRunner:
             examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
         """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any."""
         store = store or BlockStore(model, adapter, device)
-        if store.mode != "none" and self.pruner.needs_whole_model:
+        if not store.resident and self.pruner.requirements.whole_model:
             raise ConfigError(f"pruner={self.pruner.name} runs the whole model at once (gradients); "
                               f"it needs execution.offload=none, not {store.mode}")
         dense_flops, dense_params = model_flops(adapter, self.flops), prunable_params(adapter)
@@ -143,7 +120,7 @@ class PruneRunner:
     def _prune_stage(self, model, adapter, batches, device, store: BlockStore) -> None:
         """One pass: stream, score, allocate and apply, on the model as earlier stages left it."""
         shapes = shapes_of(adapter)
-        if not (self.pruner.needs_calibration and self.pruner.needs_layer_stream):
+        if not self.pruner.requirements.layer_statistics:
             scores = []
             for i in range(len(shapes)):
                 with store.block(i) as layer:
@@ -161,8 +138,8 @@ class PruneRunner:
             for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
                 self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats, planned=True), plans[i], stats)
             return
-        keep_heavy = self.factors != "recompute"
-        with self._pending() as pending:
+        keep_heavy = not self.factors.second_pass
+        with self.factors.pending() as pending:
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
                 pending.put(i, self._score(adapter, i, layer, stats), stats, keep_heavy)
             plans = self._allocate(pending.scores(), shapes)
@@ -179,9 +156,6 @@ class PruneRunner:
         stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
         return sc
 
-    def _pending(self) -> Pending:
-        return SpilledPending(self.spill_dir) if self.factors == "spill" else Pending()
-
     def score_layers(self, model, adapter, batches, device, store: BlockStore | None = None,
                      keep_heavy: bool = True) -> list[tuple[LayerScores, LayerStats]]:
         """Every layer's scores and statistics from one dense pass, pruning nothing: for decisions
@@ -196,11 +170,11 @@ class PruneRunner:
 
     def _stream(self, model, adapter, batches, device, propagate: str, store: BlockStore | None):
         """Iterate the layer stream, adding its forward time to the calibration time."""
-        make = self.pruner.accumulator(self.backend) if self.pruner.needs_factorization and self.backend else None
-        model_major = self.stream == "model" and not (self.backend and self.backend.holds_activations and make)
-        stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, model_major,
-                             moments=self.pruner.needs_moments, store=store,
-                             dense_targets=self.pruner.needs_dense_targets)
+        needs = self.pruner.requirements
+        make = self.pruner.accumulator(self.backend) if needs.factorization and self.backend else None
+        stream = LayerStream(model, adapter, batches, device, propagate, make, self.progress, self.stream,
+                             moments=needs.moments, store=store, dense_targets=needs.dense_targets,
+                             holds_activations=bool(make and self.backend and self.backend.holds_activations))
         yield from stream
         self._streamed += stream.seconds
 

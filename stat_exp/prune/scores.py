@@ -6,13 +6,11 @@ first and the dense layout last, so grouped-query constraints live here and nowh
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-GqaMode = Literal["per_group", "whole_groups"]
-GQA_MODES = get_args(GqaMode)
+from stat_exp.types import GQA_MODES
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torch import nn
 
 from stat_exp.calibrate import ChannelMoments, LayerStats
 from stat_exp.errors import ConfigError
-from stat_exp.config.types import NonNegativeFloat, OpenFraction
+from stat_exp.execution.requirements import Requirements
 from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
@@ -39,8 +39,9 @@ from stat_exp.prune.compensation import CompensatedFold, compensated_error, comp
 from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
 from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
 from stat_exp.prune.held_out import HeldOutAccumulator
-from stat_exp.prune.scores import AttentionLevel, GqaMode, LayerScores, attention_levels, attention_units
+from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
+from stat_exp.types import GqaMode, NonNegativeFloat, OpenFraction
 
 RIDGES = (0.0, 0.03, 0.1, 0.3, 1.0)  # the strengths `ridge=auto` chooses from (relative to each unit's energy)
 
@@ -62,7 +63,7 @@ def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: 
 
 class StatPruner(Pruner):
     name = "stat"
-    needs_factorization = True
+    requirements = Requirements(factorization=True)
 
     def __init__(self, gqa: GqaMode = "per_group", correction: bool = True,
                  allocation: AllocationChoice = "budget", ridge: NonNegativeFloat | Literal["auto"] = 0.0,
@@ -82,8 +83,8 @@ class StatPruner(Pruner):
                               "it does not combine with ridge=auto, intercept=true or costs=held_out")
         self.correction, self.ridge, self.validation = correction, ridge, validation
         self.heads, self.intercept, self.costs, self.compensate = heads, intercept, costs, compensate
-        self.needs_moments = intercept  # channel sums for the mean term
-        self.needs_dense_targets = compensate
+        # channel sums for the mean term; the dense model's activations for a compensated fit
+        self.requirements = Requirements(factorization=True, moments=intercept, dense_targets=compensate)
 
     @property
     def variant(self) -> str:

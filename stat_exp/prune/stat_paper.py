@@ -68,7 +68,8 @@ from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
 from stat_exp.factorize.base import pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
-from stat_exp.prune.budget import BudgetError, BudgetSpec, FlopsModel, LayerPlan, LayerShape, neuron_options
+from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.prune.budget import BudgetError, BudgetSpec, LayerPlan, neuron_options
 from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
 from stat_exp.prune.stat import JITTER, StatPruner, nested_head_factor
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import LayerStats
+from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.scores import LayerScores
@@ -16,7 +17,7 @@ from stat_exp.prune.scores import LayerScores
 
 class WandaPruner(Pruner):
     name = "wanda_sp"
-    needs_moments = True
+    requirements = Requirements(moments=True)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)

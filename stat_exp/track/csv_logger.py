@@ -25,6 +25,10 @@ class CsvLogger(RunLogger):
             csv.writer(f).writerow(["step", "key", "value"])
         self._write({"name": name or ""})
 
+    @property
+    def location(self) -> str | None:
+        return str(self.path)
+
     def _write(self, values: Mapping[str, Any]) -> None:
         with self.path.open("a", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([self._step, key, value] for key, value in values.items())

@@ -19,6 +19,11 @@ class RunLogger:
         self.sweep_dir = Path(sweep_dir) if sweep_dir is not None else None
         self.name, self.job_type = name, job_type
 
+    @property
+    def location(self) -> str | None:
+        """Where a person finds this run's logged record (a link or a folder), for the run's summary."""
+        return None
+
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         pass
 

@@ -12,10 +12,11 @@ from typing import Any
 import pandas as pd
 
 from stat_exp.track.logger import make_logger
-from stat_exp.track.published import COLUMNS as PUBLISHED, published_columns
+from stat_exp.track.plots import DENSE, metric_plot
+from stat_exp.track.published import COLUMNS as PUBLISHED
+from stat_exp.track.published import published_columns
 from stat_exp.track.results import RESULTS_FILE
 
-DENSE = "none"
 KILLED = "stopped before it finished (killed or crashed): results.json still says running"
 MISSING = "no results.json: the job ended before it began"
 
@@ -136,57 +137,49 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(df: pd.DataFrame, metric: str, path: Path) -> None:
-    """The metric against achieved FLOPs, one line per pruner, the dense model as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import LogFormatter
-
-    ok = df[(df["status"] == "ok") & df[metric].notna()]
-    several_models = ok["model"].nunique() > 1
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (pruner, model), group in ok.groupby(["pruner", "model"], sort=True):
-        name = "dense" if pruner == DENSE else pruner
-        name = f"{name} [{model}]" if several_models else name
-        if pruner == DENSE:
-            ax.axhline(group[metric].mean(), linestyle="--", color="gray", label=name)
-        else:
-            group = group.sort_values("achieved_flops")
-            ax.plot(group["achieved_flops"], group[metric], marker="o", label=name)
-    if any(word in metric.lower() for word in ("ppl", "perplexity")):
-        ax.set_yscale("log")
-        # Plain numbers (20, 30, 40) read better than 2x10^1 on the short ranges of perplexity.
-        ax.yaxis.set_major_formatter(LogFormatter())
-        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-    ax.set_xlabel("achieved FLOPs fraction")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
     """Write report.csv, report.md and report.png (when there is a metric to plot) into sweep_dir."""
     sweep_dir = Path(sweep_dir)
-    records = collect(sweep_dir)
+    return write_tables(collect(sweep_dir), sweep_dir, metric, f"Sweep report: {sweep_dir.name}")
+
+
+def collect_runs(dirs: Sequence[Path]) -> list[dict]:
+    """Every results.json below each of `dirs` (runs and sweeps alike, from any day), each once;
+    "run_dir" names the job's folder as given on the command line."""
+    records, seen = [], set()
+    for top in map(Path, dirs):
+        for record in collect(top):
+            folder = (top / record["run_dir"]).resolve()
+            if folder not in seen:
+                seen.add(folder)
+                records.append(record | {"run_dir": str(top / record["run_dir"]).removesuffix("/.")})
+    return records
+
+
+def write_tables(records: list[dict], out_dir: Path, metric: str | None = None,
+                 title: str = "Report") -> dict[str, Path]:
+    """report.csv (every run), report.md (ok runs, then the failed ones apart) and report.png (the
+    metric against achieved FLOPs, when there is one to plot) in out_dir."""
     if not records:
-        raise FileNotFoundError(f"no {RESULTS_FILE} below {sweep_dir}")
+        raise FileNotFoundError(f"no {RESULTS_FILE} found")
     available = _metric_names(records, "ok")
     if metric is not None and metric not in available:
         raise ValueError(f"metric {metric!r} is in no ok run; available: {', '.join(available) or 'none'}")
     metric = metric or choose_metric(records)
     df = to_table(records, metric)
-    paths = {"csv": sweep_dir / "report.csv", "md": sweep_dir / "report.md"}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out_dir / "report.csv", "md": out_dir / "report.md"}
     df.to_csv(paths["csv"], index=False)
-    heading = f"# Sweep report: {sweep_dir.name}\n\nPlotted metric: {metric or 'none'}\n\n"
-    paths["md"].write_text(heading + to_markdown(df), encoding="utf-8")
-    if metric is not None:
-        paths["png"] = sweep_dir / "report.png"
-        plot(df, metric, paths["png"])
+    ok, failed = df[df["status"] == "ok"], df[df["status"] != "ok"]
+    text = f"# {title}\n\nPlotted metric: {metric or 'none'}\n\n" + to_markdown(ok.drop(columns=["error"]))
+    if not failed.empty:
+        text += f"\n## Failed runs ({len(failed)})\n\n" + to_markdown(failed[["pruner", "model", "status", "error",
+                                                                              "run_dir"]])
+    paths["md"].write_text(text, encoding="utf-8")
+    if metric is not None and not ok.empty:
+        paths["png"] = out_dir / "report.png"
+        metric_plot(df, metric, paths["png"])
     return paths
 
 

@@ -99,6 +99,7 @@ class RunRecord:
     target: dict[str, float] = field(default_factory=dict)
     achieved: dict[str, float] = field(default_factory=dict)
     structure: dict[str, list[int]] = field(default_factory=dict)
+    dense_structure: dict[str, list[int]] = field(default_factory=dict)  # the same counts before pruning
     metrics: dict[str, float] = field(default_factory=dict)
     timing_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
@@ -109,6 +110,7 @@ class RunRecord:
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=versions)
     variant: str | None = None
+    tracker: str | None = None  # where the logger keeps this run (a W&B link or folder, a CSV file)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

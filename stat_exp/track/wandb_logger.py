@@ -59,6 +59,16 @@ class WandbLogger(RunLogger):
             reinit="finish_previous",
         )
 
+    @property
+    def location(self) -> str | None:
+        """The run's page online; offline, its folder and the command that uploads it."""
+        if self._run is None or self._run.disabled:
+            return None
+        if self._run.settings.mode == "online":
+            return self._run.url
+        folder = Path(self._run.dir).parent
+        return f"{folder} (offline: `wandb sync {folder}` uploads it)"
+
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         self._run.log(dict(metrics))
         for evaluator, rows in metric_tables(metrics).items():

@@ -1,37 +1,39 @@
 """The planner: peak memory, disk and time of a run, predicted from the model's config alone.
 
-    python -m stat_exp.plan <the same overrides as a run>
+    python -m stat_exp.execution <the same overrides as a run>
 
 The model is built on the meta device (no weights are read); the sizes of everything a run holds
 (weights, block-boundary hidden states, statistics, factorizations, activations of one batch,
 evaluation logits) follow from its shapes, the calibration size, the pruner's statistics and the
-execution choices. The planner prints a table and, on its last stdout line, one JSON object with
+execution choices; every part says its own sizes (the backend its statistics, each offload store
+and factors mode its footprint, the evaluators their lengths), so a part of one's own plugs in.
+The planner prints a table and, on its last stdout line, one JSON object with
 `peak_host_mb`, `peak_device_mb`, `disk_mb`, `seconds` and the throughput it assumed. A run calls
 the same code before loading weights: it resolves `execution=auto` choices from it and refuses a
 run whose plan does not fit the memory it has, naming predicted and available memory.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
-import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from stat_exp.errors import ConfigError, UserError
-from stat_exp.execution import ExecutionSpec, Resolved
-from stat_exp.models import adapter_from_config, get_adapter
-from stat_exp.prune.budget import FlopsModel
-from stat_exp.prune.runner import shapes_of
+from stat_exp.execution.choices import ExecutionSpec, Resolved
+from stat_exp.execution.factors import factors_class
+from stat_exp.execution.offload import store_class
+from stat_exp.execution.requirements import Requirements
+from stat_exp.execution.sizes import FLOAT64, MB, BlockSizes, Sizes
+from stat_exp.models import AdapterFactory, get_adapter
+from stat_exp.models.flops import FlopsModel, shapes_of
 
-MB = 2**20
-FLOAT64 = 8
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
 # device cannot be measured here; sustained, not peak.
@@ -65,33 +67,6 @@ class PlanError(UserError, ValueError):
 
 
 @dataclass
-class BlockSizes:
-    """Bytes one block needs at each step (see `plan_sizes`)."""
-
-    weights: int
-    stats: int  # statistics held while the block streams
-    score_work: int  # working memory of scoring (factorizations being formed)
-    heavy: int  # what a scored block keeps until it is pruned (its factorizations)
-    activations: int  # one calibration batch through the block
-
-
-@dataclass
-class Sizes:
-    blocks: list[BlockSizes]
-    rest_weights: int  # embeddings, final norm, head
-    hidden: int  # the calibration set at one block boundary, model dtype
-    eval_work: int  # one evaluation batch's logits
-    tokens: int
-    calibration_flops: float  # one dense forward of the calibration set through the blocks
-    down_flops: float  # the down projections' share of it (a statistics-only run stops before them)
-    gram_flops: float
-    factor_flops: float  # m^3 / 3 per factorized width
-    curve_flops: float  # the error curves, V R^T over R's upper triangle
-    fold_flops: float  # corrections and folds at half the units kept (their most expensive count)
-    pivot_steps: int  # columns the pivoted factorizations step through
-
-
-@dataclass
 class Plan:
     """What a run will hold and how long it will take; peaks in MB."""
 
@@ -112,13 +87,41 @@ class Plan:
                 **asdict(self.execution)}
 
 
+class SizedPruner(Protocol):
+    """What the planner reads of a pruner."""
+
+    requirements: Requirements
+    prunes: bool
+
+
+class SizedBackend(Protocol):
+    """What the planner reads of a factorization backend (`stat_exp.factorize.Backend`)."""
+
+    holds_activations: bool
+
+    def statistics_bytes(self, dim: int, tokens: int) -> int: ...
+
+
+class SizedEvaluator(Protocol):
+    """What the planner reads of an evaluator (`stat_exp.eval.base.Evaluator`)."""
+
+    def lengths(self) -> tuple[int, int]: ...
+
+
+class SizedCalibration(Protocol):
+    """What the planner reads of a calibration source."""
+
+    num_examples: int
+    batch_size: int
+
+
 @dataclass
 class Job:
-    """What the plan of a run depends on (a run's config reduces to this; no weights)."""
+    """What the plan of a run depends on (a run's parts reduce to this; no weights)."""
 
     model: nn.Module  # on the meta device
-    pruner: object  # a Pruner
-    backend: object | None  # a factorization Backend
+    pruner: SizedPruner
+    backend: SizedBackend | None
     dtype: torch.dtype
     sequences: int
     seq_len: int  # tokens per calibration sequence (an upper bound when padded)
@@ -131,11 +134,33 @@ class Job:
     kept: float = 1.0  # the FLOPs fraction pruning keeps (what a pruned block's rerun costs)
 
 
+@dataclass
+class Parts:
+    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.build_parts`):
+    the planner sizes these, it does not build them again."""
+
+    pruner: Any  # a stat_exp.prune.base.Pruner
+    backend: SizedBackend | None
+    calibration: SizedCalibration
+    evaluators: Mapping[str, SizedEvaluator]
+    adapter: AdapterFactory | None = None
+
+
+def calibration_length(calibration: SizedCalibration) -> int:
+    """Tokens per calibration sequence (an upper bound when examples are padded per batch)."""
+    for attr in ("seq_len", "max_length"):
+        value = getattr(calibration, attr, None)
+        if value:
+            return int(value)
+    raise ConfigError(f"calibration source {type(calibration).__name__} says no sequence length "
+                      f"(a seq_len or max_length attribute) for the planner")
+
+
 def meta_model(source: str, task: str, dtype: str) -> nn.Module:
     """The model on the meta device: shapes without weights."""
     from transformers import AutoConfig
 
-    from stat_exp.export.load import model_class
+    from stat_exp.models.checkpoint import model_class
     from stat_exp.models.loading import resolve_source
 
     try:
@@ -146,24 +171,19 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
         return model_class(config, task)._from_config(config, dtype=getattr(torch, dtype))
 
 
-def job_of(cfg, prunes: bool = True) -> Job:
-    """The Job of a composed run config."""
-    from hydra.utils import instantiate
-
-    pruner = instantiate(cfg.pruner)
-    backend = instantiate(cfg.factorization, device="cpu") if pruner.needs_factorization else None
-    calib = cfg.calib
-    evals = list(cfg.eval.values()) if cfg.get("eval") else []
-    first = evals[0] if evals else {}
-    model = meta_model(cfg.model.source, cfg.model.task, cfg.model.dtype)
-    get_adapter(model, adapter_from_config(cfg.model.get("adapter")))  # the configured adapter stays the model's
-    return Job(model=model, pruner=pruner, backend=backend,
-               dtype=getattr(torch, cfg.model.dtype), sequences=int(calib.num_examples),
-               seq_len=int(calib.get("seq_len") or calib.get("max_length")), batch_size=int(calib.batch_size),
-               eval_batch=int(first.get("batch_size", 8) or 8), eval_len=int(first.get("seq_len", 256) or 256),
-               propagate=pruner.propagate_under(calib.get("propagate", "dense")),
-               allocation=pruner.allocation_under(cfg.budget.allocation), kept=float(cfg.budget.flops),
-               prunes=prunes and pruner.prunes and cfg.budget.flops < 1)
+def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: Parts,
+           prunes: bool = True, kept: float = 1.0) -> Job:
+    """The Job of a run from its model config and the parts the run built (`kept`: the budget's
+    FLOPs fraction)."""
+    model = meta_model(model_cfg["source"], model_cfg["task"], model_cfg["dtype"])
+    get_adapter(model, parts.adapter)  # the configured adapter stays the model's
+    calibration, pruner = parts.calibration, parts.pruner
+    eval_batch, eval_len = max((e.lengths() for e in parts.evaluators.values()), key=lambda bl: bl[0] * bl[1], default=(8, 256))
+    return Job(model=model, pruner=pruner, backend=parts.backend, dtype=getattr(torch, model_cfg["dtype"]),
+               sequences=int(calibration.num_examples), seq_len=calibration_length(calibration),
+               batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
+               propagate=pruner.propagate_under(propagate), allocation=pruner.allocation_under(budget_allocation),
+               prunes=prunes, kept=kept)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -181,10 +201,8 @@ def plan_sizes(job: Job) -> Sizes:
         weights = sum(p.numel() for p in layer.parameters()) * elem
         d_attn, d_ffn = sh.num_heads * sh.head_dim, sh.ffn_width
         stats = heavy = work = 0
-        if pruner.needs_factorization and backend is not None:
-            rows = {"gram": lambda d: d, "qr": lambda d: tokens,
-                    "sketch": lambda d: math.ceil(getattr(backend, "rows_per_unit", 1.5) * d)}[backend.name]
-            stats = (rows(d_attn) * d_attn + rows(d_ffn) * d_ffn) * FLOAT64
+        if pruner.requirements.factorization and backend is not None:
+            stats = backend.statistics_bytes(d_attn, tokens) + backend.statistics_bytes(d_ffn, tokens)
             heavy = (d_attn * d_attn + d_ffn * d_ffn) * FLOAT64  # R factors
             # scoring the FFN: the weighted Gram and the factor beside the statistics, and V R^T
             work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
@@ -194,7 +212,7 @@ def plan_sizes(job: Job) -> Sizes:
             fold_flops += sum(d ** 3 / 8 + sh.hidden * d ** 2 / 2 for d in (d_attn, d_ffn))
             steps += d_attn + d_ffn
         down_flops += 2 * tokens * sh.hidden * d_ffn
-        if pruner.needs_moments:
+        if pruner.requirements.moments:
             stats += 2 * (d_attn + d_ffn) * FLOAT64
         inner = max(d_ffn * sh.ffn_matrices, 4 * sh.hidden + 2 * d_attn)  # gate, up, product / q, k, v, o
         acts = job.batch_size * job.seq_len * (inner * elem + 4 * max(d_ffn, d_attn))  # + float32 copy
@@ -257,9 +275,12 @@ def current_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def make_plan(cfg, device: torch.device, run_dir: Path | None = None, prunes: bool = True) -> Plan:
-    """The plan of a composed run config on `device` (see `plan_job`)."""
-    return plan_job(job_of(cfg, prunes), ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
+def make_plan(cfg: Mapping[str, Any], parts: Parts, device: torch.device, run_dir: Path | None = None,
+              prunes: bool = True) -> Plan:
+    """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`)."""
+    job = job_of(cfg["model"], cfg["budget"]["allocation"], cfg["calib"].get("propagate", "dense"), parts, prunes,
+                 kept=float(cfg["budget"]["flops"]))
+    return plan_job(job, ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
 
 
 def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None) -> Plan:
@@ -274,7 +295,7 @@ def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path 
     holds_activations = bool(job.backend and job.backend.holds_activations)
     resolved = spec.resolve(sizes, device, host_limit, device_limit, disk_free,
                             must_stream_blocks=holds_activations or job.propagate != "dense",
-                            needs_whole_model=job.pruner.needs_whole_model, prunes=job.prunes)
+                            needs_whole_model=job.pruner.requirements.whole_model)
     plan = _estimate(sizes, resolved, device, job.prunes, spec.tflops or measured_tflops(device, job.dtype),
                      global_allocation=job.allocation == "global", propagate=job.propagate, kept=job.kept)
     if plan.peak_host_mb > host_limit:
@@ -301,15 +322,13 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
     on_cpu = device.type == "cpu"
     baseline = (current_rss_mb() + (0 if on_cpu else CUDA_CONTEXT_MB)) * MB
     blocks = s.blocks
-    all_weights = sum(b.weights for b in blocks) + s.rest_weights
     biggest = max(blocks, key=lambda b: b.weights)
-    resident = {"none": all_weights, "cpu": s.rest_weights + biggest.weights,
-                "disk": s.rest_weights + biggest.weights}[ex.offload]  # weights on the device
-    host_weights = {"none": all_weights if on_cpu else 0, "cpu": all_weights,
-                    "disk": (s.rest_weights if on_cpu else 0) + 2 * biggest.weights}[ex.offload]
-    # a disk block is read through its file's pages and copied, and written back the same way
+    store, factors = store_class(ex.offload), factors_class(ex.factors)
+    weights = store.footprint(s, on_cpu)
+    resident, host_weights = weights.device, weights.host  # weights on the device, on the host
     hidden = 2 * s.hidden if ex.stream == "block" else 0  # one boundary in, one out
-    held = sum(b.heavy for b in blocks) if (prunes and global_allocation and ex.factors == "hold") else 0
+    waiting = factors.footprint(s)
+    held = waiting.device if (prunes and global_allocation) else 0
     work = 0
     if prunes:
         if ex.stream == "model":
@@ -317,19 +336,15 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
         else:
             work = max(b.stats + b.score_work + b.activations for b in blocks)
         work += held
-    device_peak = resident + max(work, s.eval_work) + (hidden if ex.offload == "none" else 0)
-    host_hidden = hidden if (ex.offload != "none" or on_cpu) else 0
+    device_peak = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
+    host_hidden = hidden if (not store.resident or on_cpu) else 0
     if on_cpu:
         host_peak = baseline + host_weights + max(work + hidden, s.eval_work)
         device_peak = host_peak
     else:
         host_peak = baseline + host_weights + host_hidden
-    disk = 0.0
-    if ex.offload == "disk":
-        disk += sum(b.weights for b in blocks)
-    if prunes and ex.factors == "spill":
-        disk += sum(b.heavy for b in blocks)
-    phases = _phase_seconds(s, RATES.get(device.type, RATES["cuda"]), tflops * 1e12, ex.factors == "recompute",
+    disk = float(weights.disk) + (waiting.disk if prunes else 0)
+    phases = _phase_seconds(s, RATES.get(device.type, RATES["cuda"]), tflops * 1e12, factors.second_pass,
                             global_allocation, propagate, kept) if prunes else {}
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
@@ -369,34 +384,3 @@ def render(plan: Plan) -> str:
               f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]
     lines += [f"| of which {phase} | {seconds:,.0f} s |" for phase, seconds in plan.phases.items()]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m stat_exp.plan <overrides>`: the table, then one JSON line."""
-    from omegaconf import OmegaConf
-
-    from stat_exp.config.cli import compose_config
-    from stat_exp.config.validate import checked_config
-
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = OmegaConf.create(checked_config(compose_config(overrides)))
-        plan = make_plan(cfg, _plan_device(cfg.device))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(render(plan))
-    print(json.dumps(plan.summary()))
-
-
-def _plan_device(name: str) -> torch.device:
-    """The device a run would use; a planner may plan for CUDA on a machine without one."""
-    from stat_exp.device import resolve_device
-
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        return torch.device(name)
-    return resolve_device(name)
-
-
-if __name__ == "__main__":
-    main()

@@ -6,6 +6,9 @@ safetensors (`disk`), and moves each block to the device in turn; everything out
 to the host, or (disk) to a safetensors file of its own in the offload folder, whose index then
 points at the pruned weights. Evaluation of an offloaded model goes through accelerate's
 `dispatch_model` with the same index, so the weights are never loaded whole.
+
+Each mode is one `BlockStore` class: how it opens the model, moves blocks, and what it holds
+(`footprint`, which the planner adds up). `STORES` lists them by mode.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
@@ -21,9 +25,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from stat_exp.errors import UserError
+from stat_exp.execution.sizes import Footprint, Sizes
+from stat_exp.models import AdapterFactory, get_adapter
 from stat_exp.models.base import ModelAdapter
+from stat_exp.models.checkpoint import load_model, model_class
 
-OFFLOAD_MODES = ("none", "cpu", "disk")
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
@@ -54,10 +60,24 @@ def move_outside_blocks(model: nn.Module, blocks: list[nn.Module], device: torch
 class BlockStore:
     """Blocks resident on the device (`offload=none`): onloading and offloading do nothing."""
 
-    mode = "none"
+    mode: ClassVar[str] = "none"
+    resident: ClassVar[bool] = True  # every block stays on the device (a whole-model forward is possible)
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, device: torch.device):
         self.model, self.adapter, self.device = model, adapter, torch.device(device)
+
+    @classmethod
+    def open(cls, source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
+             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+        """(model, tokenizer, store) with the weights where this mode keeps them."""
+        model, tokenizer = load_model(source, task, dtype, device)
+        return model, tokenizer, cls(model, get_adapter(model, adapter_factory), device)
+
+    @staticmethod
+    def footprint(sizes: Sizes, on_cpu: bool) -> Footprint:
+        """The weights' bytes on the device, on the host (both the host's on a CPU) and on disk."""
+        weights = sizes.block_weights + sizes.rest_weights
+        return Footprint(device=weights, host=weights if on_cpu else 0)
 
     def onload(self, index: int) -> nn.Module:
         """The block `index`, with its weights on the device."""
@@ -84,7 +104,20 @@ class BlockStore:
 class HostStore(BlockStore):
     """Block weights on the host, each moved to the device while it is worked on (`offload=cpu`)."""
 
-    mode = "cpu"
+    mode: ClassVar[str] = "cpu"
+    resident: ClassVar[bool] = False
+
+    @classmethod
+    def open(cls, source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
+             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+        model, tokenizer = load_model(source, task, dtype, "cpu")
+        adapter = get_adapter(model, adapter_factory)
+        move_outside_blocks(model, adapter.layers(), device)
+        return model, tokenizer, cls(model, adapter, device)
+
+    @staticmethod
+    def footprint(sizes: Sizes, on_cpu: bool) -> Footprint:
+        return Footprint(device=sizes.rest_weights + sizes.biggest_block, host=sizes.block_weights + sizes.rest_weights)
 
     def onload(self, index: int) -> nn.Module:
         return self.adapter.layers()[index].to(self.device)
@@ -106,7 +139,20 @@ class DiskStore(BlockStore):
     """Block weights memory-mapped from safetensors files (`offload=disk`); blocks not being worked
     on hold no memory (their parameters are on the meta device)."""
 
-    mode = "disk"
+    mode: ClassVar[str] = "disk"
+    resident: ClassVar[bool] = False
+
+    @classmethod
+    def open(cls, source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
+             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+        return _open_on_disk(source, task, dtype, device, work_dir, adapter_factory)
+
+    @staticmethod
+    def footprint(sizes: Sizes, on_cpu: bool) -> Footprint:
+        # a disk block is read through its file's pages and copied, and written back the same way
+        return Footprint(device=sizes.rest_weights + sizes.biggest_block,
+                         host=(sizes.rest_weights if on_cpu else 0) + 2 * sizes.biggest_block,
+                         disk=sizes.block_weights)
 
     def __init__(self, model: nn.Module, adapter: ModelAdapter, device: torch.device, index: dict[str, str],
                  work_dir: Path, dtype: torch.dtype):
@@ -233,36 +279,32 @@ def checkpoint_index(folder: Path) -> dict[str, str]:
         raise OffloadError(f"offload=disk: cannot read the checkpoint index of {folder}: {e}") from e
 
 
+STORES: dict[str, type[BlockStore]] = {store.mode: store for store in (BlockStore, HostStore, DiskStore)}
+
+
+def store_class(offload: str) -> type[BlockStore]:
+    """The store of an offload mode."""
+    if offload not in STORES:
+        raise OffloadError(f"execution.offload={offload!r}; allowed: {', '.join(STORES)}")
+    return STORES[offload]
+
+
 def open_model(source: str, task: str, dtype: str, device: torch.device, offload: str,
-               work_dir: Path, adapter_factory=None) -> tuple[nn.Module, object, BlockStore]:
+               work_dir: Path, adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
     """(model, tokenizer, store) with block weights where `offload` says; everything outside the
     blocks on the device. `work_dir`: where a disk store writes pruned blocks. `adapter_factory`:
     the configured adapter (`model.adapter`), None for the default."""
-    from stat_exp.export.load import load_model
-    from stat_exp.models import get_adapter
-
-    if offload == "disk":
-        return _open_on_disk(source, task, dtype, device, work_dir, adapter_factory)
-    if offload not in OFFLOAD_MODES:
-        raise OffloadError(f"execution.offload={offload!r}; allowed: {', '.join(OFFLOAD_MODES)}")
-    model, tokenizer = load_model(source, task, dtype, device if offload == "none" else "cpu")
-    adapter = get_adapter(model, adapter_factory)
-    if offload == "none":
-        return model, tokenizer, BlockStore(model, adapter, device)
-    move_outside_blocks(model, adapter.layers(), device)
-    return model, tokenizer, HostStore(model, adapter, device)
+    return store_class(offload).open(source, task, dtype, device, work_dir, adapter_factory)
 
 
-def _open_on_disk(source: str, task: str, dtype: str, device: torch.device,
-                  work_dir: Path, adapter_factory=None) -> tuple[nn.Module, object, BlockStore]:
+def _open_on_disk(source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
+                  adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
     """The model skeleton with parameters on the meta device; only what is outside the blocks is
     read (to the device); blocks are read from the checkpoint's safetensors when they are used."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoConfig, AutoTokenizer
 
-    from stat_exp.export.load import model_class
-    from stat_exp.models import get_adapter
     from stat_exp.models.conv1d import TransposedLinear
     from stat_exp.models.loading import resolve_source
 

@@ -12,9 +12,10 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 from stat_exp.errors import ConfigError, UserError
-from stat_exp.export.modeling_stat_pruned import RECORD_KEY, pruned_class
 from stat_exp.models import get_adapter
-from stat_exp.models.loading import TASKS, load_model as load_stock_model
+from stat_exp.models.loading import TASKS
+from stat_exp.models.loading import load_model as load_stock_model
+from stat_exp.models.modeling_stat_pruned import RECORD_KEY, pruned_class
 
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
