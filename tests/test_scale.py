@@ -315,7 +315,7 @@ def test_gpu_check_stops_in_one_line_without_a_gpu_and_its_smoke_run_passes():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--small"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("| ok |") == 2 and "| scale," in proc.stdout
+    assert proc.stdout.count("| ok |") == 3 and "| scale," in proc.stdout  # parity gram, qr; factorization
 
 
 def test_the_time_model_prices_each_phase_and_pass():
