@@ -53,12 +53,16 @@ class Rates:
     pivot_s: float = 0.0
 
 
-# cpu: fitted on the development machine (2 shared cores, AMD EPYC; `python -m benchmarks.plan_fit`).
-# cuda: assumed for an H100 (float32 without TF32 and float64 tensor cores at ~1/4 of the sustained
-# bf16 rate; the blocked factorization does 2 m^3 flops at that rate, and ~14 kernel launches per
-# pivot); not measured yet: no GPU was lent to the session that wrote it.
-RATES = {"cpu": Rates(gram=0.25, factor=0.10, float64=0.12), "cuda": Rates(gram=0.25, factor=0.04, float64=0.2,
-                                                                          pivot_s=7e-5)}
+# cpu: fitted on the development machine (2 cores, AMD EPYC) from benchmarks/stat_scale's unloaded
+# 2-block run (calibrate 67 s, prune 66 s, forward 64 s; docs/large_models.md): the Gram from
+# calibrate less the forward, float64 products at half the float32 rate, the factorization from the
+# rest of prune. `python -m benchmarks.plan_fit` measures the same shares directly; on the shared
+# machine of 2026-12-07 (load ~20 on 2 cores) it gave gram 0.25, factor 0.10, float64 0.12, which
+# the load distorts (docs/speed.md). cuda: assumed for an H100 (float32 without TF32 and float64
+# tensor cores at ~1/4 of the sustained bf16 rate; the blocked factorization does 2 m^3 flops at
+# that rate, and ~14 kernel launches per pivot); not measured: no GPU was lent to this session.
+RATES = {"cpu": Rates(gram=0.85, factor=0.16, float64=0.5), "cuda": Rates(gram=0.25, factor=0.04, float64=0.2,
+                                                                         pivot_s=7e-5)}
 LOGITS_COPIES = 3  # logits, their float32 copy and log-softmax in the perplexity loss
 
 
