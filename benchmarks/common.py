@@ -12,13 +12,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-from stat_exp.config.cli import compose_config  # noqa: E402
-from stat_exp.data.calibration import calibration_batches  # noqa: E402
-from stat_exp.models.loading import load_model  # noqa: E402
-from stat_exp.pipeline import run_pipeline  # noqa: E402
-from stat_exp.track.results import RunRecord  # noqa: E402
+from stat_exp.config.cli import compose_config
+from stat_exp.data.calibration import calibration_batches
+from stat_exp.models.loading import load_model
+from stat_exp.pipeline import run_pipeline
+from stat_exp.track.markdown import markdown_table
+from stat_exp.track.results import RunRecord
 
 CPU = torch.device("cpu")
 
@@ -31,9 +32,7 @@ def smollm2(num_examples: int = 64, seq_len: int = 256, batch_size: int = 8):
 
 def markdown(rows: list[dict]) -> str:
     keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+    return markdown_table(keys, ([f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows))
 
 
 def run_job(overrides: list[str], out: Path) -> RunRecord | str:

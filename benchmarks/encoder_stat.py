@@ -10,6 +10,11 @@ FLOPs are counted at 128 tokens for the first and 28 (the sentences' mean tokeni
 second. Every job's results.json lands under --out.
 
     python -m benchmarks.encoder_stat [--flops 0.7 0.5] [--pruners stat magnitude_sp ...]
+
+`kfold` compares the methods on a task model with enough labelled sentences to tell them apart
+(see benchmarks/encoder_kfold.py):
+
+    python -m benchmarks.encoder_stat kfold [--corpus rotten_tomatoes] [--pool 600] [--folds 3]
 """
 from __future__ import annotations
 
@@ -53,6 +58,12 @@ def row(pruner: str, flops: float, emb: RunRecord | str, pol: RunRecord | str,
 
 
 def main() -> None:
+    import sys
+
+    if sys.argv[1:2] == ["kfold"]:
+        from benchmarks.encoder_kfold import main as kfold
+
+        return kfold(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flops", type=float, nargs="+", default=[0.7, 0.5])
     parser.add_argument("--pruners", nargs="+", default=PRUNERS)

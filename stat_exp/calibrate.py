@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from stat_exp.execution.choices import model_major
 from stat_exp.execution.offload import BlockStore
 from stat_exp.factorize.base import Accumulator
 from stat_exp.models.base import ModelAdapter
+from stat_exp.models.hooks import Hooks, StopForward, stop_forward, stops_forward
 from stat_exp.types import LABELS, PROPAGATE_MODES
 
 
@@ -128,10 +131,6 @@ class LayerStats:
         return self.n_tokens * float(self.token_energy[: self.n_tokens].median()) if self.n_tokens else 0.0
 
 
-class _StopForward(Exception):
-    pass
-
-
 @dataclass
 class BlockCall:
     """Everything a block is called with besides its hidden states, for one batch: masks, position
@@ -175,30 +174,35 @@ def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, batches: list[
             if i == 0:
                 boundary.hidden.append(hidden.detach().to(home))
             if i == len(layers) - 1:
-                raise _StopForward
+                raise StopForward
             return hidden
         return forward
 
-    own = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's dispatch hooks
+    with replaced_forwards(layers, recorder), torch.inference_mode():
+        for batch in batches:
+            batch = model_inputs(batch, device)
+            with stops_forward():
+                model(**batch, use_cache=False)
+            boundary.masks.append(padding_mask(batch))
+            boundary.calls.append(cast(list[BlockCall], list(calls)))  # every block was called
+    return boundary
+
+
+@contextmanager
+def replaced_forwards(layers: list[nn.Module], forward_of: Callable[[int], Callable]) -> Iterator[None]:
+    """Every block's forward replaced by `forward_of(i)` while the context lasts, then restored
+    (an instance's own forward, e.g. accelerate's dispatch hook, included)."""
+    own = [layer.__dict__.get("forward") for layer in layers]
     for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
+        layer.forward = forward_of(i)
     try:
-        with torch.inference_mode():
-            for batch in batches:
-                batch = model_inputs(batch, device)
-                try:
-                    model(**batch, use_cache=False)
-                except _StopForward:
-                    pass
-                boundary.masks.append(padding_mask(batch))
-                boundary.calls.append(list(calls))
+        yield
     finally:
         for layer, forward in zip(layers, own):
             if forward is None:
                 del layer.forward  # the class's forward again
             else:
                 layer.forward = forward
-    return boundary
 
 
 def _first_output(out):
@@ -250,30 +254,21 @@ class LayerStream:
     def _model_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
         layers = self.adapter.layers()
-        stats = [self._new_stats(layer) for layer in layers]
+        stats: list[LayerStats | None] = [self._new_stats(layer) for layer in layers]
         mask: list[torch.Tensor | None] = [None]
-        handles = [h for layer, st in zip(layers, stats) for h in self._hooks(layer, st, mask, energy=True)]
-
-        def stop(module, args, output):
-            raise _StopForward
-
-        handles.append(layers[-1].register_forward_hook(stop))  # the LM head is not needed
-        try:
-            with torch.inference_mode():
-                for batch in tqdm(self.batches, desc="calibrate", disable=not self.progress):
-                    batch = model_inputs(batch, self.device)
-                    mask[0] = padding_mask(batch)
-                    try:
-                        self.model(**batch, use_cache=False)
-                    except _StopForward:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
+        with Hooks() as hooks, torch.inference_mode():
+            for layer, st in zip(layers, stats):
+                self._hooks(hooks, layer, cast(LayerStats, st), mask, energy=True)
+            hooks.post(layers[-1], stop_forward)  # the LM head is not needed
+            for batch in tqdm(self.batches, desc="calibrate", disable=not self.progress):
+                batch = model_inputs(batch, self.device)
+                mask[0] = padding_mask(batch)
+                with stops_forward():
+                    self.model(**batch, use_cache=False)
         self.seconds += time.perf_counter() - start
         for i, layer in enumerate(tqdm(layers, desc="prune", disable=not self.progress)):
-            yield i, layer, stats[i]
-            stats[i] = None  # the caller holds what it still needs
+            current, stats[i] = stats[i], None  # the caller holds what it still needs
+            yield i, layer, cast(LayerStats, current)
 
     def _block_major(self) -> Iterator[tuple[int, nn.Module, LayerStats]]:
         start = time.perf_counter()
@@ -309,10 +304,10 @@ class LayerStream:
                           attn_cross=CrossGram(d_attn, self.device) if cross else None,
                           ffn_cross=CrossGram(d_ffn, self.device) if cross else None)
 
-    def _hooks(self, layer: nn.Module, stats: LayerStats, mask: list, energy: bool,
-               dense: dict[str, torch.Tensor] | None = None) -> list:
-        """Accumulate `stats` from the block's O and down inputs (and, with `energy`, its input);
-        `dense` holds the current batch's dense O and down inputs, for the cross Grams."""
+    def _hooks(self, hooks: Hooks, layer: nn.Module, stats: LayerStats, mask: list, energy: bool,
+               dense: dict[str, torch.Tensor] | None = None) -> None:
+        """Hooks that accumulate `stats` from the block's O and down inputs (and, with `energy`, its
+        input); `dense` holds the current batch's dense O and down inputs, for the cross Grams."""
         def accumulate(moments: ChannelMoments | None, factor: Accumulator | None, cross: CrossGram | None,
                        key: str):
             def fn(module, args):  # some blocks (OPT) flatten tokens before the FFN
@@ -321,7 +316,7 @@ class LayerStream:
                     moments.update(x)
                 if factor is not None:
                     factor.update(x)
-                if cross is not None:
+                if cross is not None and dense is not None:
                     cross.update(x, dense[key])
             return fn
 
@@ -336,12 +331,12 @@ class LayerStream:
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
         attn_hook = accumulate(stats.attn, stats.attn_factor, stats.attn_cross, "o")
         ffn_hook = accumulate(stats.ffn, stats.ffn_factor, stats.ffn_cross, "down")
-        handles = [attn.o.register_forward_pre_hook(attn_hook), ffn.down.register_forward_pre_hook(ffn_hook)]
-        handles += [part.post_norm.register_forward_hook(post_norm(gain))
-                    for part, gain in ((attn, stats.attn_gain), (ffn, stats.ffn_gain)) if part.post_norm is not None]
+        hooks.pre(attn.o, attn_hook).pre(ffn.down, ffn_hook)
+        for part, gain in ((attn, stats.attn_gain), (ffn, stats.ffn_gain)):
+            if part.post_norm is not None:
+                hooks.post(part.post_norm, post_norm(gain))
         if energy:
-            handles.append(layer.register_forward_pre_hook(block_input, with_kwargs=True))
-        return handles
+            hooks.pre(layer, block_input, with_kwargs=True)
 
     @torch.inference_mode()
     def _run(self, layer: nn.Module, boundary: BlockBoundary, index: int, stats: LayerStats | None,
@@ -359,20 +354,18 @@ class LayerStream:
             call = calls[index]
             if dense is not None and stats is not None:  # before the hooks: the dense run accumulates nothing
                 dense[b] = self._dense_run(layer, dense[b], call, batch_mask, current).to(dense[b].device)
-            handles = self._hooks(layer, stats, mask, energy=False, dense=current) if stats is not None else []
-            if partial:  # registered after the statistics' hooks, so they fire first
-                handles += _stop_when_both_seen(self.adapter.attention(layer).o, self.adapter.ffn(layer).down)
-            try:
+            out = None  # stays None when the partial run stops the forward
+            with Hooks() as hooks, stops_forward():
+                if stats is not None:
+                    self._hooks(hooks, layer, stats, mask, energy=False, dense=current)
+                if partial:  # registered after the statistics' hooks, so they fire first
+                    _stop_when_both_seen(hooks, self.adapter.attention(layer).o, self.adapter.ffn(layer).down)
                 hidden = hidden.to(self.device)
                 if stats is not None:
                     _record_input(stats, hidden, batch_mask)
                 out = _first_output(layer(hidden, *call.args, **call.kwargs))
-            except _StopForward:
-                continue
-            finally:
-                for h in handles:
-                    h.remove()
-            outputs.append(out.to(boundary.hidden[0].device))
+            if out is not None:
+                outputs.append(out.to(boundary.hidden[0].device))
         return outputs
 
     def _dense_run(self, layer: nn.Module, hidden: torch.Tensor, call: BlockCall, mask: torch.Tensor | None,
@@ -384,24 +377,20 @@ class LayerStream:
                 current[key] = real_tokens(args[0], mask)
             return fn
 
-        handles = [self.adapter.attention(layer).o.register_forward_pre_hook(keep("o")),
-                   self.adapter.ffn(layer).down.register_forward_pre_hook(keep("down"))]
-        try:
+        with Hooks() as hooks:
+            hooks.pre(self.adapter.attention(layer).o, keep("o")).pre(self.adapter.ffn(layer).down, keep("down"))
             return _first_output(layer(hidden.to(self.device), *call.args, **call.kwargs))
-        finally:
-            for h in handles:
-                h.remove()
 
 
-def _stop_when_both_seen(a: nn.Module, b: nn.Module) -> list:
+def _stop_when_both_seen(hooks: Hooks, a: nn.Module, b: nn.Module) -> None:
     """Hooks that end the forward pass once both modules have been called (in either order)."""
     seen: set[int] = set()
 
     def hook(module, args):
         seen.add(id(module))
         if len(seen) == 2:
-            raise _StopForward
-    return [a.register_forward_pre_hook(hook), b.register_forward_pre_hook(hook)]
+            raise StopForward
+    hooks.pre(a, hook).pre(b, hook)
 
 
 def _parameter_ids(layer: nn.Module) -> set[int]:

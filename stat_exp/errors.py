@@ -10,7 +10,16 @@ class ConfigError(UserError, ValueError):
     """A configuration value outside what is allowed."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an error's message (its type's name when it has none)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def one_line(exc: BaseException) -> str:
-    """"Type: first line of the message": how a failure shows in results.json, W&B and sweep reports."""
+    """"Type: first line of the message": how a failure shows in results.json, W&B and sweep reports
+    ("interrupted" for Ctrl-C)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc)}" if text else type(exc).__name__

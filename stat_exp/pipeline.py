@@ -6,24 +6,31 @@ adds Hydra around it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from stat_exp.config.validate import checked_config
+from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import real_tokens
 from stat_exp.device import resolve_device
 from stat_exp.errors import ConfigError, one_line
 from stat_exp.eval.base import Evaluator
 from stat_exp.execution.offload import open_model
-from stat_exp.execution.plan import Parts, make_plan
+from stat_exp.execution.plan import make_plan
+from stat_exp.export.gguf import check_ready, export_gguf
 from stat_exp.export.lineage import against_dense
 from stat_exp.export.save import save_pruned
-from stat_exp.models import adapter_from_config, get_adapter
+from stat_exp.models import get_adapter
+from stat_exp.parts import build_parts
+from stat_exp.preflight import preflight
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.calibration_check import overfit_warning
+from stat_exp.prune.plan_selection import selects_plan
 from stat_exp.prune.none import NoPruner
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.track.logger import NullLogger, RunLogger, make_logger, run_name
@@ -35,14 +42,24 @@ from stat_exp.track.summary import plan_line
 log = logging.getLogger(__name__)
 
 
-def variant_of(cfg: DictConfig, pruner: Pruner) -> str | None:
+def variant_of(cfg: DictConfig, pruner: Pruner, calibration: Calibration) -> str | None:
     """What distinguishes this job from the default protocol (for tables and plots): the pruner's
     own variant, a non-global allocation (the budget's, or the one the pruner fixes), propagation."""
     allocation = pruner.allocation_under(cfg.budget.allocation)
-    propagate = pruner.propagate_under(cfg.calib.propagate)
+    propagate = pruner.propagate_under(calibration.propagate)
     parts = [p for p in (pruner.variant, allocation if allocation != "global" else "",
                          f"propagate {propagate}" if propagate != "dense" else "") if p]
     return ", ".join(parts) or None
+
+
+def pruner_name(cfg: DictConfig) -> str:
+    """The name a pruner's records carry (its class's `name`, as in its config file's name), known
+    before anything is built, so a job that fails early is listed under it."""
+    target = str(OmegaConf.select(cfg, "pruner._target_", default="?"))
+    try:
+        return str(getattr(get_class(target), "name"))  # AttributeError: not a pruner class
+    except Exception:  # noqa: BLE001 - a bad _target_ is reported by the config check
+        return target.rsplit(".", 1)[-1]
 
 
 def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) -> RunRecord:
@@ -51,8 +68,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, sweep_dir: Path | None = None) 
     With `resume=true`, a run_dir whose results.json is ok for the same config hash is not run again:
     its record is returned as it is."""
     run_dir = Path(run_dir)
-    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")),
-                       pruner=str(OmegaConf.select(cfg, "pruner._target_", default="?")).rsplit(".", 1)[-1])
+    record = RunRecord(model=str(OmegaConf.select(cfg, "model.name", default="?")), pruner=pruner_name(cfg))
     try:
         plain = checked_config(cfg)
     except BaseException as e:
@@ -79,11 +95,16 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
             torch.manual_seed(cfg.seed)
             device = resolve_device(cfg.device)
             parts = build_parts(cfg, device, run_dir)
+            preflight(cfg, parts)  # every check that needs no weights
             pruner, backend, calibration = parts.pruner, parts.backend, parts.calibration
-            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner)
+            record.pruner, record.variant = pruner.name, variant_of(cfg, pruner, calibration)
             record.factorization = backend.name if backend else None
             logger = make_logger(plain["logger"], run_dir, plain, sweep_dir,
                                  name=run_name(record.model, label(record.to_dict()), cfg.budget.flops))
+            if cfg.save_gguf:
+                if not cfg.save_model:
+                    raise ConfigError(f"save_gguf={cfg.save_gguf} needs save_model=true (the GGUF is written from run_dir/model)")
+                check_ready(cfg.save_gguf)
             prunes = pruner.prunes and cfg.budget.flops < 1
             plan = make_plan(cfg, parts, device, run_dir, prunes)  # before any weight is read
             record.execution, record.plan = asdict(plan.execution), plan.summary()
@@ -101,28 +122,50 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                 adapter = get_adapter(model)
                 record.dense_structure = adapter.structure()
                 batches, examples = [], None
+                held_out: list[dict[str, torch.Tensor]] = []
                 needs = pruner.requirements
                 if prunes and needs.calibration:
                     with timings("calibrate"):
-                        batches = calibration.batches(tokenizer)
+                        size = plan.calibration
+                        if size is None:
+                            raise RuntimeError("the plan of a calibrating job has no calibration size")
+                        count = calibration.examples_for(tokenizer, size.tokens) if size.auto else None
+                        batches = calibration.batches(tokenizer, num_examples=count)
                         if needs.examples:
                             examples = calibration.batches(tokenizer, num_examples=needs.examples)
+                        if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner):
+                            batches, held_out = split_held_out(calibration, tokenizer, batches,
+                                                               cfg.budget.held_out_examples)
+                    size = replace(size, num_examples=sum(len(b["input_ids"]) for b in batches),
+                                   tokens=real_tokens(batches))
+                    record.calibration = size.summary()
+                    if pruner.corrects and size.warning():  # only a fitted correction can overfit
+                        log.warning(size.warning())
                 budget = BudgetSpec(cfg.budget.flops if prunes else 1.0, cfg.budget.seq_len,
-                                    cfg.budget.allocation, cfg.budget.round_to)
+                                    cfg.budget.allocation, cfg.budget.round_to, cfg.budget.select,
+                                    cfg.budget.held_out_examples)
                 runner = PruneRunner(pruner if prunes else NoPruner(), budget, backend, calibration.propagate,
                                      cfg.progress, plan.execution.stream, plan.execution.factors, work_dir / "factors")
-                outcome = runner.run(model, adapter, batches, device, store, examples)
+                outcome = runner.run(model, adapter, batches, device, store, examples, held_out)
                 for key, seconds in outcome.timing_s.items():
                     timings.seconds[key] = timings.seconds.get(key, 0.0) + seconds
+                record.calibration.update(outcome.diagnostics)
+                if overfit_warning(outcome.diagnostics):
+                    log.warning(overfit_warning(outcome.diagnostics))
                 record.achieved = against_dense(model, adapter, outcome.achieved, budget)
-                record.structure = outcome.structure
+                record.structure, record.allocation = outcome.structure, outcome.allocation
                 log.info("pruned: %s", record.achieved)
                 store.prepare_for_eval()
                 with timings("eval"):
                     record.metrics = evaluate(parts.evaluators, model, tokenizer, device)
                 log.info("metrics: %s", record.metrics)
+                if cfg.objective is not None and cfg.objective not in record.metrics:
+                    raise ConfigError(f"objective={cfg.objective!r} is not among this job's metrics: "
+                                      f"{', '.join(record.metrics)}")
                 if cfg.save_model:
-                    save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                    folder = save_pruned(model, tokenizer, run_dir / "model", cfg.model.task)
+                    if cfg.save_gguf:
+                        export_gguf(folder, run_dir / f"model-{cfg.save_gguf}.gguf", cfg.save_gguf)
                 if record.structure != record.dense_structure:
                     structure_plot(record.structure, record.dense_structure, run_dir / STRUCTURE_PLOT,
                                    f"{record.model}, {label(record.to_dict())}")
@@ -148,25 +191,15 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
     return record
 
 
-def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
-    """Every part of a run built from its config, before the model loads (so a bad setting fails
-    first); the planner sizes these same objects."""
-    pruner: Pruner = instantiate(cfg.pruner)
-    adapter = adapter_from_config(cfg.model.get("adapter"))
-    evaluators = make_evaluators(cfg.eval, run_dir)
-    backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter)
-
-
-def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:
-    """One evaluator per entry of `eval` (`eval=[perplexity,latency]` composes several), built before
-    the model loads so a bad evaluation setting fails first. Evaluators that write files (tables)
-    get the run directory unless their config names one."""
-    evaluators = {}
-    for name, sub in eval_cfg.items():
-        extra = {"output_dir": str(run_dir)} if "output_dir" in sub and sub.output_dir is None else {}
-        evaluators[name] = instantiate(sub, **extra)
-    return evaluators
+def split_held_out(calibration, tokenizer, batches: list, count: int) -> tuple[list, list]:
+    """(calibration batches, held-out batches of about `count` examples that share none with them):
+    drawn after the configured examples where the source can (`held_out_batches`), else the last
+    batches of the calibration set (then not fitted on), when more batches than that remain."""
+    draw = getattr(calibration, "held_out_batches", None)
+    if draw is not None:
+        return batches, draw(tokenizer, count, sum(len(b["input_ids"]) for b in batches))
+    k = -(-count // calibration.batch_size)
+    return (batches[:-k], batches[-k:]) if len(batches) > k else (batches, [])
 
 
 def evaluate(evaluators: dict[str, Evaluator], model, tokenizer, device: torch.device) -> dict[str, float]:

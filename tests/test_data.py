@@ -8,6 +8,7 @@ import torch
 from stat_exp.assets import corpus_path
 from stat_exp.data import DataError, calibration_batches, encode, load_text
 from stat_exp.data.text import parse_hub_source
+from tests.jobs import ENV, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,67 @@ def test_parse_hub_source():
     assert parse_hub_source("ptb_text_only/test") == ("ptb_text_only", None, "test")
     with pytest.raises(DataError, match="bad hub source"):
         parse_hub_source("wikitext")
+
+
+def test_hub_source_with_one_data_file(monkeypatch):
+    """`?data_files=`: one file of the dataset repo as the split (how C4 is read for calibration)."""
+    import datasets
+
+    calls = []
+
+    class Split:
+        column_names = ["text"]
+
+        def __getitem__(self, key):
+            return ["a document", "another"]
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or Split())
+    text = load_text("hf:allenai/c4//train?data_files=en/c4-train.00000-of-01024.json.gz")
+    assert calls == [(("allenai/c4", None), {"split": "train", "data_files": {"train": "en/c4-train.00000-of-01024.json.gz"}})]
+    assert text == "a document\n\nanother"
+    load_text("hf:Salesforce/wikitext/wikitext-2-raw-v1/test")
+    assert calls[-1] == (("Salesforce/wikitext", "wikitext-2-raw-v1"), {"split": "test"})
+
+
+USER_CALIBRATION = '''
+import torch
+
+from stat_exp.data.base import Calibration
+
+
+class RandomTokens(Calibration):
+    """A user's own source: uniformly random token ids (a stand-in for any data of theirs)."""
+
+    def __init__(self, num_examples: int = 4, seq_len: int = 16, batch_size: int = 2, seed: int = 0):
+        self.num_examples, self.seq_len, self.batch_size, self.seed = num_examples, seq_len, batch_size, seed
+
+    @property
+    def longest_sequence(self) -> int:
+        return self.seq_len
+
+    def batches(self, tokenizer, num_examples=None):
+        n = num_examples or self.num_examples
+        g = torch.Generator().manual_seed(self.seed)
+        ids = torch.randint(3, len(tokenizer), (n, self.seq_len), generator=g)
+        print(f"RandomTokens drew {n} examples", flush=True)
+        return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids.split(self.batch_size)]
+'''
+
+
+@pytest.mark.parametrize("pruner", [["pruner=wanda_sp"], ["pruner=kwon", "pruner.fisher_examples=3"]])
+def test_a_users_own_calibration_source_runs_a_whole_job(tiny_job, tmp_path, pruner):
+    """A Calibration subclass outside the package, chosen with `calib=<its config>`: the layer stream
+    takes its batches, and a pruner that draws its own examples (kwon) asks it for a count."""
+    (tmp_path / "my_calibration.py").write_text(USER_CALIBRATION)
+    (tmp_path / "my_conf" / "calib").mkdir(parents=True)
+    (tmp_path / "my_conf" / "calib" / "tokens.yaml").write_text("_target_: my_calibration.RandomTokens\nseq_len: 16\n")
+    run_dir = tmp_path / "run"
+    args = [a for a in tiny_job.args(f"hydra.run.dir={run_dir}") if not a.startswith(("calib.", "pruner="))]
+    proc = run_cli(["--config-dir", "my_conf", *args, *pruner, "calib=tokens"], tmp_path,
+                   env={**ENV, "PYTHONPATH": f"{tmp_path}:{ENV['PYTHONPATH']}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "ok" and record["achieved"]["flops_fraction"] < 0.9
+    drawn = [line for line in proc.stdout.splitlines() if line.startswith("RandomTokens drew")]
+    assert drawn[0] == "RandomTokens drew 4 examples"
+    assert ("RandomTokens drew 3 examples" in drawn) == ("pruner=kwon" in pruner)

@@ -274,6 +274,19 @@ def test_latency_reports_positive_finite_speeds(build, keys):
     assert all(v > 0 for k, v in metrics.items() if not k.endswith("_iqr"))
 
 
+def test_latency_times_the_model_runs(monkeypatch):
+    """Every model call sleeps 10 ms, so the timed runs take at least that: prefill at most
+    tokens / 10 ms per second, decode at least 10 ms per token (an evaluator timing nothing, or
+    timing outside the model calls, reports impossible speeds)."""
+    import time
+
+    model = tiny_llama()
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.01))
+    metrics = LatencyEval(batch_size=2, seq_len=16, decode_tokens=3, warmup=0, repeats=2)(model, None, CPU)
+    assert 0 < metrics["latency/prefill_tokens_per_s"] <= 2 * 16 / 0.01
+    assert metrics["latency/decode_ms_per_token"] >= 10
+
+
 def test_latency_settings_are_checked_before_anything_loads():
     with pytest.raises(ConfigError, match=r"^eval.latency.repeats=0; must be greater than 0"):
         checked_config(compose_config(["eval=latency", "eval.latency.repeats=0"]))
@@ -312,3 +325,17 @@ def test_a_saved_smollm2_evaluates_the_same_in_a_second_job(tmp_path):
     assert b["metrics"]["perplexity/ppl"] == pytest.approx(a["metrics"]["perplexity/ppl"], rel=1e-3)
     assert b["achieved"]["flops_fraction"] == pytest.approx(a["achieved"]["flops_fraction"])
     assert b["structure"] == a["structure"]
+
+
+def test_the_exports_output_check_tells_models_apart():
+    """`expresses` trusts the output comparison for attributes pruning may leave stale: a twin whose
+    code computes something else (another activation) must compare unequal, the same config equal."""
+    import copy
+
+    from stat_exp.export.record import _same_outputs, stock_model
+
+    model = tiny_llama()
+    assert _same_outputs(model, stock_model(model, copy.deepcopy(model.config)))
+    other = copy.deepcopy(model.config)
+    other.hidden_act = "relu"
+    assert not _same_outputs(model, stock_model(model, other))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stat_exp.factorize import GramBackend, QRBackend, SketchBackend, pivoted_cholesky
-from stat_exp.factorize.base import _pivoted_cholesky_torch, _pivoted_qr_torch, pivoted_qr
+from stat_exp.factorize.base import _pivoted_cholesky_torch, _pivoted_qr_torch, pivoted_qr, without_lapack
 from stat_exp.factorize.gram import TILE_MIN
 
 
@@ -139,3 +139,48 @@ def test_gram_is_exact_and_symmetric_when_built_from_tiles(m):
     G = acc.gram()
     torch.testing.assert_close(G, A.T @ A, rtol=1e-12, atol=1e-12)
     assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("backend", [lambda: GramBackend(block_dtype="float64"), QRBackend, SketchBackend])
+@pytest.mark.parametrize("rank", [None, 6])
+def test_the_torch_loops_every_accelerator_takes_match_lapack(backend, rank):
+    """The same factorization with LAPACK and with the torch loops (`without_lapack`: the path off
+    the CPU), full rank and rank deficient: same pivots, same R up to the sign of each row."""
+    g = torch.Generator().manual_seed(2)
+    A = activations(n=300, m=24) if rank is None else (
+        torch.randn(300, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, 24, generator=g, dtype=torch.float64))
+    w = torch.rand(A.shape[1], dtype=torch.float64, generator=g) + 0.5
+    lapack = fill(backend(), A).factorize(w)
+    with without_lapack():
+        loops = fill(backend(), A).factorize(w)
+    r = lapack.rank
+    assert loops.rank == r == (rank or A.shape[1])
+    assert torch.equal(lapack.perm[:r], loops.perm[:r])  # past the rank the order is arbitrary
+
+    def by_unit(f):  # R's first r rows with columns in unit order, rows signed by their diagonal
+        R = torch.zeros_like(f.R[:r])
+        R[:, f.perm] = f.R[:r]
+        return R * f.R.diagonal()[:r].sign()[:, None]
+
+    torch.testing.assert_close(by_unit(lapack), by_unit(loops), rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+def test_the_sketch_keeps_every_batch(kind):
+    """E[(SA)^T (SA)] = A^T A: a sketch of four batches carries the energy of all four, not of the last."""
+    A = activations(n=800, m=10)
+    sketch = fill(SketchBackend(kind=kind, rows_per_unit=50), A, blocks=4).gram()
+    assert float(sketch.trace() / (A.T @ A).trace()) == pytest.approx(1.0, abs=0.15)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "countsketch"])
+def test_the_sketch_pivots_on_the_weighted_columns(kind):
+    """Column weights that reverse the order of the column norms reverse the pivots, as the exact
+    factorization's do."""
+    g = torch.Generator().manual_seed(3)
+    scales = torch.logspace(0, -6, 20, dtype=torch.float64)  # column j has norm ~ scales[j]
+    A = torch.randn(2000, 20, generator=g, dtype=torch.float64) * scales
+    w = scales.pow(-2)  # weighted norms ~ 1 / scales: the last column is now the largest
+    exact = fill(GramBackend(block_dtype="float64"), A).factorize(w)
+    sketched = fill(SketchBackend(kind=kind, rows_per_unit=4), A).factorize(w)
+    assert int(exact.perm[0]) == 19 and torch.equal(sketched.perm[:3], exact.perm[:3])

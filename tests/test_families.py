@@ -35,7 +35,8 @@ ENCODERS = {"bert": tiny_bert, "roberta": tiny_roberta, "distilbert": tiny_disti
 SMALL_RUN = ["pruner=stat", "budget.flops=0.7", "budget.seq_len=32", "calib.num_examples=8", "calib.seq_len=32",
              "calib.batch_size=4", "logger=none", "progress=false", "device=cpu"]
 CAUSAL_RUN = ["model=smollm2_135m", "eval=perplexity", "eval.perplexity.seq_len=32", "eval.perplexity.max_tokens=256"]
-ENCODER_RUN = ["model=minilm_l6", "eval=embedding", "eval.embedding.benchmarks=[simlex]", "eval.embedding.max_pairs=20"]
+ENCODER_RUN = ["model=minilm_l6", "eval=embedding", "eval.embedding.benchmarks=[simlex]", "eval.embedding.max_pairs=20",
+               "eval.embedding.max_length=32"]  # within the tiny models' positions
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
@@ -91,6 +92,22 @@ def test_calibration_batches_are_padded_samples_of_the_training_split(sst2_dir, 
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches, again))
     with pytest.raises(ConfigError, match="calib.num_examples=0; must be greater than 0"):
         check_node("calib", {"_target_": "stat_exp.data.glue.GlueCalibration", "task": "sst2", "num_examples": 0})
+
+
+def test_calibration_with_replacement_draws_as_the_released_scripts(sst2_dir, tokenizer):
+    """prune_bert.py: np.random.seed(seed); Subset(train, np.random.choice(len(train), n)): duplicates
+    kept, in the order drawn (the same numbers the global numpy generator gives after seeding)."""
+    calib = GlueCalibration("sst2", str(sst2_dir), num_examples=20, max_length=16, batch_size=64,
+                            seed=3, with_replacement=True)
+    np.random.seed(3)
+    released = np.random.choice(24, 20).tolist()
+    assert len(set(released)) < 20  # with replacement: some drawn twice
+    train = [json.loads(line) for line in (sst2_dir / "train.jsonl").read_text().splitlines()]
+    expected = tokenizer([train[i]["sentence"] for i in released], padding=True, truncation=True, max_length=16,
+                         return_tensors="pt")
+    (batch,) = calib.batches(tokenizer)
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert batch["labels"].tolist() == [train[i]["label"] for i in released]
 
 
 class ConstantClassifier(torch.nn.Module):

@@ -19,8 +19,8 @@ from stat_exp.track.report import write_report
 from tests.test_cli import ENV
 
 # bert: 6 GLUE models x 4 budgets x 2 pruners + 6 dense, SQuAD v1.1/v2.0 x 4 x 2 + 2 dense; distilbert: GLUE only;
-# llama: 5 budgets + dense.
-PAPER_JOBS = {"bert_glue_paper": 72, "distilbert_glue_paper": 54, "llama2_7b_paper": 6}
+# llama: 5 budgets + dense; opt: OPT-125M and 1.3B x (5 budgets + dense).
+PAPER_JOBS = {"bert_glue_paper": 72, "distilbert_glue_paper": 54, "llama2_7b_paper": 6, "opt_paper": 12}
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -40,12 +40,22 @@ def test_dry_run_lists_every_paper_grid_and_loads_nothing(tmp_path):
     jobs = _jobs(proc.stdout)
     assert Counter(re.search(r"experiment=(\w+)", j).group(1) for j in jobs) == PAPER_JOBS
     assert len({re.search(r"run_dir=(\S+)", j).group(1) for j in jobs}) == len(jobs) == sum(PAPER_JOBS.values())
-    assert sum("(nothing pruned)" in j for j in jobs) == 6 + 2 + 6 + 1
+    assert sum("(nothing pruned)" in j for j in jobs) == 6 + 2 + 6 + 1 + 2
     squad = [j for j in jobs if "model=bert_base_squad" in j]
     assert len(squad) == 18 and all("eval=[squad (version=" in j for j in squad)
     assert all("seq_len=170" in j and "calib=squad" in j for j in squad if "nothing pruned" not in j)
     pruned_bert = [j for j in jobs if "experiment=bert_glue_paper" in j and "nothing pruned" not in j]
     assert Counter(re.search(r"pruner=(\w+)", j).group(1) for j in pruned_bert) == {"stat_paper": 32, "kwon": 32}
+    # the stat_paper switches each grid runs with: as released where a released script made the published
+    # numbers (BERT, DistilBERT, OPT; GLUE drawn as prune_bert.py draws), the intended method for Llama
+    stat_paper = [j for j in jobs if "pruner=stat_paper" in j]
+    released = {e: all("as_released=True" in j for j in stat_paper if f"experiment={e} " in j)
+                for e in PAPER_JOBS}
+    assert released == {"bert_glue_paper": True, "distilbert_glue_paper": True, "llama2_7b_paper": False,
+                        "opt_paper": True}
+    assert all("with_replacement=True" in j for j in jobs if "calib=glue" in j)
+    assert all("max_length=64" in j for j in jobs if "calib=glue" in j and "_sst2 " in j)
+    assert all("allenai/c4" in j for j in jobs if "experiment=opt_paper" in j and "nothing pruned" not in j)
     assert not sweep.exists()  # nothing launched, nothing written
     assert "Traceback" not in proc.stderr and "sweep report failed" not in proc.stderr
 
@@ -60,11 +70,14 @@ def test_command_line_values_replace_an_experiments_grid_values(tmp_path):
 
 def test_a_dry_run_job_writes_no_results_and_a_bad_value_exits_2(tmp_path):
     run_dir = tmp_path / "run"
-    proc = _run(["dry_run=true", "pruner=stat_paper", "model.source=/no/such/model", f"hydra.run.dir={run_dir}"],
-                tmp_path)
+    proc = _run(["dry_run=true", "pruner=stat_paper", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("dry run: ") == 1 and "pruner=stat_paper" in proc.stdout
     assert not (run_dir / "results.json").exists() and not (run_dir / "wandb").exists()
+    # a dry run makes every check a run makes before its weights load (stat_exp.preflight)
+    proc = _run(["dry_run=true", "model.source=/no/such/model", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 2 and "model.source='/no/such/model': no such folder" in proc.stderr
+    assert not (run_dir / "results.json").exists()
     proc = _run(["-m", "experiment=llama2_7b_paper", "dry_run=true", "pruner.procedure=nope"], tmp_path)
     assert proc.returncode == 2
     jobs = _jobs(proc.stdout)

@@ -80,3 +80,43 @@ def test_too_short_text(model, tokenizer):
         perplexity(model, tokenizer, "only a few words", 64, None, 2, progress=False)
     with pytest.raises(DataError, match="seq_len=64"):
         perplexity(model, tokenizer, "plenty " * 200, 64, 50, 2, progress=False)
+
+
+def _second_half_reference(model, ids, seq_len, max_tokens, first_token=None):
+    """llama-perplexity's protocol by hand: labels mask the first half of every window."""
+    ids = ids[:max_tokens]
+    n = ids.numel() // seq_len
+    chunks = ids[: n * seq_len].view(n, seq_len).clone()
+    if first_token is not None:
+        chunks[:, 0] = first_token
+    labels = chunks.clone()
+    labels[:, : seq_len // 2 + 1] = -100  # logits from position seq_len // 2 predict labels from + 1 on
+    with torch.no_grad():
+        losses = [model(c[None], labels=lab[None]).loss.item() for c, lab in zip(chunks, labels)]
+    return sum(losses) / n, n * (seq_len - seq_len // 2 - 1)
+
+
+def test_llama_cpp_protocol_scores_the_second_half(model, tokenizer, text):
+    result = perplexity(model, tokenizer, text, seq_len=64, max_tokens=1000, batch_size=4, progress=False,
+                        protocol="llama_cpp")
+    nll, tokens = _second_half_reference(model, encode(tokenizer, text), 64, 1000)
+    assert result["tokens"] == tokens == 15 * 31
+    assert result["nll"] == pytest.approx(nll, rel=1e-4)
+
+
+def test_llama_cpp_protocol_puts_bos_first(model, tokenizer, text):
+    """A tokenizer that adds BOS: the stream starts with it and every window's first token is it."""
+    import copy
+
+    with_bos = copy.deepcopy(tokenizer)
+    with_bos.bos_token = "[CLS]"  # MiniLM's tokenizer puts [CLS] first whenever it adds special tokens
+    bos = with_bos.bos_token_id
+    result = perplexity(model, with_bos, text, seq_len=32, max_tokens=320, batch_size=4, progress=False,
+                        protocol="llama_cpp")
+    ids = torch.cat([torch.tensor([bos]), encode(tokenizer, text)])
+    nll, tokens = _second_half_reference(model, ids, 32, 320, first_token=bos)
+    assert result["tokens"] == tokens
+    assert result["nll"] == pytest.approx(nll, rel=1e-4)
+    plain = perplexity(model, tokenizer, text, seq_len=32, max_tokens=320, batch_size=4, progress=False,
+                       protocol="llama_cpp")
+    assert plain["nll"] != pytest.approx(result["nll"], rel=1e-4)

@@ -15,7 +15,7 @@ from stat_exp.eval.base import Evaluator
 from stat_exp.execution.plan import make_plan
 from stat_exp.execution.sizes import MB
 from stat_exp.factorize import GramBackend
-from stat_exp.pipeline import build_parts
+from stat_exp.parts import build_parts
 from stat_exp.types import PositiveInt
 from tests.jobs import run_cli
 

@@ -146,7 +146,7 @@ def test_bad_options_are_config_errors(tmp_path):
 def test_kwon_takes_its_fisher_information_from_the_qa_loss(tmp_path, tokenizer):
     data = squad_file(tmp_path / "s.json")
     model = BertForQuestionAnswering.from_pretrained(tiny_qa(tmp_path / "qa", tokenizer)).eval()
-    batches = SquadCalibration(data_file=str(data), max_length=64, doc_stride=16, batch_size=4).batches(tokenizer)
+    batches = SquadCalibration(data_file=str(data), num_examples=512, max_length=64, doc_stride=16, batch_size=4).batches(tokenizer)
     out = PruneRunner(KwonPruner(), BudgetSpec(0.6, 64), GramBackend(), progress=False).run(model, get_adapter(model), batches, CPU)
     assert out.achieved["flops_fraction"] == pytest.approx(0.6, abs=0.02)
     scores = SquadEval(data_file=str(data), max_length=64, doc_stride=16, progress=False)(model, tokenizer, CPU)
@@ -158,16 +158,20 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def test_a_squad_job_runs_end_to_end_on_a_local_file(tmp_path, tokenizer):
+@pytest.mark.parametrize("pruner", [["pruner=stat_paper"], ["pruner=kwon", "pruner.fisher_examples=4"]])
+def test_a_squad_job_runs_end_to_end_on_a_local_file(tmp_path, tokenizer, pruner):
+    """Kwon et al. draws its own examples from the calibration source (`batches(num_examples=...)`),
+    on SQuAD as on every source."""
     data, model = squad_file(tmp_path / "squad.json"), tiny_qa(tmp_path / "qa", tokenizer)
     run_dir = tmp_path / "run"
-    proc = _run(["model=bert_base_squad", f"model.source={model}", "model.name=tiny_qa", "pruner=stat_paper",
+    proc = _run(["model=bert_base_squad", f"model.source={model}", "model.name=tiny_qa", *pruner,
                  "budget.flops=0.7", "budget.seq_len=64", "eval=squad", f"eval.squad.data_file={data}",
+                 "eval.squad.max_length=64", "eval.squad.doc_stride=16",
                  "calib=squad", f"calib.data_file={data}", "calib.max_length=64", "calib.doc_stride=16",
                  "logger=none", "progress=false", f"hydra.run.dir={run_dir}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["status"] == "ok" and results["pruner"] == "stat_paper"
+    assert results["status"] == "ok" and results["pruner"] == pruner[0].removeprefix("pruner=")
     assert results["achieved"]["flops_fraction"] < 0.75
     assert 0 <= results["metrics"]["squad/f1"] <= 100 and "squad/exact_match" in results["metrics"]
 

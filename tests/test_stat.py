@@ -37,7 +37,7 @@ def prune_layers(model, pruner, plan_for, backend=None, propagate="dense"):
                          progress=False)
     for i, layer, stats in stream:
         scores = pruner.score(adapter, i, layer, stats)
-        pruner.apply(adapter, layer, scores, plan_for(scores, adapter.ffn(layer).width), stats)
+        pruner.apply(adapter, i, layer, scores, plan_for(scores, adapter.ffn(layer).width), stats)
     return adapter
 
 
@@ -286,3 +286,21 @@ def test_channel_moments_are_streamed_only_for_pruners_that_use_them(make, momen
     PruneRunner(make(), BudgetSpec(flops=0.6, seq_len=32), GramBackend(), progress=False).run(
         model, get_adapter(model), batches(), CPU)
     assert bool(updates) == moments
+
+
+def test_heads_are_ranked_by_their_contribution_after_w_o():
+    """Head 0 carries the most activation energy but its W_O columns nearly erase it; head 1 carries
+    little and has large W_O columns. What reaches the residual stream decides: keeping one head
+    keeps head 1 (a ranking on the activations alone would keep head 0)."""
+    model = tiny_llama(heads=4, kv_heads=4, hidden=32)
+    adapter = get_adapter(model)
+    attn = adapter.attention(adapter.layers()[0])
+    hd = attn.head_dim
+    with torch.no_grad():
+        attn.o.weight.fill_(1.0)
+        attn.o.weight[:, :hd] *= 1e-3
+        attn.o.weight[:, hd:2 * hd] *= 10.0
+    energy = torch.ones(4 * hd, dtype=torch.float64)
+    energy[:hd] = 100.0
+    _, levels, _ = StatPruner()._head_factorization(attn, torch.diag(energy))
+    assert levels[0].heads == (1,) and 0 not in levels[2].heads  # head 0 is the first to go

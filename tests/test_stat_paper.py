@@ -22,7 +22,8 @@ from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.scores import AttentionLevel
-from stat_exp.prune.stat_paper import StatPaperPruner, paper_plans, raw_unit_gram, weighted_errors
+from stat_exp.prune.stat_paper import (RELEASED_NEURON_SHARE, StatPaperPruner, paper_plans, raw_unit_gram,
+                                       released_neurons_per_layer, weighted_errors)
 from stat_exp.prune.surgery import prune_attention, prune_ffn
 from tests.tiny import VOCAB, batches, clone, tiny_llama, tiny_opt
 
@@ -111,13 +112,15 @@ def weighted_reference(model, neurons, heads, procedure):
     return errs, head_errs / np.e ** (x * a + b)[:, None] * 1.125 ** np.arange(H, 0, -1)
 
 
-def authors_counts(model, neurons, heads, procedure, target=TARGET):
-    """The split loop and cutoffs of `main()` (prune_bert.py) / the script body (prune_opt.py)."""
+def authors_counts(model, neurons, heads, procedure, target=TARGET, neuron_weight=None):
+    """The split loop and cutoffs of `main()` (prune_bert.py) / the script body (prune_opt.py);
+    `neuron_weight`: their hand-set share (None: the share the FLOPs model gives)."""
     adapter = get_adapter(model)
     attn, ffn = adapter.attention(adapter.layers()[0]), adapter.ffn(adapter.layers()[0])
     L, H, d, dff = len(adapter.layers()), attn.num_heads, attn.o.out_features, ffn.width
     attention = 2 * SEQ_LEN * (4 * d * d + 2 * SEQ_LEN * d)
-    neuron_weight = 2 * SEQ_LEN * 2 * d * dff / (attention + 2 * SEQ_LEN * 2 * d * dff)
+    if neuron_weight is None:
+        neuron_weight = 2 * SEQ_LEN * 2 * d * dff / (attention + 2 * SEQ_LEN * 2 * d * dff)
     heads_weight = 1 - neuron_weight
     errs, head_errs = weighted_reference(model, neurons, heads, procedure)
 
@@ -273,7 +276,7 @@ def test_head_errors_are_the_intended_ones():
     adapter = get_adapter(model)
     acts = capture(model)
     heads = head_factors(model, acts)
-    pruner = StatPaperPruner()
+    pruner, released = StatPaperPruner(), StatPaperPruner(head_error="released")
     stream = LayerStream(model, adapter, data(), CPU, "dense", GramBackend(block_dtype="float64").accumulator,
                          progress=False)
     differs = []
@@ -291,7 +294,49 @@ def test_head_errors_are_the_intended_ones():
             residual[:, k * hd:] = q[:, k * hd:] @ R1[k * hd:, k * hd:]
             theirs.append(np.linalg.norm(residual[:, their_index] @ W.T))
         differs.append(not np.allclose(theirs, errs, rtol=1e-3))
+        sc = released.score(adapter, i, layer, stats)  # head_error=released: exactly their numbers
+        np.testing.assert_allclose(np.concatenate([[sc.extra["no_heads"]], sc.attn_cost[:-1]]), theirs, rtol=1e-4)
     assert any(differs)
+
+
+@pytest.mark.parametrize("family", ["bert", "opt"])
+def test_released_flops_shares_split_as_the_scripts(family):
+    """flops_shares=released: their `neurons()` with the hand-set neuronWeight (BERT 0.66228, OPT 4/7)
+    at every budget, where the FLOPs model's share would give other counts."""
+    model = tiny_bert() if family == "bert" else tiny_opt(layers=3)
+    acts = capture(model)
+    neurons, heads = neuron_factors(model, acts), head_factors(model, acts)
+    scores = dense_scores(model, family)
+    adapter = get_adapter(model)
+    shapes = [LayerShape.of(adapter.attention(l), adapter.ffn(l)) for l in adapter.layers()]
+    share = RELEASED_NEURON_SHARE[family]
+    assert share == (0.6622759267443489 if family == "bert" else 4 / 7)
+    differs = []
+    for target in np.arange(0.3, 0.91, 0.05):
+        plans = paper_plans(scores, shapes, FlopsModel(SEQ_LEN), float(target), family, neuron_share=share)
+        ks, counts = authors_counts(model, neurons, heads, family, float(target), neuron_weight=share)
+        assert [p.neurons for p in plans] == np.maximum(ks, 1).tolist(), target
+        assert [p.attn_level + 1 for p in plans] == np.maximum(counts, 1).tolist(), target
+        derived = paper_plans(scores, shapes, FlopsModel(SEQ_LEN), float(target), family)
+        differs.append([p.neurons for p in derived] != [p.neurons for p in plans])
+    assert any(differs)
+    for mu, head in ((0.5, 6), (0.7, 9), (0.4, 12)):  # prune_bert.py's neurons(): H=(H)/12; N=int((mu-(headsWeight*H))/neuronWeight*3072)
+        H = head / 12
+        assert released_neurons_per_layer(mu, share, head, 12, 3072) == max(0, int((mu - ((1 - share) * H)) / share * 3072))
+
+
+def test_recompute_heads_follows_the_procedure_and_as_released_sets_every_switch():
+    bert, opt = StatPaperPruner(), StatPaperPruner()
+    bert.prepare(tiny_bert(), get_adapter(tiny_bert()), [])
+    opt.prepare(tiny_opt(), get_adapter(tiny_opt()), [])
+    assert (bert.stages, opt.stages) == (("ffn", "heads"), ("all",))
+    forced = StatPaperPruner(recompute_heads=True)
+    forced.prepare(tiny_opt(), get_adapter(tiny_opt()), [])
+    assert forced.stages == ("ffn", "heads")
+    released = StatPaperPruner(as_released=True)
+    assert (released.head_error, released.flops_shares) == ("released", "released")
+    assert StatPaperPruner(as_released=True, head_error="intended").head_error == "intended"
+    assert (StatPaperPruner().head_error, StatPaperPruner().flops_shares) == ("intended", "derived")
 
 
 def test_procedure_follows_the_family_and_bad_options_are_config_errors():
@@ -348,3 +393,27 @@ def test_grouped_query_attention_ranks_raw_outputs_and_stays_valid(gqa):
     for heads, kv in zip(out.structure["heads"], out.structure["kv_heads"]):
         assert heads % kv == 0 and (kv == 2 if gqa == "per_group" else heads == 4 * kv)
     assert out.achieved["flops_fraction"] <= 0.52 and torch.isfinite(model(**batches(1)[0]).logits).all()
+
+
+def test_released_sketch_is_prune_opt_sketch_per_batch():
+    """prune_opt.py: per calibration batch `saveZ = random @ Z` with random = np.random.normal(size=(100, 2048)),
+    the same matrix for every layer of the batch; the factors come from the stacked sketches. With the same
+    Gaussians, the sketched Gram is theirs; as_released sketches for the opt procedure only."""
+    from stat_exp.prune.released_sketch import GaussianSketch, gaussian
+
+    rng = np.random.default_rng(0)
+    Zs = [rng.normal(size=(16, 6)) for _ in range(3)]  # three batches of 16 tokens, 6 channels
+    draws = [np.float32(rng.normal(size=(100, 16))) for _ in Zs]
+    stacked = np.concatenate([G @ Z for G, Z in zip(draws, Zs)])  # their saveZ blocks, stacked
+    acc = GaussianSketch(GramBackend(block_dtype="float64").accumulator(6),
+                         lambda tokens, batch: torch.from_numpy(draws[batch]).double())
+    for Z in Zs:
+        acc.update(torch.from_numpy(Z))
+    np.testing.assert_allclose(acc.gram().numpy(), stacked.T @ stacked, rtol=1e-10)
+    assert torch.equal(gaussian(100, 16, 2, 0), gaussian(100, 16, 2, 0))  # every layer of a batch: one matrix
+    assert not torch.equal(gaussian(100, 16, 1, 0), gaussian(100, 16, 2, 0))
+    opt, bert = StatPaperPruner(as_released=True), StatPaperPruner(as_released=True)
+    opt.prepare(tiny_opt(), get_adapter(tiny_opt()), [])
+    bert.prepare(tiny_bert(), get_adapter(tiny_bert()), [])
+    assert isinstance(opt.accumulator(GramBackend())(4), GaussianSketch)
+    assert not isinstance(bert.accumulator(GramBackend())(4), GaussianSketch)

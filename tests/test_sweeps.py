@@ -4,13 +4,12 @@ optuna search that uses the metric each job returns."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import yaml
 
-from stat_exp.track.report import KILLED, outcome
-from tests.jobs import run_cli, statuses
+from stat_exp.track.report import outcome
+from tests.jobs import kill_once_plugin, run_cli, statuses
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
@@ -41,44 +40,17 @@ def test_resume_reruns_only_the_failed_job_and_reports_all(tiny_job, tmp_path):
     assert (sweep / "report.md").read_text().count("| ok |") == 2
 
 
-KILLER = '''
-import os, signal
-from pathlib import Path
-from stat_exp.prune.magnitude import MagnitudePruner
-
-
-class KillOnce(MagnitudePruner):
-    """Magnitude pruning whose first run is killed half-way, as a pre-empted cluster job is."""
-
-    name = "kill_once"
-
-    def __init__(self, marker: str):
-        super().__init__(allocation="uniform")
-        self.marker = Path(marker)
-
-    def prepare(self, model, adapter, batches):
-        if not self.marker.exists():
-            self.marker.touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-'''
-
-
-def test_a_killed_job_leaves_no_ok_record_and_resume_reruns_it(tiny_job, tmp_path):
-    """A plug-in pruner from a config dir outside the package (--config-dir, module on PYTHONPATH)
-    kills its job mid-way: the record says running, the sweep counts it failed, resume reruns it."""
-    plugin = tmp_path / "plugin"
-    (plugin / "pruner").mkdir(parents=True)
-    (plugin / "killing.py").write_text(KILLER)
-    (plugin / "pruner" / "kill_once.yaml").write_text(
-        yaml.safe_dump({"_target_": "killing.KillOnce", "marker": str(tmp_path / "killed")}))
-    env = {**__import__("tests.jobs", fromlist=["ENV"]).ENV}
-    env["PYTHONPATH"] = f"{plugin}:{env['PYTHONPATH']}"
+def test_a_killed_job_is_recorded_failed_and_resume_reruns_it(tiny_job, tmp_path):
+    """A plug-in pruner from a config dir outside the package kills its job mid-way: the sweep goes
+    on, records the job failed (killed) and exits 1; resume reruns it."""
+    flags, env = kill_once_plugin(tmp_path)
     sweep = tmp_path / "sweep"
-    args = ["-m", "--config-dir", str(plugin), *tiny_job.args(f"hydra.sweep.dir={sweep}", pruner="kill_once")]
+    args = ["-m", *flags, *tiny_job.args(f"hydra.sweep.dir={sweep}", pruner="kill_once")]
     proc = run_cli(args, tmp_path, env=env)
-    assert proc.returncode == -signal.SIGKILL
-    assert statuses(sweep) == {"0": "running"}
-    assert outcome(sweep).failed == [("0", KILLED)]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert statuses(sweep) == {"0": "failed"}
+    [(run_dir, error)] = outcome(sweep).failed
+    assert run_dir == "0" and error.startswith("killed: its process ended with SIGKILL")
     proc = run_cli([*args, "resume=true"], tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((sweep / "0" / "results.json").read_text())

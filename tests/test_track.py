@@ -276,3 +276,15 @@ def test_report_logged_to_wandb(home, sweep):
     runs = list((sweep / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and paths["csv"].exists()
     assert files_under(home) == []
+
+
+def test_the_results_schema_checks_every_field_of_the_record():
+    """validate_results knows every RunRecord field (a new field needs its check), and rejects a bad one."""
+    import dataclasses
+
+    from stat_exp.track.results import _SCHEMA
+
+    assert list(_SCHEMA) == [f.name for f in dataclasses.fields(RunRecord)]
+    bad = record() | {"execution": {"offload": 1}}
+    with pytest.raises(ValueError, match="'execution' must be a dict of strings"):
+        validate_results(bad)

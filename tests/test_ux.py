@@ -135,3 +135,13 @@ def test_structure_plot_draws_every_layer(tmp_path):
     structure_plot({"heads": [3, 6, 9], "neurons": [100, 800, 1536]}, {"heads": [9] * 3, "neurons": [1536] * 3},
                    path, "tiny, stat")
     assert matplotlib.image.imread(path).shape[0] > 200
+
+
+def test_structure_plot_shows_removed_blocks_as_empty_layers(tmp_path):
+    """block_drop's structure lists the kept blocks only; the plot puts them back at their places."""
+    import matplotlib.image
+
+    path = tmp_path / "s.png"
+    structure_plot({"heads": [9, 9], "neurons": [1536, 1536], "removed_blocks": [1]},
+                   {"heads": [9] * 3, "neurons": [1536] * 3}, path)
+    assert matplotlib.image.imread(path).shape[0] > 200

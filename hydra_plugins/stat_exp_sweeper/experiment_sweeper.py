@@ -14,7 +14,8 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from stat_exp.dry_run import sweep_job
-from stat_exp.errors import UserError
+from stat_exp.errors import UserError, first_line
+from stat_exp.exits import user_error
 from stat_exp.grids import expand, grids_of
 
 
@@ -35,7 +36,7 @@ class ExperimentSweeper(BasicSweeper):
                 line = sweep_job(loader.load_sweep_config(self.config, list(job)), num)
             except (UserError, HydraException) as err:  # a bad value, or an override the config cannot take
                 bad += 1
-                line = f"#{num} dry run: error: {str(err).strip().splitlines()[0]} ({' '.join(job)})"
+                line = f"#{num} dry run: error: {first_line(user_error(err) or err)} ({' '.join(job)})"
             print(line, flush=True)
         if bad:
             raise SystemExit(2)

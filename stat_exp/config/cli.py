@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +20,16 @@ from hydra._internal.utils import create_config_search_path, get_args_parser
 from hydra.core.config_search_path import SearchPathQuery
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, Glob, Override, Sweep
+from hydra.errors import OverrideParseException
 from omegaconf import DictConfig
 
+from stat_exp.config.validate import top_level_keys
 from stat_exp.errors import UserError
+
+# conf/hydra/launcher/*.yaml (basic, the default, too) refine the launcher plug-ins' configs of the same
+# name: Hydra merges them onto the plug-in's typed config (so a misspelt launcher field is still an
+# error) and warns about it, on every composition (stat-exp and compose_config alike).
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_NAME = "config"
@@ -69,16 +77,39 @@ def _choices(override: Override) -> list[str]:
     return [str(x) for x in flat if x is not None]
 
 
+def parse_overrides(lines: Sequence[str]) -> list[Override]:
+    """Hydra's parse of the overrides; a syntax error is one UserError line naming the override."""
+    parser = OverridesParser.create()
+    parsed = []
+    for line in lines:
+        try:
+            parsed += parser.parse_overrides([line])
+        except OverrideParseException as e:
+            raise UserError(f"cannot parse override {line!r}: {str(e).strip().splitlines()[0]} (see "
+                            f"https://hydra.cc/docs/advanced/override_grammar/basic)") from None
+    return parsed
+
+
 def check_overrides(argv: Sequence[str]) -> None:
-    """Unknown config-group choices -> one UserError line naming the valid ones (before Hydra's long error)."""
+    """Override syntax errors, unknown config-group choices and added top-level keys that the config
+    does not know (`+save_models=true`) -> one UserError line naming the valid ones (before Hydra's
+    long error, or a run that ignores the key)."""
     args = _args(argv)
+    overrides = parse_overrides(args.overrides)
     loader = config_loader(argv)
-    overrides = OverridesParser.create().parse_overrides(list(args.overrides))
-    repo = loader._parse_overrides_and_create_caching_repo(args.config_name or CONFIG_NAME,  # noqa: SLF001
+    repo = loader._parse_overrides_and_create_caching_repo(args.config_name or CONFIG_NAME,
                                                            _searchpath_overrides(argv))[1]
+    # an experiment may define top-level keys of its own (which a plain override then sets)
+    experiment = any(o.key_or_group == "experiment" and not o.is_delete() for o in overrides)
     for override in overrides:
         group = override.key_or_group
-        if override.is_delete() or "." in group or not repo.group_exists(group):
+        if override.is_delete() or "." in group:
+            continue
+        if not repo.group_exists(group):
+            added = override.is_add() or override.is_force_add()
+            if (added or not experiment) and not override.is_hydra_override() and group not in top_level_keys():
+                raise UserError(f"unknown key {group!r} ({override.input_line}); valid top-level keys: "
+                                f"{', '.join(top_level_keys())}")
             continue
         valid = sorted(repo.get_group_options(group))
         for choice in _choices(override):
@@ -116,10 +147,13 @@ def _leaves_default(override: Override) -> bool:
 
 def command_line(argv: Sequence[str]) -> list[str]:
     """argv with its overrides made overridable (see `overridable`), flags untouched, and the
-    experiment sweeper for sweeps that need it (see `_sweeper_for`)."""
+    experiment sweeper for sweeps that need it (see `_sweeper_for`) right after the last override:
+    Hydra's parser takes overrides only as one run of arguments, so not after a trailing flag."""
     overrides = _args(argv).overrides
     rewritten = dict(zip(overrides, overridable(overrides)))
-    return [rewritten.get(arg, arg) for arg in argv] + _sweeper_for(argv)
+    line = [rewritten.get(arg, arg) for arg in argv]
+    end = max((i + 1 for i, arg in enumerate(argv) if arg in overrides), default=len(argv))
+    return line[:end] + _sweeper_for(argv) + line[end:]
 
 
 def compose_config(overrides: Sequence[str] = (), config_dir: Path = CONF_DIR) -> DictConfig:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from stat_exp.export.llama_cpp import OUTTYPES
 from stat_exp.models.loading import DTYPES, TASKS
-from stat_exp.types import NonNegativeInt, PositiveInt, SquadVersion
+from stat_exp.types import NonNegativeInt, PositiveInt, Seed, SquadVersion
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,11 @@ class RunConfig:
     """The top-level keys of conf/config.yaml (experiments may add their own helper keys beside them)."""
 
     device: str  # auto | cpu | cuda | cuda:N (checked by stat_exp.device.resolve_device)
-    seed: int
+    seed: Seed
     save_model: bool
     progress: bool
     resume: bool  # skip jobs whose results.json is ok for the same config hash
     objective: str | None  # the metric a job returns to a sweeper (optuna); null: the first perplexity, else the first metric
     dry_run: bool = False  # print what each job would run and stop before anything loads
+    save_gguf: Literal[OUTTYPES] | None = None  # with save_model: also run_dir/model-<type>.gguf for llama.cpp
 

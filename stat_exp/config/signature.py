@@ -74,7 +74,7 @@ def _hints(target: Any, params: Mapping[str, inspect.Parameter]) -> dict[str, An
     hints = {}
     for name, p in params.items():
         try:
-            hints[name] = eval(p.annotation, namespace) if isinstance(p.annotation, str) else p.annotation  # noqa: S307
+            hints[name] = eval(p.annotation, namespace) if isinstance(p.annotation, str) else p.annotation
         except Exception:  # noqa: BLE001
             hints[name] = Any
     return hints

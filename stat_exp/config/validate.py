@@ -21,11 +21,17 @@ from stat_exp.prune.budget import BudgetSpec
 
 TARGET_GROUPS = ("calib", "pruner", "factorization", "logger")  # each names the class it builds
 SCHEMAS = {"model": ModelConfig, "budget": BudgetSpec, "execution": ExecutionSpec}
+DEFAULTED = ("budget", "execution")  # typed groups completed with their schema's defaults, like `_target_` groups
 # Arguments the pipeline passes itself when it instantiates a group (not config values).
 SUPPLIED = {
     "factorization": ("device",),
     "logger": ("run_dir", "run_config", "sweep_dir", "name", "job_type"),
 }
+
+
+def top_level_keys() -> list[str]:
+    """The keys conf/config.yaml defines at the top: its own values and its groups."""
+    return sorted({f.name for f in dataclasses.fields(RunConfig)} | set(SCHEMAS) | set(TARGET_GROUPS) | {"eval"})
 
 
 def check_config(cfg: Mapping[str, Any]) -> None:
@@ -72,11 +78,20 @@ def with_all_defaults(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _complete(value: Any, key: str) -> Any:
     if isinstance(value, Mapping):
         group = key.split(".")[0]
-        node = with_defaults(value, SUPPLIED.get(group, ())) if is_target_node(value) else dict(value)
+        if is_target_node(value):
+            node = with_defaults(value, SUPPLIED.get(group, ()))
+        elif key in DEFAULTED:  # the YAML lists what differs from the schema's defaults
+            node = {**_schema_defaults(SCHEMAS[key]), **value}
+        else:
+            node = dict(value)
         return {k: _complete(v, f"{key}.{k}" if key else k) for k, v in node.items()}
     if isinstance(value, list):
         return [_complete(v, key) for v in value]
     return value
+
+
+def _schema_defaults(schema: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
 
 
 def checked_config(cfg) -> dict:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from stat_exp.data.text import DataError, encode, load_text
-from stat_exp.types import PositiveInt, Propagate
+from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import AUTO, NumExamples, resolved
+from stat_exp.data.text import DataError, check_text_source, encode, load_text
+from stat_exp.types import PositiveInt, Propagate, Seed, SeqLen
 
 
 def calibration_batches(
@@ -46,19 +48,45 @@ def sample_windows(ids: torch.Tensor, num_examples: int, seq_len: int, seed: int
     return ids[offsets].contiguous()
 
 
-class TextCalibration:
+class TextCalibration(Calibration):
     """The calibration config (conf/calib/wiki.yaml): random windows of a text source.
 
     `propagate` says what the next block is fed while pruning: the dense outputs of the previous
-    block (`dense`, as in the paper's code) or its pruned outputs (`pruned`).
+    block (`dense`, as in the paper's code) or its pruned outputs (`pruned`). `num_examples=auto`
+    follows the model (stat_exp.data.calib_size); the planner resolves it.
     """
 
-    def __init__(self, source: str, num_examples: PositiveInt, seq_len: PositiveInt, batch_size: PositiveInt = 8,
-                 seed: int = 0, propagate: Propagate = "dense"):
+    def __init__(self, source: str, num_examples: NumExamples, seq_len: SeqLen, batch_size: PositiveInt = 8,
+                 seed: Seed = 0, propagate: Propagate = "dense"):
         self.source, self.num_examples, self.seq_len = source, num_examples, seq_len
         self.batch_size, self.seed, self.propagate = batch_size, seed, propagate
 
+    @property
+    def longest_sequence(self) -> int:
+        return self.seq_len
+
+    @property
+    def tokens(self) -> int | None:
+        """Every window is full: exactly num_examples x seq_len tokens (None for `auto`: the planner
+        sizes it, never below the tokens the widest layer needs)."""
+        return None if self.num_examples == AUTO else self.num_examples * self.seq_len
+
+    def check(self) -> None:
+        check_text_source(self.source)
+
     def batches(self, tokenizer, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
-        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
-        return calibration_batches(tokenizer, self.source, num_examples or self.num_examples, self.seq_len, self.seed,
-                                   self.batch_size)
+        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw,
+        or the count `auto` resolved to)."""
+        return calibration_batches(tokenizer, self.source, num_examples or resolved(self.num_examples), self.seq_len,
+                                   self.seed, self.batch_size)
+
+    def examples_for(self, tokenizer, tokens: int) -> int:
+        """How many windows hold `tokens` tokens."""
+        return -(-tokens // self.seq_len)
+
+    def held_out_batches(self, tokenizer, count: int, drawn: int) -> list[dict[str, torch.Tensor]]:
+        """About `count` windows drawn after the `drawn` calibration windows (a larger draw of the same
+        seed starts with those), in whole batches that share no window with the calibration."""
+        first = -(-drawn // self.batch_size)
+        batches = self.batches(tokenizer, (first + -(-count // self.batch_size)) * self.batch_size)
+        return batches[first:]

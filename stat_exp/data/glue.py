@@ -15,13 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import AssetError, corpus_path
+from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import (AUTO, SAMPLE_EXAMPLES, NumExamples, examples_for_tokens, real_tokens,
+                                      resolved)
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
-from stat_exp.types import LABELS, PositiveInt, Propagate
+from stat_exp.types import LABELS, PositiveInt, Propagate, Seed
 
 HUB_DATASET = "nyu-mll/glue"
 LOCAL_FORMATS = (".jsonl", ".tsv")
@@ -118,16 +122,30 @@ def _subset(rows: list, num_examples: int | None, seed: int) -> list:
     return [rows[i] for i in _sample(len(rows), num_examples, seed)]
 
 
+def drawn_with_replacement(total: int, num: int, seed: int) -> list[int]:
+    """The indices the released scripts draw: numpy's legacy generator seeded with `seed`, `num`
+    uniform draws from range(total), duplicates kept, in the order drawn."""
+    return np.random.RandomState(seed).choice(total, num).tolist()
+
+
 def _sample(total: int, num: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(total), num))
 
 
-def _read_local(folder: Path, split: str) -> list[dict]:
+def local_split(folder: Path, split: str) -> Path:
+    """The file of a split in a local folder (`<split>.jsonl` or `<split>.tsv`); DataError when none."""
+    if not folder.is_dir():
+        raise DataError(f"data folder not found: {folder}")
     for suffix in LOCAL_FORMATS:
         path = folder / f"{split}{suffix}"
         if path.is_file():
-            return _read_jsonl(path) if suffix == ".jsonl" else _read_tsv(path)
+            return path
     raise DataError(f"no {split}.jsonl or {split}.tsv in {folder}")
+
+
+def _read_local(folder: Path, split: str) -> list[dict]:
+    path = local_split(folder, split)
+    return _read_jsonl(path) if path.suffix == ".jsonl" else _read_tsv(path)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -210,29 +228,53 @@ def label_tensor(spec: GlueTask, rows: list[Row]) -> torch.Tensor:
 
 
 @dataclass
-class GlueCalibration:
+class GlueCalibration(Calibration):
     """Calibration from a task's training split: `num_examples` random examples (the paper: 512),
     tokenized like the task's inputs and padded per batch, with their labels (`pruner=kwon` takes
-    its Fisher information from the task loss, as in the paper; the layer stream ignores them)."""
+    its Fisher information from the task loss, as in the paper; the layer stream ignores them).
+    `num_examples=auto` follows the model (stat_exp.data.calib_size)."""
 
     task: str | None
     data_dir: str | None = None
-    num_examples: PositiveInt = 512
+    num_examples: NumExamples = AUTO
     max_length: PositiveInt = 128
     batch_size: PositiveInt = 32
-    seed: int = 0
+    seed: Seed = 0
     propagate: Propagate = "dense"
+    # True: drawn with replacement in the order drawn, as the released prune_bert.py (and Kwon et al.'s
+    # main.py) draw them: np.random.seed(seed); np.random.choice(len(train), num_examples)
+    with_replacement: bool = False
 
     def __post_init__(self) -> None:
         if self.task is None:
             raise ConfigError(f"calib=glue needs a task (calib.task or eval.task); valid: {', '.join(TASKS)}")
         get_task(self.task)
 
+    @property
+    def longest_sequence(self) -> int:
+        return self.max_length
+
+    def check(self) -> None:
+        if self.data_dir is not None:
+            local_split(Path(self.data_dir).expanduser(), "train")
+
     def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
         """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw)."""
         spec = get_task(self.task)
-        rows = load_split(spec, "train", self.data_dir, num_examples or self.num_examples, self.seed)
+        count = num_examples or resolved(self.num_examples)
+        if self.with_replacement:
+            rows = load_split(spec, "train", self.data_dir, None, self.seed)
+            rows = [rows[i] for i in drawn_with_replacement(len(rows), count, self.seed)]
+        else:
+            rows = load_split(spec, "train", self.data_dir, count, self.seed)
         batches = encode_batches(tokenizer, spec, rows, self.max_length, self.batch_size)
         for start, batch in zip(range(0, len(rows), self.batch_size), batches):
             batch[LABELS] = label_tensor(spec, rows[start:start + self.batch_size])  # for loss-based pruners
         return batches
+
+    def examples_for(self, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+        """How many training examples hold `tokens` real tokens (from the mean of a seeded sample)."""
+        spec = get_task(self.task)
+        sample = load_split(spec, "train", self.data_dir, SAMPLE_EXAMPLES, self.seed)
+        held = real_tokens(encode_batches(tokenizer, spec, sample, self.max_length, self.batch_size))
+        return examples_for_tokens(held, len(sample), tokens)

@@ -9,6 +9,7 @@ the window or the question has none).
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,12 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from stat_exp.data.base import Calibration
+from stat_exp.data.calib_size import (AUTO, SAMPLE_EXAMPLES, NumExamples, examples_for_tokens, real_tokens,
+                                      resolved)
 from stat_exp.data.text import DataError
 from stat_exp.errors import ConfigError
-from stat_exp.types import LABELS, NonNegativeInt, PositiveInt, Propagate, SquadVersion
+from stat_exp.types import LABELS, NonNegativeInt, PositiveInt, Propagate, Seed, SquadVersion
 from stat_exp.types import SQUAD_VERSIONS as VERSIONS
 
 HUB_DATASETS = {"1.1": "rajpurkar/squad", "2.0": "rajpurkar/squad_v2"}
@@ -67,10 +71,17 @@ def load_examples(version: str, split: str, data_file: str | None = None, num_ex
     return examples
 
 
-def read_squad_json(path: Path) -> list[SquadExample]:
-    """Questions of a file in the official SQuAD format; one DataError line naming what is wrong."""
+def check_squad_file(path: Path) -> None:
+    """A SQuAD file that exists and can be read (its format is checked when it is read)."""
     if not path.is_file():
         raise DataError(f"SQuAD file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"SQuAD file cannot be read: {path}")
+
+
+def read_squad_json(path: Path) -> list[SquadExample]:
+    """Questions of a file in the official SQuAD format; one DataError line naming what is wrong."""
+    check_squad_file(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -166,23 +177,41 @@ def _answer_span(example: SquadExample, offsets: list[tuple[int, int] | None], c
 
 
 @dataclass
-class SquadCalibration:
+class SquadCalibration(Calibration):
     """Calibration on SQuAD training questions (`calib=squad`): `num_examples` random questions, every
     window of their contexts, with their answer spans (`pruner=kwon` takes its Fisher information
-    from the QA loss; the layer stream ignores them)."""
+    from the QA loss; the layer stream ignores them). `num_examples=auto` follows the model
+    (stat_exp.data.calib_size)."""
 
     version: SquadVersion = "1.1"
     data_file: str | None = None
-    num_examples: PositiveInt = 512
+    num_examples: NumExamples = AUTO
     max_length: PositiveInt = 384
     doc_stride: NonNegativeInt = 128
     batch_size: PositiveInt = 32
-    seed: int = 0
+    seed: Seed = 0
     propagate: Propagate = "dense"
 
     def __post_init__(self) -> None:
         self.version = check_version(self.version, "calib.version")
 
-    def batches(self, tokenizer: PreTrainedTokenizerBase) -> list[dict[str, torch.Tensor]]:
-        examples = load_examples(self.version, "train", self.data_file, self.num_examples, self.seed)
+    @property
+    def longest_sequence(self) -> int:
+        return self.max_length
+
+    def check(self) -> None:
+        if self.data_file is not None:
+            check_squad_file(Path(self.data_file).expanduser())
+
+    def batches(self, tokenizer: PreTrainedTokenizerBase, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
+        """The calibration batches; `num_examples` overrides the configured count (a pruner's own draw,
+        or the count `auto` resolved to)."""
+        examples = load_examples(self.version, "train", self.data_file, num_examples or resolved(self.num_examples),
+                                 self.seed)
         return encode(tokenizer, examples, self.max_length, self.doc_stride, self.batch_size, labels=True).batches
+
+    def examples_for(self, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
+        """How many questions hold `tokens` real tokens over all their windows (from a seeded sample)."""
+        sample = load_examples(self.version, "train", self.data_file, SAMPLE_EXAMPLES, self.seed)
+        held = real_tokens(encode(tokenizer, sample, self.max_length, self.doc_stride, self.batch_size).batches)
+        return examples_for_tokens(held, len(sample), tokens)

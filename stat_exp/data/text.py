@@ -6,7 +6,9 @@ A source string is one of
 - ``hf:<dataset>/<config>/<split>`` (e.g. ``hf:wikitext/wikitext-2-raw-v1/test``), loaded with
   datasets.load_dataset, the ``text`` column joined. The dataset name may itself contain a
   slash (``hf:Salesforce/wikitext/wikitext-2-raw-v1/test``); an empty config means none
-  (``hf:owner/name//train``), and ``hf:<dataset>/<split>`` means no config either.
+  (``hf:owner/name//train``), and ``hf:<dataset>/<split>`` means no config either. A suffix
+  ``?data_files=<path in the dataset repo>`` reads that file only, as the split (C4 as GPTQ and
+  the STAT authors' prune_opt.py read it: ``hf:allenai/c4//train?data_files=en/c4-train.00000-of-01024.json.gz``).
 Texts from several records are joined with a blank line ("\\n\\n").
 """
 
@@ -24,6 +26,7 @@ from stat_exp.errors import UserError
 TEXT_CORPORA: tuple[str, ...] = ("wiki_calib", "wiki_eval", "crime")
 HUB_PREFIX = "hf:"
 SEPARATOR = "\n\n"
+SNIFF_BYTES = 1 << 20  # what the check before the weights load reads of a text file
 
 
 class DataError(UserError, ValueError):
@@ -39,17 +42,60 @@ def load_text(source: str) -> str:
             return _read_file(corpus_path(source))
         except AssetError as err:
             raise DataError(f"embedded corpus '{source}' unavailable: {err}") from None
+    return _read_file(_local_file(source))
+
+
+def check_text_source(source: str) -> None:
+    """What `load_text(source)` would reject, found without reading a whole file or the hub: a hub
+    source's syntax; a local file that is missing, unreadable, empty, not UTF-8 or has NUL bytes
+    (judged on its first SNIFF_BYTES)."""
+    if source.startswith(HUB_PREFIX):
+        parse_hub_source(source[len(HUB_PREFIX):])
+        return
+    if source in TEXT_CORPORA:
+        return
+    path = _local_file(source)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+    except OSError as err:
+        raise DataError(f"data file cannot be read: {path} ({err.strerror})") from None
+    try:
+        text = _utf8_prefix(head) if len(head) == SNIFF_BYTES else head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"data file is not UTF-8 text: {path} ({err.reason} at byte {err.start})") from None
+    _check_text(text, path)
+
+
+def _utf8_prefix(head: bytes) -> str:
+    """The text of a file's first bytes, which may end inside a multi-byte character."""
+    try:
+        return head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start >= len(head) - 3:  # cut inside the last character
+            return head[:err.start].decode("utf-8")
+        raise
+
+
+def _check_text(text: str, path: Path) -> None:
+    if "\x00" in text:
+        raise DataError(f"data file is not text: {path} holds NUL bytes")
+    if not text.strip():
+        raise DataError(f"data file is empty: {path}")
+
+
+def _local_file(source: str) -> Path:
     path = Path(source).expanduser()
     if not path.is_file():
         raise DataError(
             f"data file not found: {path} (give a file path, '{HUB_PREFIX}<dataset>/<config>/<split>',"
             f" or one of {', '.join(TEXT_CORPORA)})"
         )
-    return _read_file(path)
+    return path
 
 
 def _read_file(path: Path) -> str:
-    """A .jsonl file's "text" fields joined, or the file as UTF-8 text; never empty."""
+    """A .jsonl file's "text" fields joined, or the file as UTF-8 text; never empty, never NUL bytes."""
     if path.suffix == ".jsonl":
         text = SEPARATOR.join(_jsonl_texts(path))
     else:
@@ -57,8 +103,7 @@ def _read_file(path: Path) -> str:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise DataError(f"data file is not UTF-8 text: {path} ({err.reason} at byte {err.start})") from None
-    if not text.strip():
-        raise DataError(f"data file is empty: {path}")
+    _check_text(text, path)
     return text
 
 
@@ -91,15 +136,17 @@ def parse_hub_source(spec: str) -> tuple[str, str | None, str]:
 
 def _load_hub(spec: str) -> str:
     """The `text` column of a hub dataset split; every failure becomes one DataError line."""
+    spec, _, files = spec.partition("?data_files=")
     name, config, split = parse_hub_source(spec)
-    where = f"hub dataset '{name}'" + (f" ({config})" if config else "") + f" split '{split}'"
+    where = (f"hub dataset '{name}'" + (f" ({config})" if config else "") + f" split '{split}'"
+             + (f" ({files})" if files else ""))
     try:
         import datasets
 
         datasets.logging.set_verbosity_error()
-        data = datasets.load_dataset(name, config, split=split)
+        data = datasets.load_dataset(name, config, split=split, **({"data_files": {split: files}} if files else {}))
     except Exception as err:  # noqa: BLE001 - hub/IO errors come in many types; report one line
-        if _offline():
+        if hub_offline():
             reason = "offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE) and not in the local cache"
             raise DataError(f"cannot load {where}: {reason}") from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""
@@ -112,7 +159,8 @@ def _load_hub(spec: str) -> str:
     return text
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: nothing is read from the hub."""
     flags = (os.environ.get(v, "").strip().lower() for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
     return any(f in ("1", "true", "yes", "on") for f in flags)
 

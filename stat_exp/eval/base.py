@@ -10,9 +10,18 @@ from transformers import PreTrainedTokenizerBase
 
 
 class Evaluator(ABC):
-    """Instantiated from conf/eval/*.yaml; returns metrics keyed "<name>/<metric>"."""
+    """Instantiated from conf/eval/*.yaml; returns metrics keyed "<name>/<metric>".
+
+    What it says about itself is checked before the weights load (stat_exp.preflight): the model
+    tasks it can measure, whether it needs an encoder, its lengths against the model's positions,
+    and its data files."""
 
     name: ClassVar[str] = ""
+    tasks: ClassVar[tuple[str, ...]] = ()  # the model.task values it can measure (empty: any)
+    encoders_only: ClassVar[bool] = False  # measures an encoder's representations, not a decoder's
+
+    def check(self) -> None:
+        """What can be checked before the model loads (its data files); raises a one-line DataError."""
 
     def lengths(self) -> tuple[int, int]:
         """(sequences, tokens each) of this evaluator's largest forward pass: the planner sizes the

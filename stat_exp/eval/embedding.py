@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from stat_exp.assets import corpus_path
 from stat_exp.eval.base import Evaluator
-from stat_exp.types import PositiveInt
+from stat_exp.types import PositiveInt, Seed
 
 Benchmark = Literal["lee", "simlex", "polarity"]
 BENCHMARKS = get_args(Benchmark)
@@ -66,10 +66,11 @@ class EmbeddingEval(Evaluator):
     """
 
     name = "embedding"
+    encoders_only = True  # mean-pooled bidirectional representations (a decoder's are causal)
 
     def __init__(self, benchmarks: Annotated[Sequence[Benchmark], MinLen(1)] = BENCHMARKS,
                  batch_size: PositiveInt = 32, max_length: PositiveInt = 256, folds: Annotated[int, Ge(2)] = 5,
-                 seed: int = 0, max_pairs: PositiveInt | None = None, max_docs: PositiveInt | None = None):
+                 seed: Seed = 0, max_pairs: PositiveInt | None = None, max_docs: PositiveInt | None = None):
         self.benchmarks = tuple(benchmarks)
         self.batch_size, self.max_length, self.folds, self.seed = batch_size, max_length, folds, seed
         self.max_pairs, self.max_docs = max_pairs, max_docs

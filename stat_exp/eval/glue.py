@@ -8,6 +8,7 @@ task (MRPC/QQP: mean of F1 and accuracy; STS-B: mean of Pearson and Spearman).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,10 +18,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split
+from stat_exp.data.glue import GlueTask, encode_batches, get_task, load_split, local_split
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
-from stat_exp.types import NonNegativeInt, PositiveInt
+from stat_exp.types import NonNegativeInt, PositiveInt, Seed
 
 
 def accuracy(pred: Sequence, label: Sequence) -> float:
@@ -70,9 +71,10 @@ class GlueEval(Evaluator):
     """
 
     name = "glue"
+    tasks = ("sequence_classification",)
 
     def __init__(self, task: str | None, data_dir: str | None = None, max_length: PositiveInt = 128,
-                 batch_size: PositiveInt = 64, max_examples: PositiveInt | None = None, seed: int = 0,
+                 batch_size: PositiveInt = 64, max_examples: PositiveInt | None = None, seed: Seed = 0,
                  label_map: Sequence[NonNegativeInt] | None = None, progress: bool = True):
         if task is None:
             raise ConfigError("eval=glue needs a task: eval.glue.task=<name> (or a model config with glue_task)")
@@ -83,6 +85,11 @@ class GlueEval(Evaluator):
 
     def lengths(self) -> tuple[int, int]:
         return self.batch_size, self.max_length
+
+    def check(self) -> None:
+        if self.data_dir is not None:
+            for split in self.spec.eval_splits:
+                local_split(Path(self.data_dir).expanduser(), split)
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         metrics: dict[str, float] = {}

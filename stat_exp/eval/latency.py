@@ -23,7 +23,7 @@ from torch.utils.benchmark import Timer
 from transformers import PreTrainedTokenizerBase
 
 from stat_exp.eval.base import Evaluator
-from stat_exp.types import NonNegativeInt, PositiveInt
+from stat_exp.types import NonNegativeInt, PositiveInt, Seed
 
 
 def time_runs(fn: Callable[[], object], warmup: int, repeats: int, setup: Callable[[], None] | None = None,
@@ -75,13 +75,13 @@ class LatencyEval(Evaluator):
     name = "latency"
 
     def __init__(self, batch_size: PositiveInt = 1, seq_len: PositiveInt = 256, decode_tokens: PositiveInt = 32,
-                 warmup: NonNegativeInt = 1, repeats: PositiveInt = 5, threads: PositiveInt | None = None, seed: int = 0):
+                 warmup: NonNegativeInt = 1, repeats: PositiveInt = 5, threads: PositiveInt | None = None, seed: Seed = 0):
         """`threads`: CPU threads while timing (None: torch's current count)."""
         self.batch_size, self.seq_len, self.decode_tokens = batch_size, seq_len, decode_tokens
         self.warmup, self.repeats, self.threads, self.seed = warmup, repeats, threads, seed
 
     def lengths(self) -> tuple[int, int]:
-        return self.batch_size, self.seq_len
+        return self.batch_size, self.seq_len + self.decode_tokens  # the last decode step attends to all of them
 
     def __call__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> dict[str, float]:
         generator = torch.Generator().manual_seed(self.seed)

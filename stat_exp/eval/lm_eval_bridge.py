@@ -53,6 +53,7 @@ class LMEvalEval(Evaluator):
     """lm-eval tasks scored on the model object through HFLM."""
 
     name = "lm_eval"
+    tasks = ("causal_lm",)  # HFLM scores continuations with a causal LM head
 
     def __init__(
         self,
@@ -151,7 +152,7 @@ def _load(manager: TaskManager, spec: TaskSpec) -> list[Task | Group]:
     name = spec if isinstance(spec, str) else spec.get("task", spec.get("group"))
     try:
         loaded = manager.load([spec])
-    except Exception as err:  # noqa: BLE001 - hub, dataset and config errors come in many types
+    except Exception as err:
         if name in TASK_NAMES:
             raise  # our own task failing is a bug: keep the traceback
         raise _load_error(name, isinstance(spec, str), err) from None

@@ -21,7 +21,7 @@ from stat_exp.data.squad import Features, SquadExample, check_version, encode, l
 from stat_exp.errors import ConfigError
 from stat_exp.eval.base import Evaluator
 from stat_exp.eval.squad_metric import squad_scores
-from stat_exp.types import NonNegativeInt, PositiveInt, SquadVersion
+from stat_exp.types import NonNegativeInt, PositiveInt, Seed, SquadVersion
 
 
 def best_answer(example: SquadExample, windows: list[tuple[np.ndarray, np.ndarray, list]], n_best: int,
@@ -47,11 +47,12 @@ class SquadEval(Evaluator):
     """`eval=squad`: a question-answering model on SQuAD's validation questions (or a local file)."""
 
     name = "squad"
+    tasks = ("question_answering",)
 
     def __init__(self, version: SquadVersion = "1.1", data_file: str | None = None,
                  max_length: PositiveInt = 384, doc_stride: NonNegativeInt = 128, batch_size: PositiveInt = 32,
                  n_best: PositiveInt = 20, max_answer_length: PositiveInt = 30, null_score_diff_threshold: float = 0.0,
-                 max_examples: PositiveInt | None = None, seed: int = 0, progress: bool = True):
+                 max_examples: PositiveInt | None = None, seed: Seed = 0, progress: bool = True):
         self.version = check_version(version, "eval.squad.version")
         self.max_length, self.doc_stride, self.batch_size = max_length, doc_stride, batch_size
         self.n_best, self.max_answer_length, self.null_threshold = n_best, max_answer_length, null_score_diff_threshold

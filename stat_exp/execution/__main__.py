@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from stat_exp.errors import UserError
 from stat_exp.execution.plan import make_plan, render
 
 
@@ -23,25 +22,43 @@ def plan_device(name: str) -> torch.device:
     return resolve_device(name)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The table, then one JSON line; a bad config: one line on stderr, exit 2."""
-    from omegaconf import OmegaConf
+USAGE = """usage: python -m stat_exp.execution [KEY=VALUE ...]   (also: stat-exp-plan)
 
-    from stat_exp.config.cli import compose_config
-    from stat_exp.config.validate import checked_config
-    from stat_exp.pipeline import build_parts
+Peak host and device memory, disk and time of the run `stat-exp KEY=VALUE ...` would start, from
+the model's config alone (no weights are read). The same overrides as a run (model=..., pruner=...,
+budget.flops=..., calib.num_examples=..., execution.offload=..., device=cuda
+execution.device_memory_mb=...). Every check a run makes before its weights load runs first.
+Prints a table, then one JSON line. Bad input: one line, exit 2."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The table, then one JSON line (`--help`: usage); every failure one line (stat_exp.exits)."""
+    from stat_exp.exits import exit_cleanly
 
     overrides = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = OmegaConf.create(checked_config(compose_config(overrides)))
-        device = plan_device(cfg.device)
-        with tempfile.TemporaryDirectory() as scratch:  # evaluators that write files get a folder
-            plan = make_plan(cfg, build_parts(cfg, device, Path(scratch)), device)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if {"-h", "--help"} & set(overrides):
+        print(USAGE)
+        return
+    exit_cleanly(lambda: _plan(overrides))
+
+
+def _plan(overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    from stat_exp.config.cli import check_overrides, compose_config
+    from stat_exp.config.validate import checked_config
+    from stat_exp.parts import build_parts
+    from stat_exp.preflight import preflight
+
+    check_overrides(overrides)
+    cfg = OmegaConf.create(checked_config(compose_config(overrides)))
+    device = plan_device(cfg.device)
+    with tempfile.TemporaryDirectory() as scratch:  # evaluators that write files get a folder
+        parts = build_parts(cfg, device, Path(scratch))
+        preflight(cfg, parts)
+        plan = make_plan(cfg, parts, device)
     print(render(plan))
-    print(json.dumps(plan.summary()))
+    print(json.dumps(plan.summary(), allow_nan=False))
 
 
 if __name__ == "__main__":

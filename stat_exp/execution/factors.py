@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -51,6 +52,13 @@ class Pending(AbstractContextManager):
         """Every block's scores (what the allocation reads)."""
         return [item[0] for item in self._items if item is not None]
 
+    def peek(self, index: int) -> tuple[Any, Any]:
+        """Block `index` with its heavy state, still kept here (for trying plans before the one applied)."""
+        item = self._items[index]
+        if item is None:
+            raise ValueError(f"block {index} was already taken")
+        return item
+
     def take(self, index: int) -> tuple[Any, Any]:
         """Block `index` with its heavy state, forgotten here (so applied blocks free their memory)."""
         item, self._items[index] = self._items[index], None
@@ -78,6 +86,11 @@ class SpilledPending(Pending):
         torch.save(scores.heavy, tmp)
         tmp.replace(self._path(index))
         scores.heavy = {}
+
+    def peek(self, index: int) -> tuple[Any, Any]:
+        scores, stats = super().peek(index)
+        path = self._path(index)
+        return (replace(scores, heavy=torch.load(path, weights_only=False)) if path.exists() else scores), stats
 
     def take(self, index: int) -> tuple[Any, Any]:
         scores, stats = super().take(index)

@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from stat_exp.errors import UserError
 from stat_exp.execution.sizes import Footprint, Sizes
@@ -68,7 +69,7 @@ class BlockStore:
 
     @classmethod
     def open(cls, source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
-             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, BlockStore]:
         """(model, tokenizer, store) with the weights where this mode keeps them."""
         model, tokenizer = load_model(source, task, dtype, device)
         return model, tokenizer, cls(model, get_adapter(model, adapter_factory), device)
@@ -109,7 +110,7 @@ class HostStore(BlockStore):
 
     @classmethod
     def open(cls, source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
-             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, BlockStore]:
         model, tokenizer = load_model(source, task, dtype, "cpu")
         adapter = get_adapter(model, adapter_factory)
         move_outside_blocks(model, adapter.layers(), device)
@@ -144,7 +145,7 @@ class DiskStore(BlockStore):
 
     @classmethod
     def open(cls, source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
-             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+             adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, BlockStore]:
         return _open_on_disk(source, task, dtype, device, work_dir, adapter_factory)
 
     @staticmethod
@@ -165,7 +166,8 @@ class DiskStore(BlockStore):
         self._loaded: dict[int, set[int]] = {}  # block -> ids of the Parameters it was loaded with
 
     def _params(self, index: int) -> list[tuple[str, nn.Module, str]]:
-        """(full name, owning module, attribute) of every parameter of block `index`."""
+        """(full name, owning module, attribute) of every parameter of block `index` (the module's
+        `_parameters[attribute]` is set)."""
         layer, prefix = self.adapter.layers()[index], self.names[index]
         out = []
         for name, module in layer.named_modules():
@@ -191,12 +193,12 @@ class DiskStore(BlockStore):
         if {id(p) for p in self.adapter.layers()[index].parameters()} != self._loaded.pop(index, set()):
             path = self.work_dir / f"block_{index:05d}.safetensors"
             tmp = path.with_suffix(".partial")
-            save_file({full: module._parameters[attr].detach().contiguous().cpu() for full, module, attr in params},
+            save_file({full: _param(module, attr).detach().contiguous().cpu() for full, module, attr in params},
                       str(tmp))
             tmp.replace(path)
             self.index.update({full: str(path) for full, _, _ in params})
         for _, module, attr in params:
-            module._parameters[attr] = nn.Parameter(module._parameters[attr].to("meta"), requires_grad=False)
+            module._parameters[attr] = nn.Parameter(_param(module, attr).to("meta"), requires_grad=False)
 
     def prepare_for_eval(self) -> None:
         from accelerate import dispatch_model
@@ -208,6 +210,12 @@ class DiskStore(BlockStore):
 
     def close(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _param(module: nn.Module, attr: str) -> nn.Parameter:
+    param = module._parameters[attr]
+    assert param is not None  # `_params` lists set parameters only
+    return param
 
 
 def _sync_linear_shape(module: nn.Module) -> None:
@@ -290,7 +298,7 @@ def store_class(offload: str) -> type[BlockStore]:
 
 
 def open_model(source: str, task: str, dtype: str, device: torch.device, offload: str,
-               work_dir: Path, adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+               work_dir: Path, adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, BlockStore]:
     """(model, tokenizer, store) with block weights where `offload` says; everything outside the
     blocks on the device. `work_dir`: where a disk store writes pruned blocks. `adapter_factory`:
     the configured adapter (`model.adapter`), None for the default."""
@@ -298,7 +306,7 @@ def open_model(source: str, task: str, dtype: str, device: torch.device, offload
 
 
 def _open_on_disk(source: str, task: str, dtype: str, device: torch.device, work_dir: Path,
-                  adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, object, BlockStore]:
+                  adapter_factory: AdapterFactory | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase, BlockStore]:
     """The model skeleton with parameters on the meta device; only what is outside the blocks is
     read (to the device); blocks are read from the checkpoint's safetensors when they are used."""
     from accelerate import init_empty_weights

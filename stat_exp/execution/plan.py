@@ -14,17 +14,19 @@ run whose plan does not fit the memory it has, naming predicted and available me
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from stat_exp.data.calib_size import AUTO, AUTO_MAX_SECONDS, CalibrationSize, auto_examples, knee_tokens, largest_rank
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.execution.choices import ExecutionSpec, Resolved
 from stat_exp.execution.factors import factors_class
@@ -33,6 +35,7 @@ from stat_exp.execution.requirements import Requirements
 from stat_exp.execution.sizes import FLOAT64, MB, BlockSizes, Sizes
 from stat_exp.models import AdapterFactory, get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.track.markdown import markdown_table
 
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
@@ -56,13 +59,16 @@ class Rates:
 # cpu: fitted on the development machine (2 cores, AMD EPYC) from benchmarks/stat_scale's unloaded
 # 2-block run (calibrate 67 s, prune 66 s, forward 64 s; docs/large_models.md): the Gram from
 # calibrate less the forward, float64 products at half the float32 rate, the factorization from the
-# rest of prune. `python -m benchmarks.plan_fit` measures the same shares directly; on the shared
-# machine of 2026-12-07 (load ~20 on 2 cores) it gave gram 0.25, factor 0.10, float64 0.12, which
-# the load distorts (docs/speed.md). cuda: assumed for an H100 (float32 without TF32 and float64
-# tensor cores at ~1/4 of the sustained bf16 rate; the blocked factorization does 2 m^3 flops at
-# that rate, and ~14 kernel launches per pivot); not measured: no GPU was lent to this session.
+# rest of prune. `python -m benchmarks.plan_fit` measures the same shares directly. cuda: assumed
+# for an H100 (float32 without TF32 and float64 tensor cores at ~1/4 of the sustained bf16 rate; the
+# blocked factorization does 2 m^3 flops at that rate, and ~14 kernel launches per pivot); not
+# measured: no GPU was lent so far.
 RATES = {"cpu": Rates(gram=0.85, factor=0.16, float64=0.5), "cuda": Rates(gram=0.25, factor=0.04, float64=0.2,
                                                                          pivot_s=7e-5)}
+# The throughput a decision that changes results (the `auto` calibration size) assumes unless
+# `execution.tflops` declares one: nominal per device kind, never a probe, so a loaded machine
+# does not calibrate on fewer tokens than an idle one.
+DECISION_TFLOPS = {**ASSUMED_TFLOPS, "cpu": 1.0}
 LOGITS_COPIES = 3  # logits, their float32 copy and log-softmax in the perplexity loss
 
 
@@ -82,26 +88,38 @@ class Plan:
     tflops: float
     device: str
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
-    phases: dict[str, float] = field(default_factory=dict)  # seconds of calibrate, factorize, curves, fold
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of calibrate, factorize, curves, fold, select
+    calibration: CalibrationSize | None = None  # the calibration size planned for (`auto` resolved)
 
     def summary(self) -> dict:
-        return {"peak_host_mb": round(self.peak_host_mb, 1), "peak_device_mb": round(self.peak_device_mb, 1),
-                "disk_mb": round(self.disk_mb, 1), "seconds": round(self.seconds, 1), "tflops": self.tflops,
-                "device": self.device, "phases_s": {k: round(v, 1) for k, v in self.phases.items()},
-                **asdict(self.execution)}
+        """The plan as JSON values (a quantity too large to be a finite float is null, never Infinity)."""
+        def finite(value: float, digits: int | None = 1) -> float | None:
+            return (round(value, digits) if digits else value) if math.isfinite(value) else None
+
+        return {"peak_host_mb": finite(self.peak_host_mb), "peak_device_mb": finite(self.peak_device_mb),
+                "disk_mb": finite(self.disk_mb), "seconds": finite(self.seconds), "tflops": finite(self.tflops, None),
+                "device": self.device, "phases_s": {k: finite(v) for k, v in self.phases.items()},
+                **asdict(self.execution), **({"calibration": self.calibration.summary()} if self.calibration else {})}
 
 
 class SizedPruner(Protocol):
-    """What the planner reads of a pruner."""
+    """What the planner reads of a pruner (`stat_exp.prune.base.Pruner`)."""
 
-    requirements: Requirements
-    prunes: bool
+    @property
+    def requirements(self) -> Requirements: ...
+
+    def splits_statistics(self, backend: Any) -> bool: ...
+
+    def allocation_under(self, budget_allocation: Any) -> str: ...
+
+    def propagate_under(self, calib_propagate: str) -> str: ...
 
 
 class SizedBackend(Protocol):
     """What the planner reads of a factorization backend (`stat_exp.factorize.Backend`)."""
 
-    holds_activations: bool
+    @property
+    def holds_activations(self) -> bool: ...
 
     def statistics_bytes(self, dim: int, tokens: int) -> int: ...
 
@@ -115,8 +133,11 @@ class SizedEvaluator(Protocol):
 class SizedCalibration(Protocol):
     """What the planner reads of a calibration source."""
 
-    num_examples: int
-    batch_size: int
+    @property
+    def num_examples(self) -> int | str: ...  # or "auto"
+
+    @property
+    def batch_size(self) -> int: ...
 
 
 @dataclass
@@ -136,18 +157,34 @@ class Job:
     allocation: str = "global"  # the effective allocation
     prunes: bool = True
     kept: float = 1.0  # the FLOPs fraction pruning keeps (what a pruned block's rerun costs)
+    auto_calibration: bool = False  # calib.num_examples=auto: `sequences` is the knee's, before the planner's bounds
+    largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
+    held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
 
 
-@dataclass
-class Parts:
-    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.build_parts`):
+class RunParts(Protocol):
+    """The objects a run builds from its config before any weight loads (`stat_exp.pipeline.Parts`):
     the planner sizes these, it does not build them again."""
 
-    pruner: Any  # a stat_exp.prune.base.Pruner
-    backend: SizedBackend | None
-    calibration: SizedCalibration
-    evaluators: Mapping[str, SizedEvaluator]
-    adapter: AdapterFactory | None = None
+    @property
+    def pruner(self) -> SizedPruner: ...
+
+    @property
+    def backend(self) -> SizedBackend | None: ...
+
+    @property
+    def calibration(self) -> SizedCalibration: ...
+
+    @property
+    def evaluators(self) -> Mapping[str, SizedEvaluator]: ...
+
+    @property
+    def adapter(self) -> AdapterFactory | None: ...
+
+    @property
+    def held_out_streams(self) -> int:
+        """Sequences streamed block by block to choose the global plan: held-out examples x (candidates + 1)."""
+        ...
 
 
 def calibration_length(calibration: SizedCalibration) -> int:
@@ -175,19 +212,22 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
         return model_class(config, task)._from_config(config, dtype=getattr(torch, dtype))
 
 
-def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: Parts,
+def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: RunParts,
            prunes: bool = True, kept: float = 1.0) -> Job:
-    """The Job of a run from its model config and the parts the run built (`kept`: the budget's
-    FLOPs fraction)."""
+    """The Job of a run from its model config and the parts the run built (`kept`: the budget's FLOPs
+    fraction; `calib.num_examples=auto`: the knee's count, before `sized_job` bounds it)."""
     model = meta_model(model_cfg["source"], model_cfg["task"], model_cfg["dtype"])
-    get_adapter(model, parts.adapter)  # the configured adapter stays the model's
+    adapter = get_adapter(model, parts.adapter)  # the configured adapter stays the model's
     calibration, pruner = parts.calibration, parts.pruner
     eval_batch, eval_len = max((e.lengths() for e in parts.evaluators.values()), key=lambda bl: bl[0] * bl[1], default=(8, 256))
+    seq_len, auto = calibration_length(calibration), calibration.num_examples == AUTO
+    rank = largest_rank(shapes_of(adapter))
     return Job(model=model, pruner=pruner, backend=parts.backend, dtype=getattr(torch, model_cfg["dtype"]),
-               sequences=int(calibration.num_examples), seq_len=calibration_length(calibration),
-               batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
+               sequences=math.ceil(knee_tokens(rank) / seq_len) if auto else int(calibration.num_examples),
+               seq_len=seq_len, batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
                propagate=pruner.propagate_under(propagate), allocation=pruner.allocation_under(budget_allocation),
-               prunes=prunes, kept=kept)
+               prunes=prunes, kept=kept, auto_calibration=auto, largest_rank=rank,
+               held_out_streams=parts.held_out_streams)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -206,7 +246,8 @@ def plan_sizes(job: Job) -> Sizes:
         d_attn, d_ffn = sh.num_heads * sh.head_dim, sh.ffn_width
         stats = heavy = work = 0
         if pruner.requirements.factorization and backend is not None:
-            stats = backend.statistics_bytes(d_attn, tokens) + backend.statistics_bytes(d_ffn, tokens)
+            parts = 2 if pruner.splits_statistics(backend) else 1  # fit and held-out statistics
+            stats = (backend.statistics_bytes(d_attn, tokens) + backend.statistics_bytes(d_ffn, tokens)) * parts
             heavy = (d_attn * d_attn + d_ffn * d_ffn) * FLOAT64  # R factors
             # scoring the FFN: the weighted Gram and the factor beside the statistics, and V R^T
             work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
@@ -224,11 +265,14 @@ def plan_sizes(job: Job) -> Sizes:
     causal = hasattr(model, "lm_head") or getattr(model.config, "is_decoder", False)
     vocab = getattr(model.config, "vocab_size", 0) if causal else 0
     flops = FlopsModel(job.seq_len)
+    streams = job.held_out_streams  # the dense model's and every candidate's
+    selection = streams * job.seq_len * adapter.hidden_size * elem + max(b.weights for b in blocks) if streams else 0
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
                  calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
                  down_flops=down_flops, gram_flops=gram_flops, factor_flops=factor_flops, curve_flops=curve_flops,
-                 fold_flops=fold_flops, pivot_steps=steps)
+                 fold_flops=fold_flops, pivot_steps=steps, selection=selection,
+                 selection_flops=streams * sum(flops.dense(sh) for sh in shapes))
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -279,17 +323,41 @@ def current_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def make_plan(cfg: Mapping[str, Any], parts: Parts, device: torch.device, run_dir: Path | None = None,
+def make_plan(cfg: Mapping[str, Any], parts: RunParts, device: torch.device, run_dir: Path | None = None,
               prunes: bool = True) -> Plan:
-    """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`)."""
+    """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`),
+    `calib.num_examples=auto` resolved (see `sized_job`)."""
     job = job_of(cfg["model"], cfg["budget"]["allocation"], cfg["calib"].get("propagate", "dense"), parts, prunes,
                  kept=float(cfg["budget"]["flops"]))
-    return plan_job(job, ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
+    job, spec, size = sized_job(job, ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
+    return plan_job(job, spec, device, run_dir, size)
 
 
-def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None) -> Plan:
+def sized_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None
+              ) -> tuple[Job, ExecutionSpec, CalibrationSize]:
+    """The job with its calibration size settled: an explicit count as it is; `auto` at the knee, or
+    the largest count whose plan fits the memory and `AUTO_MAX_SECONDS` of pruning time predicted at
+    `DECISION_TFLOPS` (or the declared `execution.tflops`)."""
+    if not (job.auto_calibration and job.prunes):
+        return job, spec, CalibrationSize(job.sequences, job.sequences * job.seq_len, job.largest_rank,
+                                          job.auto_calibration)
+    nominal = replace(spec, tflops=spec.tflops or DECISION_TFLOPS.get(device.type, 100.0))
+
+    def exceeds(sequences: int) -> str | None:
+        try:
+            plan = plan_job(replace(job, sequences=sequences), nominal, device, run_dir)
+        except PlanError:
+            return "memory"
+        return "time" if plan.seconds > AUTO_MAX_SECONDS else None
+
+    size = auto_examples(job.largest_rank, job.seq_len, exceeds)
+    return replace(job, sequences=size.num_examples), spec, size
+
+
+def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None,
+             size: CalibrationSize | None = None) -> Plan:
     """The plan of `job` on `device`, `execution=auto` choices resolved; raises PlanError when the
-    run would not fit the memory it may use."""
+    run would not fit the memory it may use. `size`: the calibration size it records."""
     sizes = plan_sizes(job)
     host_free, device_free = free_memory_mb(device, spec.device_memory_mb)
     host_limit = spec.host_memory_mb or host_free
@@ -309,6 +377,7 @@ def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path 
         raise PlanError(f"the plan needs {plan.peak_device_mb:,.0f} MB of {device} memory, {device_limit:,.0f} MB are "
                         f"available (execution: {resolved.describe()}); try execution.offload=cpu, "
                         f"execution.factors=spill or a smaller calib.batch_size")
+    plan.calibration = size
     return plan
 
 
@@ -339,8 +408,8 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
             work = sum(b.stats for b in blocks) + max(b.score_work for b in blocks) + biggest.activations
         else:
             work = max(b.stats + b.score_work + b.activations for b in blocks)
-        work += held
-    device_peak = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
+        work += held + (s.selection if global_allocation else 0)
+    device_peak: float = resident + max(work, s.eval_work) + (hidden if store.resident else 0)
     host_hidden = hidden if (not store.resident or on_cpu) else 0
     if on_cpu:
         host_peak = baseline + host_weights + max(work + hidden, s.eval_work)
@@ -350,11 +419,14 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
     disk = float(weights.disk) + (waiting.disk if prunes else 0)
     phases = _phase_seconds(s, RATES.get(device.type, RATES["cuda"]), tflops * 1e12, factors.second_pass,
                             global_allocation, propagate, kept) if prunes else {}
+    if prunes and global_allocation and s.selection_flops:
+        phases["select"] = s.selection_flops / (tflops * 1e12)
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
              (sum(b.stats for b in blocks) if ex.stream == "model" else max(b.stats for b in blocks)) / MB if prunes else 0.0),
             ("factorizations held for the allocation", held / MB),
+            ("choosing the plan: held-out streams and a block copy", (s.selection if global_allocation else 0) / MB),
             ("evaluation logits", s.eval_work / MB)]
     return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, sum(phases.values()), round(tflops, 3), str(device),
                 rows, phases)
@@ -381,10 +453,13 @@ def _phase_seconds(s: Sizes, r: Rates, rate: float, recompute: bool, global_allo
 
 
 def render(plan: Plan) -> str:
-    lines = [f"| plan ({plan.device}; {plan.execution.describe()}) | MB |", "|---|---|"]
-    lines += [f"| {what} | {mb:,.0f} |" for what, mb in plan.rows]
-    lines += [f"| peak host memory | {plan.peak_host_mb:,.0f} |", f"| peak device memory | {plan.peak_device_mb:,.0f} |",
-              f"| disk | {plan.disk_mb:,.0f} |",
-              f"| pruning time at {plan.tflops:g} TFLOP/s | {plan.seconds:,.0f} s |"]
-    lines += [f"| of which {phase} | {seconds:,.0f} s |" for phase, seconds in plan.phases.items()]
-    return "\n".join(lines)
+    rows = [(what, f"{mb:,.0f}") for what, mb in plan.rows]
+    if plan.calibration:
+        c = plan.calibration
+        rows.append((f"calibration ({'auto' + (f', capped by {c.capped_by}' if c.capped_by else '') if c.auto else 'set'})",
+                     f"{c.num_examples:,} x {c.tokens // max(c.num_examples, 1):,} tokens, "
+                     f"{c.tokens_per_unit:.1f} per unit of rank {c.largest_rank:,}"))
+    rows += [("peak host memory", f"{plan.peak_host_mb:,.0f}"), ("peak device memory", f"{plan.peak_device_mb:,.0f}"),
+             ("disk", f"{plan.disk_mb:,.0f}"), (f"pruning time at {plan.tflops:g} TFLOP/s", f"{plan.seconds:,.0f} s")]
+    rows += [(f"of which {phase}", f"{seconds:,.0f} s") for phase, seconds in plan.phases.items()]
+    return markdown_table([f"plan ({plan.device}; {plan.execution.describe()})", "MB"], rows)

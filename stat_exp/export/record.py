@@ -28,9 +28,11 @@ from stat_exp.errors import UserError
 from stat_exp.models import get_adapter
 from stat_exp.models.flops import LayerShape, prunable_params, shapes_of
 from stat_exp.models.loading import TASKS
+from stat_exp.models.modeling_sliced import SLICED_KEY, SPEC_ATTR, convert
 from stat_exp.models.modeling_stat_pruned import RECORD_KEY
 
 MODELING_MODULE = "modeling_stat_pruned"
+SLICED_MODULE = "modeling_sliced"  # ships beside MODELING_MODULE, which it imports
 FORMAT = 1
 # Config keys that set the per-layer counts, by family (attribute_map covers aliases such as GPT-2's n_head).
 HEAD_KEYS = ("num_attention_heads",)
@@ -122,7 +124,7 @@ def differences(model: nn.Module, reference: nn.Module) -> Differences:
 
 def uniform_config(config: PretrainedConfig, structure: dict[str, list[int]], head_dim: int) -> PretrainedConfig | None:
     """A stock config with the counts every layer shares (explicit head_dim), or None when layers differ."""
-    if any(len(set(counts)) != 1 for counts in structure.values()):
+    if any(len(set(structure[key])) != 1 for key in ("heads", "kv_heads", "neurons")):
         return None
     candidate = copy.deepcopy(config)
     known = candidate.to_dict()
@@ -137,9 +139,9 @@ def uniform_config(config: PretrainedConfig, structure: dict[str, list[int]], he
     return candidate
 
 
-def auto_map(config: PretrainedConfig) -> dict[str, str]:
+def auto_map(config: PretrainedConfig, module: str = MODELING_MODULE) -> dict[str, str]:
     """Every Auto class of TASKS that knows this model type -> the pruned class in the shipped file."""
-    return {auto.__name__: f"{MODELING_MODULE}.{auto._model_mapping[type(config)].__name__}"
+    return {auto.__name__: f"{module}.{auto._model_mapping[type(config)].__name__}"
             for auto in TASKS.values() if type(config) in auto._model_mapping}
 
 
@@ -206,8 +208,20 @@ def _same_outputs(model: nn.Module, twin: nn.Module) -> bool:
         model.train(training)
 
 
-def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
-    """(config to write, whether the folder needs the modeling file) for a pruned model."""
+def sliced_parameters(model: nn.Module, config: PretrainedConfig, spec: dict[str, Any]) -> dict[str, list[int]]:
+    """{name: shape} of the tensors of a sliced model whose shapes differ from what converting the
+    stock model of `config` to `spec` builds (embeddings, projections, LM head, created biases)."""
+    twin = stock_model(model, config)
+    convert(twin, spec)
+    own, ref = _shapes(model), _shapes(twin)
+    dropped = sorted(set(ref) - set(own))
+    if dropped:
+        raise ExportError(f"tensors removed by slicing cannot be exported: {', '.join(dropped[:3])}")
+    return {n: list(shape) for n, shape in own.items() if ref.get(n) != shape}
+
+
+def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, list[str]]:
+    """(config to write, the modeling modules the folder must ship) for a pruned model."""
     adapter = get_adapter(model)
     structure = adapter.structure()
     config = copy.deepcopy(model.config)
@@ -218,6 +232,13 @@ def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
     origin = recorded_origin(model) or DenseOrigin.of(stock_model(model, config))
     dense = stock_model(model, config)  # a separate twin: adapters may convert the modules of the one they see
     record = {"format": FORMAT, "task": task, "structure": structure, "dense": origin.to_dict()}
+    spec = getattr(model, SPEC_ATTR, None)
+    if spec is not None:  # SliceGPT: its own structure, its own modeling file
+        spec = {k: v for k, v in spec.items() if k != "parameters"}
+        record[SLICED_KEY] = {**spec, "parameters": sliced_parameters(model, config, spec)}
+        config.auto_map = auto_map(config, SLICED_MODULE)
+        setattr(config, RECORD_KEY, record)
+        return config, [SLICED_MODULE, MODELING_MODULE]
     diff = differences(model, dense)
     needs_code = bool(diff)
     if needs_code:
@@ -228,4 +249,4 @@ def export_config(model: nn.Module, task: str) -> tuple[PretrainedConfig, bool]:
             record.update(dataclasses.asdict(diff))
             config.auto_map = auto_map(config)
     setattr(config, RECORD_KEY, record)
-    return config, needs_code
+    return config, [MODELING_MODULE] if needs_code else []

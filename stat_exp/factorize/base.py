@@ -135,9 +135,26 @@ def full_precision_matmul() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
+_lapack_allowed = True
+
+
+@contextmanager
+def without_lapack() -> Iterator[None]:
+    """Inside: the pivoted factorizations take the torch loops on the CPU too, the path every
+    accelerator takes, so that path is compared with LAPACK on any machine (tests, gpu_check)."""
+    global _lapack_allowed
+    before, _lapack_allowed = _lapack_allowed, False
+    try:
+        yield
+    finally:
+        _lapack_allowed = before
+
+
 def _scipy():
     """scipy (LAPACK's pivoted factorizations on the CPU), or None where it is not installed (a GPU
-    machine needs only torch: the torch loops below run on any device)."""
+    machine needs only torch: the torch loops below run on any device) or `without_lapack`."""
+    if not _lapack_allowed:
+        return None
     try:
         import scipy.linalg
 

@@ -17,12 +17,6 @@ ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, OPTAdapter, BertAdapter, Dis
 _CHOSEN = "_stat_exp_adapter"  # attribute of a model given an adapter explicitly
 
 
-def register_adapter(adapter: type[ModelAdapter]) -> type[ModelAdapter]:
-    """Make an adapter available for its model types (usable as a class decorator)."""
-    ADAPTERS.append(adapter)
-    return adapter
-
-
 def explicit_model_types() -> list[str]:
     """Model types with an explicit adapter (all others go through discovery)."""
     return sorted(t for a in ADAPTERS for t in a.model_types)
@@ -66,4 +60,4 @@ def get_adapter(model: nn.Module, adapter: AdapterFactory | None = None) -> Mode
 
 
 __all__ = ["ADAPTERS", "AttentionParts", "DiscoveredAdapter", "FFNParts", "ModelAdapter", "UnsupportedModelError",
-           "adapter_from_config", "explicit_model_types", "get_adapter", "register_adapter"]
+           "adapter_from_config", "explicit_model_types", "get_adapter"]

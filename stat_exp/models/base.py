@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -54,6 +54,13 @@ class AttentionParts:
             raise ValueError("AttentionParts needs either q, k and v, or one fused qkv projection")
 
     @property
+    def reader(self) -> nn.Linear:
+        """A projection that reads the block's input (q, or the fused qkv): its width is the stream's."""
+        proj = self.q if self.q is not None else self.qkv
+        assert proj is not None  # __post_init__: one of them is given
+        return proj
+
+    @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
 
@@ -82,6 +89,13 @@ class FFNParts:
         if not (self.up is not None and self.gate_up is None
                 or self.up is None and self.gate is None and self.gate_up is not None):
             raise ValueError("FFNParts needs either up (and optionally gate), or one fused gate_up projection")
+
+    @property
+    def reader(self) -> nn.Linear:
+        """A projection that reads the FFN's input (up, or the fused gate_up)."""
+        proj = self.up if self.up is not None else self.gate_up
+        assert proj is not None  # __post_init__: one of them is given
+        return proj
 
     @property
     def width(self) -> int:
@@ -116,7 +130,7 @@ class ModelAdapter(ABC):
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.config = model.config
+        self.config: Any = model.config
 
     @abstractmethod
     def layers(self) -> list[nn.Module]:
@@ -137,16 +151,27 @@ class ModelAdapter(ABC):
         attn = self.attention(layer)
         update_head_bookkeeping(attn.module, num_heads, num_kv_heads, attn.head_dim)
 
+    def shortcuts(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The residual shortcut matrices of a block sliced by SliceGPT (stat_exp.export.modeling_sliced
+        names them), none for an ordinary block."""
+        return [p for p in (getattr(layer, name, None) for name in ("attn_shortcut", "mlp_shortcut")) if p is not None]
+
     @property
     def hidden_size(self) -> int:
-        return self.config.hidden_size
+        return int(self.config.hidden_size)
 
     def structure(self) -> dict[str, list[int]]:
-        """Per-layer head, KV-head and neuron counts: the record of what pruning left."""
+        """Per-layer head, KV-head and neuron counts: the record of what pruning left (with the
+        residual widths of sliced blocks, and the indices of removed blocks, when there are any)."""
         heads, kv_heads, neurons = [], [], []
         for layer in self.layers():
             attn = self.attention(layer)
             heads.append(attn.num_heads)
             kv_heads.append(attn.num_kv_heads)
             neurons.append(self.ffn(layer).width)
-        return {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
+        out = {"heads": heads, "kv_heads": kv_heads, "neurons": neurons}
+        if any(self.shortcuts(layer) for layer in self.layers()):  # SliceGPT: the residual width each block reads
+            out["stream_widths"] = [self.attention(layer).reader.in_features for layer in self.layers()]
+        if removed := getattr(self.config, "removed_blocks", None):  # block_drop: indices in the input model
+            out["removed_blocks"] = list(removed)
+        return out

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from stat_exp.errors import ConfigError, UserError
 from stat_exp.models import get_adapter
 from stat_exp.models.loading import TASKS
 from stat_exp.models.loading import load_model as load_stock_model
+from stat_exp.models.modeling_sliced import SLICED_KEY, sliced_class
 from stat_exp.models.modeling_stat_pruned import RECORD_KEY, pruned_class
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -67,15 +69,17 @@ def weight_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
-def model_class(config: PretrainedConfig, task: str) -> type:
+def model_class(config: PretrainedConfig, task: str) -> type[PreTrainedModel]:
     """The class that builds this folder's model for `task`: the stock class, pruned as recorded."""
     if task not in TASKS:
         raise ConfigError(f"model.task={task!r}; allowed: {', '.join(TASKS)}")
-    mapping = TASKS[task]._model_mapping
+    mapping: Any = TASKS[task]._model_mapping
     if type(config) not in mapping:
         raise CheckpointError(f"model type {config.model_type!r} has no {TASKS[task].__name__} (model.task={task})")
     record = getattr(config, RECORD_KEY, None) or {}
     stock = mapping[type(config)]
+    if SLICED_KEY in record:
+        return sliced_class(stock)
     return pruned_class(stock) if any(record.get(k) for k in ("parameters", "attributes", "configs")) else stock
 
 
@@ -85,7 +89,7 @@ def _by_base_name(names_shapes: dict[str, tuple[int, ...]], prefix: str) -> dict
     return {k.removeprefix(prefix + "."): v for k, v in names_shapes.items()}
 
 
-def check_folder(path: str | Path, task: str) -> tuple[PretrainedConfig, type]:
+def check_folder(path: str | Path, task: str) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
     """(config, class to load with) after checking that config.json and the weights agree: the
     shapes of every tensor both name, and, for a stat-exp export, that no base-model weight is
     missing or extra and the per-layer structure matches the recorded shapes."""
@@ -138,5 +142,5 @@ def load_pruned(path: str | Path, device: torch.device | str = "cpu", task: str 
     config = read_config(Path(path))
     task = task or (getattr(config, RECORD_KEY, None) or {}).get("task", "causal_lm")
     config, cls = check_folder(path, task)
-    model = cls.from_pretrained(path, config=config, dtype=getattr(config, "dtype", None) or torch.float32)
+    model: nn.Module = cls.from_pretrained(path, config=config, dtype=getattr(config, "dtype", None) or torch.float32)
     return model.to(device).eval()

@@ -21,6 +21,7 @@ from torch import nn
 from stat_exp.models.base import AttentionParts, FFNParts, ModelAdapter, QKVLayout, UnsupportedModelError
 from stat_exp.models.bookkeeping import KV_HEAD_ATTRS, shared_config, update_head_bookkeeping
 from stat_exp.models.conv1d import convert_conv1d
+from stat_exp.models.hooks import Hooks, stop_forward, stops_forward
 
 Q_NAMES = ("q_proj", "query", "q_lin", "wq", "q")
 K_NAMES = ("k_proj", "key", "k_lin", "wk", "k")
@@ -208,10 +209,6 @@ def fused_kv_heads(module: nn.Module, rows: int) -> int:
     return rows // 3 if kv is None or kv == heads else kv
 
 
-class _Stop(Exception):
-    pass
-
-
 def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
@@ -237,25 +234,19 @@ def trace_post_norms(model: nn.Module, block: nn.Module, plan: BlockPlan) -> Blo
                     found.setdefault(part, path)
         return hook
 
-    def stop(module, args, output):
-        raise _Stop
-
-    handles = [block.get_submodule(plan.o).register_forward_hook(record("attn")),
-               block.get_submodule(plan.down).register_forward_hook(record("ffn")),
-               block.register_forward_hook(stop)]
-    handles += [m.register_forward_pre_hook(check(path)) for path, m in block.named_modules() if _is_norm(m)]
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    try:
-        with torch.inference_mode():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    except _Stop:
-        pass
-    except Exception as e:
-        if device.type == "meta":
-            return plan
-        raise UnsupportedModelError(f"block {type(block).__name__}: a forward pass of two tokens, run to find its "
-                                    f"post-norms, failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
-    finally:
-        for handle in handles:
-            handle.remove()
+    with Hooks() as hooks:
+        hooks.post(block.get_submodule(plan.o), record("attn")).post(block.get_submodule(plan.down), record("ffn"))
+        hooks.post(block, stop_forward)
+        for path, m in block.named_modules():
+            if _is_norm(m):
+                hooks.pre(m, check(path))
+        try:
+            with torch.inference_mode(), stops_forward():
+                model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        except Exception as e:
+            if device.type == "meta":
+                return plan
+            raise UnsupportedModelError(f"block {type(block).__name__}: a forward pass of two tokens, run to find "
+                                        f"its post-norms, failed: {type(e).__name__}: {str(e).strip()[:200]}") from e
     return replace(plan, attn_post_norm=found.get("attn"), ffn_post_norm=found.get("ffn"))

@@ -40,7 +40,7 @@ class Pruner(ABC):
     stages: tuple[str, ...] = ("prune",)
 
     def __init__(self, gqa: GqaMode = "per_group", allocation: AllocationChoice = "budget",
-                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):
+                 propagate: Literal[("calib", *PROPAGATE_MODES)] = "calib"):  # type: ignore[valid-type]
         """`gqa`: per_group keeps the same query heads per KV group; whole_groups removes KV groups whole.
         `allocation`: "budget" follows budget.allocation; "uniform" or "global" fixes it for this
         pruner (the baselines whose scores do not compare across layers were published uniform).
@@ -49,7 +49,7 @@ class Pruner(ABC):
         a job starts (stat_exp.config)."""
         self.gqa, self.allocation, self.propagate = gqa, allocation, propagate
 
-    def allocation_under(self, budget_allocation: str) -> str:
+    def allocation_under(self, budget_allocation: Allocation) -> Allocation:
         """The allocation this pruner runs with when the budget asks for `budget_allocation`."""
         return budget_allocation if self.allocation == "budget" else self.allocation
 
@@ -58,9 +58,23 @@ class Pruner(ABC):
         return calib_propagate if self.propagate == "calib" else self.propagate
 
     @property
+    def corrects(self) -> bool:
+        """Fits a least-squares correction per layer on the calibration tokens, so every layer needs at
+        least as many tokens as units it keeps (checked before the weights load)."""
+        return False
+
+    @property
     def variant(self) -> str:
         """A short label for non-default settings that change the method (empty by default)."""
         return ""
+
+    def splits_statistics(self, backend: Backend) -> bool:
+        """Whether its accumulators for `backend` hold two parts (fit and held-out; the planner counts both)."""
+        return False
+
+    def calibration_report(self) -> dict:
+        """What the pruner measured about its calibration's adequacy (results.json `calibration`)."""
+        return {}
 
     def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
         """How this pruner's layer statistics accumulate: the backend's own by default."""
@@ -72,7 +86,7 @@ class Pruner(ABC):
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                 examples: list[dict[str, torch.Tensor]] | None = None) -> None:
         """Whole-model work before the layer stream (e.g. gradients); most pruners need none.
-        `examples`: the `prepare_examples` calibration examples, when the pruner asks for them."""
+        `examples`: the `requirements.examples` calibration examples, when the pruner asks for them."""
 
     @abstractmethod
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
@@ -90,9 +104,10 @@ class Pruner(ABC):
         None to use the shared allocation. Called wherever the runner would allocate."""
         return None
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
-        """Slice the layer to the plan, keeping the best-ranked units. Correcting pruners override."""
+        """Slice layer `index` (as in `score`) to the plan, keeping the best-ranked units. Correcting pruners
+        override."""
         prune_attention(adapter, layer, scores.attn_levels[plan.attn_level])
         prune_ffn(adapter, layer, scores.ffn_order[: plan.neurons])
 

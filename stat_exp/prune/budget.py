@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from stat_exp.errors import UserError
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.scores import LayerScores
-from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt
+from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt, SeqLen
 
+Selection = Literal["held_out", "off"]  # budget.select: how the global allocation's plan is chosen
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
 
@@ -21,12 +23,19 @@ class BudgetError(UserError, ValueError):
 
 @dataclass
 class BudgetSpec:
-    """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding."""
+    """The budget as configured: kept FLOPs fraction, FLOPs sequence length, allocation, rounding.
 
-    flops: Fraction = 1.0
-    seq_len: PositiveInt = 256
+    `select`: under the global allocation, `held_out` chooses the plan among candidates (uniform,
+    global, global with per-layer floors) by the pruned model's divergence from the dense model on
+    `held_out_examples` calibration examples the statistics are not fitted on
+    (`stat_exp.prune.plan_selection`); `off` applies the global plan as it is."""
+
+    flops: Fraction = 0.7  # conf/budget/flops.yaml's default too
+    seq_len: SeqLen = 256
     allocation: Allocation = "global"
     round_to: PositiveInt = 1
+    select: Selection = "held_out"
+    held_out_examples: PositiveInt = 8
 
 
 @dataclass
@@ -49,13 +58,15 @@ def _round_neurons(k: float, width: int, round_to: int) -> int:
 
 
 def allocate(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsModel, target: float,
-             mode: str = "global", round_to: int = 1) -> list[LayerPlan]:
+             mode: str = "global", round_to: int = 1, minimum: list[LayerPlan] | None = None) -> list[LayerPlan]:
     """Per-layer counts that keep `target` of the prunable FLOPs.
 
     `uniform` keeps the same fraction in every layer (heads rounded, neurons filling the rest).
     `global` minimises the summed cost curves under the FLOPs total: a Lagrangian search over one
     price per FLOP, shared by heads and neurons of all layers (so the split between them falls out
     of the search), then the remaining slack is filled with the neurons that lower the cost most.
+    `minimum` (global only): per-layer floors, no layer keeps a lower attention level or fewer
+    neurons than its floor (the floors' FLOPs must fit the budget).
     """
     if not 0 < target <= 1:
         raise BudgetError(f"budget.flops={target} must be in (0, 1]")
@@ -70,16 +81,22 @@ def allocate(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsMo
             f"(at least one attention level and {max(1, round_to)} neurons per layer)")
     if mode == "uniform":
         return [_uniform_layer(sc, sh, flops, target, round_to) for sc, sh in zip(scores, shapes)]
-    return _global(scores, shapes, flops, target * dense, round_to, tolerance=SLACK_TOLERANCE * dense)
+    return _global(scores, shapes, flops, target * dense, round_to, tolerance=SLACK_TOLERANCE * dense,
+                   minimum=minimum)
 
 
-def _layer_options(sc: LayerScores, sh: LayerShape, flops: FlopsModel, round_to: int):
-    """(flops, cost) arrays for the attention levels and for the neuron counts of one layer."""
+def _layer_options(sc: LayerScores, sh: LayerShape, flops: FlopsModel, round_to: int,
+                   floor: LayerPlan | None = None):
+    """(flops, cost) arrays for the attention levels and for the neuron counts of one layer; options
+    below `floor` cost infinity (never chosen)."""
     attn_f = np.array([flops.attention(sh, lv.num_heads, lv.num_kv_heads) for lv in sc.attn_levels])
     attn_c = np.asarray(sc.attn_cost, dtype=np.float64)
     ks = neuron_options(sh.ffn_width, round_to)
     ffn_f = np.array([flops.ffn(sh, int(k)) for k in ks])
     ffn_c = np.asarray(sc.ffn_cost, dtype=np.float64)[ks]
+    if floor is not None:
+        attn_c = np.where(np.arange(len(attn_c)) < floor.attn_level, np.inf, attn_c)
+        ffn_c = np.where(ks < min(floor.neurons, int(ks[-1])), np.inf, ffn_c)
     return (attn_f, attn_c), (ffn_f, ffn_c, ks)
 
 
@@ -92,8 +109,10 @@ def _uniform_layer(sc: LayerScores, sh: LayerShape, flops: FlopsModel, target: f
     return LayerPlan(level, _round_neurons(rest / per_neuron, sh.ffn_width, round_to))
 
 
-def _global(scores, shapes, flops: FlopsModel, budget: float, round_to: int, tolerance: float) -> list[LayerPlan]:
-    options = [_layer_options(sc, sh, flops, round_to) for sc, sh in zip(scores, shapes)]
+def _global(scores, shapes, flops: FlopsModel, budget: float, round_to: int, tolerance: float,
+            minimum: list[LayerPlan] | None = None) -> list[LayerPlan]:
+    floors: list[LayerPlan | None] = list(minimum) if minimum else [None] * len(scores)
+    options = [_layer_options(sc, sh, flops, round_to, fl) for sc, sh, fl in zip(scores, shapes, floors)]
     # every (layer, module) is one choice: an index into its (flops, cost) arrays
     menus = [(f, c) for (attn, (ff, fc, _)) in options for (f, c) in (attn, (ff, fc))]
 

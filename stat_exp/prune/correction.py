@@ -63,18 +63,6 @@ def centred(G: torch.Tensor, sums: torch.Tensor, n: int, mean: torch.Tensor | No
 
 
 @dataclass
-class HeldOutGram:
-    """Statistics of the calibration tokens split in two: the fit's part and a held-out part."""
-
-    fit: torch.Tensor
-    held_out: torch.Tensor
-    fit_sums: torch.Tensor | None = None
-    held_out_sums: torch.Tensor | None = None
-    n_fit: int = 0
-    n_held_out: int = 0
-
-
-@dataclass
 class ModuleGrams:
     """One prunable input's calibration statistics: the Gram over all tokens (and channel sums for
     an intercept), and, when a choice needs validation, the same split into fit and held-out parts."""

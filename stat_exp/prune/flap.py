@@ -68,7 +68,7 @@ class FlapPruner(Pruner):
                                [sc.extra["standardised"] for sc in scores], reduce="mean")
         return inc.plans(inc.fill(inc.ranking(), inc.headroom(budget.flops)))
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         level = scores.attn_levels[plan.attn_level]

@@ -46,6 +46,7 @@ from stat_exp.errors import ConfigError
 from stat_exp.execution.requirements import Requirements
 from stat_exp.models.base import AttentionParts, ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape
+from stat_exp.models.hooks import Hooks
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
 from stat_exp.prune.global_rank import Increments
@@ -99,7 +100,7 @@ class KwonPruner(Pruner):
         head_grads, neuron_grads = self.grads[index]
         heads, neurons = head_grads.square().sum(0), neuron_grads.square().sum(0)
         scores = self.ranked(adapter, layer, (heads / attn.head_dim).repeat_interleave(attn.head_dim), neurons)
-        scores.extra.update(fisher=(heads, neurons), grads=(head_grads, neuron_grads), index=index)
+        scores.extra.update(fisher=(heads, neurons), grads=(head_grads, neuron_grads))
         return scores
 
     def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
@@ -115,7 +116,7 @@ class KwonPruner(Pruner):
         inc = Increments.build(scores, shapes, flops, budget.round_to, [sc.extra["fisher"] for sc in scores], "sum")
         return inc.plans(mac_search(inc, inc.headroom(target)))
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         level = scores.attn_levels[plan.attn_level]
@@ -126,7 +127,6 @@ class KwonPruner(Pruner):
             neurons = rearranged(neuron_grads, neurons, [list(range(ffn.width))])
         o_weight = down_weight = None
         if self._tuner is not None:
-            index = scores.extra["index"]
             teacher = self._teacher_plans[index]
             teacher_units = (list(scores.attn_levels[teacher.attn_level].heads), scores.ffn_order[: teacher.neurons])
             head_scales, neuron_scales = self._tuner.tune(index, layer, teacher_units, (list(level.heads), neurons))
@@ -135,7 +135,7 @@ class KwonPruner(Pruner):
         prune_attention(adapter, layer, level, o_weight)
         prune_ffn(adapter, layer, neurons, down_weight)
         if self._tuner is not None:
-            self._tuner.advance(scores.extra["index"], layer)
+            self._tuner.advance(index, layer)
 
     def _rearranged_level(self, attn: AttentionParts, level: AttentionLevel, head_grads: torch.Tensor) -> AttentionLevel:
         """The level's counts with the units re-picked by the greedy rearrangement."""
@@ -213,19 +213,19 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
                    batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: (batches x heads, batches x neurons) gradients of the loss w.r.t. unit masks."""
     param = next(model.parameters())
-    masks, handles = [], []
+    masks, hooks = [], Hooks()
     for layer in adapter.layers():
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         for linear, width, size in ((attn.o, attn.num_heads, attn.head_dim), (ffn.down, ffn.width, 1)):
             mask = torch.ones(width, dtype=param.dtype, device=param.device, requires_grad=True)
-            handles.append(linear.register_forward_pre_hook(_masking(mask, size)))
+            hooks.pre(linear, _masking(mask, size))
             masks.append(mask)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     grads: list[list[torch.Tensor]] = [[] for _ in masks]
     try:
-        with torch.enable_grad():
+        with hooks, torch.enable_grad():
             for batch in batches:
                 inputs = model_inputs(batch, param.device)
                 labels = (batch[LABELS] if LABELS in batch
@@ -235,8 +235,6 @@ def mask_gradients(model: nn.Module, adapter: ModelAdapter,
                 for acc, grad in zip(grads, torch.autograd.grad(loss, masks)):
                     acc.append(grad.detach().double().cpu())
     finally:
-        for h in handles:
-            h.remove()
         for p in frozen:
             p.requires_grad_(True)
     stacked = [torch.stack(g) for g in grads]

@@ -25,15 +25,12 @@ from torch import nn
 
 from stat_exp.calibrate import capture_block_inputs, real_tokens
 from stat_exp.models.base import ModelAdapter
+from stat_exp.models.hooks import Hooks, StopForward, stops_forward
 from stat_exp.prune.surgery import head_channels
 
 LSMR_DAMP = 1.0  # their solver's damping (toward scale 1)
 LSMR_MAX_ITER = 100_000
 LSMR_OK = 3  # istop below this: converged (their success test)
-
-
-class _Stop(Exception):
-    pass
 
 
 def _out(result) -> torch.Tensor:
@@ -56,12 +53,11 @@ class MaskTuner:
         """Scales for the student's kept heads and neurons (None: left unscaled) of the still-dense
         `layer`; `teacher`/`student`: (kept query heads, kept neurons). Also moves the teacher on."""
         attn, ffn = self.adapter.attention(layer), self.adapter.ffn(layer)
-        head_mask = lambda heads: _unit_mask(heads, attn.num_heads, attn.head_dim)  # noqa: E731
-        t_heads, t_neurons = head_mask(teacher[0]), _unit_mask(teacher[1], ffn.width, 1)
+        t_heads, t_neurons = _unit_mask(teacher[0], attn.num_heads, attn.head_dim), _unit_mask(teacher[1], ffn.width, 1)
         attn_targets, ffn_targets, self.teacher = self.teacher_pass(index, layer, t_heads, t_neurons)
         if self.stopped:
             return None, None
-        s_heads = head_mask(student[0])
+        s_heads = _unit_mask(student[0], attn.num_heads, attn.head_dim)
         head_scales = None
         if index > 0 and len(student[0]) < attn.num_heads:
             head_scales = self._solve(*self.head_system(index, layer, s_heads, attn_targets, student[0]))
@@ -93,8 +89,7 @@ class MaskTuner:
             attn_targets.append((real_tokens(seen["o_out"], mask) + real_tokens(hidden, mask)).double())
             ffn_targets.append((real_tokens(seen["down_out"], mask) + real_tokens(seen["ffn_residual"], mask)).double())
             outputs.append(seen["block_out"])
-        bias = lambda lin: 0.0 if lin.bias is None else lin.bias.detach().double()  # noqa: E731
-        return ([t - bias(attn.o) for t in attn_targets], [t - bias(ffn.down) for t in ffn_targets], outputs)
+        return ([t - _bias(attn.o) for t in attn_targets], [t - _bias(ffn.down) for t in ffn_targets], outputs)
 
     def head_system(self, index, layer, head_mask, targets, kept_heads) -> tuple[torch.Tensor, torch.Tensor]:
         """Normal equations of the kept heads' contributions after O (and an intercept column)
@@ -169,27 +164,23 @@ class MaskTuner:
             x = args[0] if neuron_mask is None else args[0] * neuron_mask.to(args[0])
             seen["down_in"] = x
             if stop_at_down:
-                raise _Stop
+                raise StopForward
             return (x, *args[1:])
 
-        handles = [attn.o.register_forward_pre_hook(o_pre),
-                   attn.o.register_forward_hook(lambda m, a, out: seen.__setitem__("o_out", out)),
-                   (ffn.up or ffn.gate_up).register_forward_pre_hook(lambda m, a: seen.__setitem__("ffn_in", a[0])),
-                   ffn.down.register_forward_pre_hook(down_pre),
-                   ffn.down.register_forward_hook(lambda m, a, out: seen.__setitem__("down_out", out))]
-        try:
-            with torch.inference_mode():
-                try:
-                    call = self.boundary.calls[batch][index]
-                    seen["block_out"] = _out(layer(hidden, *call.args, **call.kwargs))
-                except _Stop:
-                    pass
-        finally:
-            for h in handles:
-                h.remove()
+        with Hooks() as hooks, torch.inference_mode(), stops_forward():
+            hooks.pre(attn.o, o_pre).post(attn.o, lambda m, a, out: seen.__setitem__("o_out", out))
+            hooks.pre(ffn.up or ffn.gate_up, lambda m, a: seen.__setitem__("ffn_in", a[0]))
+            hooks.pre(ffn.down, down_pre).post(ffn.down, lambda m, a, out: seen.__setitem__("down_out", out))
+            call = self.boundary.calls[batch][index]
+            seen["block_out"] = _out(layer(hidden, *call.args, **call.kwargs))
         post_ln = self.adapter.post_ln
         seen["ffn_residual"] = seen["ffn_in"] if post_ln else hidden + seen["o_out"].view_as(hidden)
         return seen
+
+
+def _bias(linear: nn.Linear) -> torch.Tensor | float:
+    """The layer's bias in float64 (0 without one)."""
+    return 0.0 if linear.bias is None else linear.bias.detach().double()
 
 
 def _unit_mask(kept: torch.Tensor | list[int], units: int, size: int) -> torch.Tensor:

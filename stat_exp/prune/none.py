@@ -12,6 +12,14 @@ from stat_exp.prune.base import Pruner
 from stat_exp.prune.scores import AttentionLevel, LayerScores
 
 
+def keep_everything(adapter: ModelAdapter, layer: nn.Module) -> LayerScores:
+    """Scores with only the layer's dense layout, at no cost (nothing to choose)."""
+    attn, width = adapter.attention(layer), adapter.ffn(layer).width
+    dense = AttentionLevel(tuple(range(attn.num_heads)), tuple(range(attn.num_kv_heads)))
+    return LayerScores(ffn_order=torch.arange(width), ffn_cost=np.zeros(width + 1),
+                       attn_levels=[dense], attn_cost=np.zeros(1))
+
+
 class NoPruner(Pruner):
     name = "none"
     requirements = Requirements(calibration=False)
@@ -19,7 +27,4 @@ class NoPruner(Pruner):
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         """Only the dense layout, at no cost."""
-        attn, width = adapter.attention(layer), adapter.ffn(layer).width
-        dense = AttentionLevel(tuple(range(attn.num_heads)), tuple(range(attn.num_kv_heads)))
-        return LayerScores(ffn_order=torch.arange(width), ffn_cost=np.zeros(width + 1),
-                           attn_levels=[dense], attn_cost=np.zeros(1))
+        return keep_everything(adapter, layer)

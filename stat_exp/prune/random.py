@@ -25,7 +25,7 @@ from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan
 from stat_exp.prune.scores import LayerScores
-from stat_exp.types import GqaMode
+from stat_exp.types import GqaMode, Seed
 
 STRUCTURE_KEYS = ("heads", "kv_heads", "neurons")
 
@@ -47,7 +47,7 @@ class RandomPruner(Pruner):
     name = "random"
     requirements = Requirements(calibration=False)
 
-    def __init__(self, gqa: GqaMode = "per_group", seed: int = 0, allocation: AllocationChoice = "uniform",
+    def __init__(self, gqa: GqaMode = "per_group", seed: Seed = 0, allocation: AllocationChoice = "uniform",
                  structure_file: str | None = None):
         """`allocation="uniform"`: random scores cannot inform a global allocation. `structure_file`: a
         results.json or structure.json whose per-layer counts are copied (random units; budget ignored)."""

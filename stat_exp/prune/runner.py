@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 from stat_exp.calibrate import LayerStats, LayerStream
 from stat_exp.errors import ConfigError
 from stat_exp.execution.choices import STREAMS
-from stat_exp.execution.factors import factors_class
+from stat_exp.execution.factors import Pending, factors_class
 from stat_exp.execution.offload import BlockStore
 from stat_exp.factorize.base import Backend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape, model_flops, prunable_params, shapes_of
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
+from stat_exp.prune.plan_selection import Selection, candidate_plans, choose_plan
 from stat_exp.prune.scores import LayerScores
 
 
@@ -49,6 +50,8 @@ class PruneOutcome:
     achieved: dict[str, float]
     structure: dict[str, list[int]]
     timing_s: dict[str, float] = field(default_factory=dict)
+    diagnostics: dict = field(default_factory=dict)  # the pruner's calibration report
+    allocation: dict = field(default_factory=dict)  # which plan the global allocation applied, and why
 
 
 class PruneRunner:
@@ -73,12 +76,18 @@ class PruneRunner:
         self.stream, self.factors = stream, factors_class(factors)(spill_dir)
         self.flops = FlopsModel(budget.seq_len)
         self._streamed = 0.0  # seconds spent streaming calibration batches through blocks
+        self.held_out: list[dict[str, torch.Tensor]] = []  # examples for choosing the plan (plan_selection)
+        self.selection: Selection | None = None
 
     def run(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
             device: torch.device, store: BlockStore | None = None,
-            examples: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
-        """`examples`: the calibration examples the pruner asked for (`prepare_examples`), if any."""
+            examples: list[dict[str, torch.Tensor]] | None = None,
+            held_out: list[dict[str, torch.Tensor]] | None = None) -> PruneOutcome:
+        """`examples`: the calibration examples the pruner asked for (`requirements.examples`), if any.
+        `held_out`: calibration batches the statistics are not fitted on, for choosing the global
+        allocation's plan (`budget.select=held_out`); without them the global plan is applied."""
         store = store or BlockStore(model, adapter, device)
+        self.held_out = list(held_out or [])
         if not store.resident and self.pruner.requirements.whole_model:
             raise ConfigError(f"pruner={self.pruner.name} runs the whole model at once (gradients); "
                               f"it needs execution.offload=none, not {store.mode}")
@@ -98,7 +107,9 @@ class PruneRunner:
             achieved={"flops_fraction": model_flops(adapter, self.flops) / dense_flops,
                       "params_fraction": prunable_params(adapter) / dense_params,
                       "params": sum(p.numel() for p in model.parameters())},
-            structure=adapter.structure(), timing_s=timing)
+            structure=adapter.structure(), timing_s=timing,
+            diagnostics=self.pruner.calibration_report() if self.pruner.prunes else {},
+            allocation=self.selection.record() if self.selection else {"chosen": self.budget.allocation})
 
     def _allocate(self, scores: list[LayerScores], shapes: list[LayerShape],
                   layers: list[int] | None = None) -> list[LayerPlan]:
@@ -130,24 +141,53 @@ class PruneRunner:
         if self.budget.allocation == "uniform":  # each layer decided on its own, as it streams
             for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
                 sc = self._score(adapter, i, layer, stats)
-                self.pruner.apply(adapter, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
+                self.pruner.apply(adapter, i, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
             return
         if self.propagate == "pruned":  # counts from a dense pass, then prune in order
             plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
                                                                         keep_heavy=False)], shapes)
             for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
-                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats, planned=True), plans[i], stats)
+                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats, planned=True), plans[i],
+                                  stats)
             return
         keep_heavy = not self.factors.second_pass
         with self.factors.pending() as pending:
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
                 pending.put(i, self._score(adapter, i, layer, stats), stats, keep_heavy)
             plans = self._allocate(pending.scores(), shapes)
+            if self._selects(pending.scores(), shapes):
+                blocks = self._peeked(pending, store) if keep_heavy else self._rescored(model, adapter, batches,
+                                                                                        device, store)
+                plans = self._choose(model, adapter, pending.scores(), shapes, blocks, device, store)
             if keep_heavy:
                 self._apply_stored(adapter, store, pending.take, plans)
                 return
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
-                self.pruner.apply(adapter, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+
+    def _selects(self, scores: list[LayerScores], shapes: list[LayerShape]) -> bool:
+        """Whether the global plan is chosen among candidates: asked for, held-out batches given, and
+        the plans come from the shared allocation (not the pruner's own)."""
+        return (self.budget.select == "held_out" and bool(self.held_out) and
+                self.pruner.fixed_plans(list(range(len(scores))), scores, shapes, self.flops, self.budget) is None)
+
+    def _choose(self, model, adapter, scores, shapes, blocks, device, store: BlockStore) -> list[LayerPlan]:
+        """The candidate plan closest to the dense model on the held-out batches (see plan_selection)."""
+        home = device if store.resident else torch.device("cpu")
+        self.selection = choose_plan(candidate_plans(scores, shapes, self.flops, self.budget), blocks, model,
+                                     adapter, self.held_out, device, home, self.pruner.apply, self.progress)
+        return self.selection.plans[self.selection.chosen]
+
+    def _peeked(self, pending: Pending, store: BlockStore):
+        """Every block on the device in turn, with its held scores and statistics."""
+        for i in range(len(pending.scores())):
+            with store.block(i) as layer:
+                yield (i, layer, *pending.peek(i))
+
+    def _rescored(self, model, adapter, batches, device, store: BlockStore):
+        """Every block scored again from a dense pass (`factors=recompute`)."""
+        for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
+            yield i, layer, self._score(adapter, i, layer, stats), stats
 
     def _score(self, adapter, index: int, layer: nn.Module, stats: LayerStats, planned: bool = False) -> LayerScores:
         """`planned`: the block's counts are already decided (its keep-counts need no prices)."""
@@ -185,7 +225,7 @@ class PruneRunner:
         for i in tqdm(range(len(plans)), desc="prune", disable=not self.progress):
             sc, stats = scored(i)
             with store.block(i) as layer:
-                self.pruner.apply(adapter, layer, sc, plans[i], stats)
+                self.pruner.apply(adapter, i, layer, sc, plans[i], stats)
 
     def apply_plans(self, adapter: ModelAdapter, scored: Sequence[tuple[LayerScores, LayerStats | None]],
                     plans: list[LayerPlan]) -> None:

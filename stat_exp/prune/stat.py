@@ -32,9 +32,11 @@ from stat_exp.calibrate import ChannelMoments, LayerStats
 from stat_exp.errors import ConfigError
 from stat_exp.execution.requirements import Requirements
 from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
+from stat_exp.factorize.gram import GramBackend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import LayerPlan
+from stat_exp.prune.calibration_check import OverfitCheck, overfit_curves
 from stat_exp.prune.compensation import CompensatedFold, compensated_error, compensated_weight
 from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
 from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
@@ -68,15 +70,18 @@ class StatPruner(Pruner):
     def __init__(self, gqa: GqaMode = "per_group", correction: bool = True,
                  allocation: AllocationChoice = "budget", ridge: NonNegativeFloat | Literal["auto"] = 0.0,
                  validation: OpenFraction = 0.25, heads: Literal["pivot", "greedy"] = "pivot",
-                 intercept: bool = False, costs: Literal["fit", "held_out"] = "fit", compensate: bool = False):
+                 intercept: bool = False, costs: Literal["fit", "held_out"] = "fit", compensate: bool = False,
+                 overfit_check: bool = True):
         """`correction=False`: the ablation "same selection, no correction". `ridge`: strength of the
         ridge on the correction, relative to each kept unit's energy (0: plain least squares), or
         `auto`: chosen from RIDGES for every keep-count by the error on held-out calibration batches.
         `validation`: the share of calibration batches held out for `ridge=auto` and
         `costs=held_out` (all batches still make the final fit). `compensate`: blocks are fed the
         pruned model's outputs (propagate=pruned) and each correction is fitted to the dense model's
-        outputs on the same tokens (see `compensation`). Types and ranges are checked before a job
-        starts (stat_exp.config)."""
+        outputs on the same tokens (see `compensation`). `overfit_check`: measure whether the
+        calibration is large enough for the FFN correction (held-out over in-sample error, results.json
+        `calibration`; see `calibration_check`). Types and ranges are checked before a job starts
+        (stat_exp.config)."""
         super().__init__(gqa, allocation, propagate="pruned" if compensate else "calib")
         if compensate and (ridge == "auto" or intercept or costs == "held_out"):
             raise ConfigError("pruner.compensate=true fits to the dense outputs with a fixed ridge only; "
@@ -85,6 +90,12 @@ class StatPruner(Pruner):
         self.heads, self.intercept, self.costs, self.compensate = heads, intercept, costs, compensate
         # channel sums for the mean term; the dense model's activations for a compensated fit
         self.requirements = Requirements(factorization=True, moments=intercept, dense_targets=compensate)
+        self.overfit_check = overfit_check and not compensate
+        self._check = OverfitCheck()
+
+    @property
+    def corrects(self) -> bool:
+        return self.correction
 
     @property
     def variant(self) -> str:
@@ -102,8 +113,13 @@ class StatPruner(Pruner):
         """Today's method exactly: one pivoted factor per module, costs and folds from it."""
         return not (self.ridge or self.intercept or self._held_out or self.heads == "greedy")
 
+    def splits_statistics(self, backend: Backend) -> bool:
+        """Held-out choices split any backend's statistics; the check alone only the Gram backend's,
+        whose two parts sum to the same statistic (so the run's result does not change)."""
+        return self._held_out or (self.overfit_check and isinstance(backend, GramBackend))
+
     def accumulator(self, backend: Backend):
-        if not self._held_out:
+        if not self.splits_statistics(backend):
             return backend.accumulator
         return lambda dim: HeldOutAccumulator(backend.accumulator(dim), backend.accumulator(dim), self.validation)
 
@@ -122,7 +138,7 @@ class StatPruner(Pruner):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
-        extra, heavy = {"n_tokens": stats.n_tokens}, {}
+        extra, heavy, curves = {"n_tokens": stats.n_tokens}, {}, None
         if stats.ffn_cross is not None:  # fed the pruned model's inputs: fit to the dense outputs
             fold = CompensatedFold(stats.ffn_factor.gram(), stats.ffn_cross.C, W2, _unit_weights(W2),
                                    stats.ffn_factor.factorize(weights=_unit_weights(W2)).perm, float(self.ridge))
@@ -138,6 +154,7 @@ class StatPruner(Pruner):
             if priced:
                 ffn_cost = ffn_fact.output_error(W2)
                 attn_cost = attn_fact.output_error(attn.o.weight.detach().double())[bounds]
+                curves = self._overfit_curves(stats, W2, ffn_fact.perm, ffn_fact.weights, ffn_cost)
             else:
                 ffn_cost, attn_cost = W2.new_zeros(W2.shape[1] + 1), W2.new_zeros(len(levels))
         else:
@@ -146,10 +163,20 @@ class StatPruner(Pruner):
             levels, attn_cost, attn_folds = self._head_folds(attn, self._grams(stats.attn_factor, stats.attn))
             heavy |= {"ffn_fold": ffn_fold, "attn_folds": attn_folds}
             ffn_order = ffn_fold.perm
+            curves = self._overfit_curves(stats, W2, ffn_fold.perm, ffn_fold.weights)
         # priced where the error enters the residual stream: through the sublayer's post-norm, if any
         ffn_price, attn_price = stats.ffn_gain.value / scale, stats.attn_gain.value / scale
+        if curves is not None:
+            extra["ffn_overfit"] = tuple((c * ffn_price).cpu().numpy() for c in curves)
         return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(ffn_cost * ffn_price).cpu().numpy(), attn_levels=levels,
                            attn_cost=(attn_cost * attn_price).cpu().numpy(), extra=extra, heavy=heavy)
+
+    def _overfit_curves(self, stats: LayerStats, W2: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor,
+                        inside: torch.Tensor | None = None):
+        return overfit_curves(stats.ffn_factor, W2, perm, weights, inside) if self.overfit_check else None
+
+    def calibration_report(self) -> dict:
+        return self._check.summary()
 
     def _grams(self, acc: Accumulator, moments: ChannelMoments | None) -> ModuleGrams:
         full = acc.gram()
@@ -239,7 +266,7 @@ class StatPruner(Pruner):
         kept, removed = _channels(attn, level, G.device)
         return corrected_error(G, W, kept, removed)
 
-    def apply(self, adapter: ModelAdapter, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         n_tokens = scores.extra["n_tokens"]
@@ -251,6 +278,8 @@ class StatPruner(Pruner):
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
         keep = scores.ffn_order[: plan.neurons]
+        if "ffn_overfit" in scores.extra:
+            self._check.add(index, *scores.extra["ffn_overfit"], plan.neurons)
         if "ffn_comp" in scores.heavy:
             o_weight, o_bias, down_bias = self._compensated_o(attn, level, scores.heavy["attn_comp"]), None, None
             fold = scores.heavy["ffn_comp"]

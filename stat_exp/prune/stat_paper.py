@@ -52,12 +52,21 @@ folds into the next weights are `StatPruner.apply`'s.
    block least-squares map R1_11^-1 R1_12 from the kept heads' channels to the removed ones (their
    head-level T is overwritten by it for every removed head). Their pinv of R11 is a triangular solve
    truncated at the numerical rank here.
+As released (`as_released=true`, or one switch per difference): `head_error=released` prices the
+head errors as their scripts do, the residual's columns reordered by P where argsort(P) is meant
+(the intended error with W_O's columns permuted twice by argsort(P)); `flops_shares=released` splits
+the budget with their hand-set neuron share (prune_bert.py 0.6622759267443489, prune_opt.py 4/7) at
+the candidate average head count: N = int((mu - (1 - share) h / H) / share x width) neurons per layer.
+`sketch=released` (with as_released, for the opt procedure) feeds the statistics prune_opt.py's
+unnormalised 100-row Gaussian sketch of every calibration batch (`released_sketch`).
+`recompute_heads` defaults to the procedure's own: two passes for `bert`, one for `opt`.
 Beyond their code, every layer keeps at least one head (one attention level) and one neuron option
 (`budget.round_to`), as the shared allocation does; the budget's `allocation` does not apply (their
 thresholds are global by construction).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -66,14 +75,16 @@ from torch import nn
 
 from stat_exp.calibrate import LayerStats
 from stat_exp.errors import ConfigError
-from stat_exp.factorize.base import pivoted_cholesky
+from stat_exp.factorize.base import Accumulator, Backend, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.budget import BudgetError, BudgetSpec, LayerPlan, neuron_options
 from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
+from stat_exp.prune.released_sketch import sketched
 from stat_exp.prune.stat import JITTER, StatPruner, nested_head_factor
 
 PROCEDURES = ("auto", "bert", "opt")
+RELEASED_NEURON_SHARE = {"bert": 0.6622759267443489, "opt": 4 / 7}  # neuronWeight of prune_bert.py / prune_opt.py
 SPLIT_RATIO = 2.0  # head cutoff closest to SPLIT_RATIO x the mean neuron residual (both scripts)
 HEAD_LEVEL_BASE = 1.125  # prune_opt.py: the error of keeping i of H heads times 1.125^(H - i)
 
@@ -85,6 +96,20 @@ def raw_unit_gram(G: torch.Tensor, units: list[list[int]], head_dim: int) -> tor
     per_head = torch.einsum("atbt->ab", G.reshape(H, head_dim, H, head_dim))
     U = torch.tensor(units, device=G.device)
     return sum(per_head[U[:, j]][:, U[:, j]] for j in range(U.shape[1]))
+
+
+def released_out_weight(W_O: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """W_O with its columns permuted as the released head error meets them: their residual, in the
+    pivoted channel order `perm`, is reordered by `perm` itself where argsort(perm) restores the
+    model's order, so `Factorization.output_error` of this weight is their error."""
+    inverse = torch.argsort(perm)
+    return W_O[:, inverse[inverse]]
+
+
+def released_neurons_per_layer(target: float, share: float, average_heads: int, max_heads: int, width: int) -> int:
+    """The neurons per layer the released `neurons()` affords at `average_heads` of `max_heads`
+    heads with the hand-set FLOPs share of the neurons (0 when the heads take the whole budget)."""
+    return max(0, int((target - (1 - share) * (average_heads / max_heads)) / share * width))
 
 
 def _line_fit(values: np.ndarray) -> np.ndarray:
@@ -128,8 +153,9 @@ def top_counts(errors: list[np.ndarray], total: int, inclusive: bool) -> tuple[n
 
 
 def paper_plans(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsModel, target: float,
-                procedure: str, round_to: int = 1) -> list[LayerPlan]:
-    """Every layer's head level and neuron count by the authors' thresholds and split (step 5)."""
+                procedure: str, round_to: int = 1, neuron_share: float | None = None) -> list[LayerPlan]:
+    """Every layer's head level and neuron count by the authors' thresholds and split (step 5);
+    `neuron_share`: their hand-set FLOPs share of the neurons instead of the FLOPs model's."""
     if procedure not in ("bert", "opt"):
         raise ValueError(f"procedure={procedure!r}; allowed: bert, opt")
     neuron_err, head_err = weighted_errors(scores, procedure)
@@ -146,17 +172,21 @@ def paper_plans(scores: list[LayerScores], shapes: list[LayerShape], flops: Flop
         counts, cutoff = top_counts(head_err, average * L, inclusive=procedure == "bert")
         return np.maximum(counts, 1), cutoff
 
-    def neurons_for(heads: np.ndarray) -> np.ndarray:
+    most = max(len(e) for e in head_err)  # attention levels per layer (H under multi-head attention)
+
+    def neurons_for(heads: np.ndarray, average: int) -> np.ndarray:
+        if neuron_share is not None:
+            n = released_neurons_per_layer(target, neuron_share, average, most, shapes[0].ffn_width)
+            return top_counts(neuron_err, n * L, inclusive=False)[0]
         attention = sum(flops.attention(sh, sc.attn_levels[h - 1].num_heads, sc.attn_levels[h - 1].num_kv_heads)
                         for sc, sh, h in zip(scores, shapes, heads))
         left = target * dense - attention
         return top_counts(neuron_err, int(left / per_neuron) * L if left > 0 else 0, inclusive=False)[0]
 
-    most = max(len(e) for e in head_err)  # attention levels per layer (H under multi-head attention)
     candidates = []
     for average in range(max(1, int(target * most)), most + 1):
         heads, cutoff = heads_for(average)
-        neurons = neurons_for(heads)
+        neurons = neurons_for(heads, average)
         residual = float(np.mean([sc.ffn_cost[k] for sc, k in zip(scores, neurons)]))
         candidates.append((abs(cutoff - SPLIT_RATIO * residual), average, heads, neurons))
     _, _, heads, neurons = min(candidates, key=lambda c: c[0])  # first of equals, as np.argmin
@@ -176,29 +206,54 @@ class StatPaperPruner(StatPruner):
     name = "stat_paper"
 
     def __init__(self, gqa: Literal["per_group", "whole_groups"] = "per_group", correction: bool = True,
-                 procedure: Literal["auto", "bert", "opt"] = "auto", recompute_heads: bool = True):
+                 procedure: Literal["auto", "bert", "opt"] = "auto", recompute_heads: bool | None = None,
+                 as_released: bool = False, head_error: Literal["intended", "released"] | None = None,
+                 flops_shares: Literal["derived", "released"] | None = None,
+                 sketch: Literal["exact", "released"] | None = None):
         """`procedure`: whose weighting and cutoffs (auto: bert for encoders, opt for decoders);
         `recompute_heads`: factor heads again on the FFN-pruned model (prune_bert.py) or take them
-        from the dense pass (prune_opt.py)."""
+        from the dense pass (prune_opt.py); None: the procedure's own. `as_released`: the default of
+        the switches below; `head_error`: the intended head error or the released one; `flops_shares`:
+        the neurons' FLOPs share from the FLOPs model or the scripts' hand-set values; `sketch`: exact
+        statistics or prune_opt.py's Gaussian sketch of every batch (None: released for the opt
+        procedure when as_released, prune_bert.py has none)."""
         super().__init__(gqa, correction, allocation="global")
         if procedure not in PROCEDURES:
             raise ConfigError(f"pruner.procedure={procedure!r}; allowed: {', '.join(PROCEDURES)}")
         self.procedure, self.recompute_heads = procedure, recompute_heads
-        self.stages = ("ffn", "heads") if recompute_heads else ("all",)
-        self._stage = self.stages[0]
+        self.head_error = head_error or ("released" if as_released else "intended")
+        self.flops_shares = flops_shares or ("released" if as_released else "derived")
+        self.as_released, self.sketch = as_released, sketch
+        self._sketch = sketch or "exact"
         self._resolved = procedure
+        self._set_stages()
         self._head_levels: dict[int, int] = {}  # decided in stage ffn, applied in stage heads
+
+    def _set_stages(self) -> None:
+        recompute = self.recompute_heads if self.recompute_heads is not None else self._resolved != "opt"
+        self.stages = ("ffn", "heads") if recompute else ("all",)
+        self._stage = self.stages[0]
 
     @property
     def variant(self) -> str:
         parts = [super().variant, f"{self.procedure} procedure" if self.procedure != "auto" else "",
-                 "" if self.recompute_heads else "heads from the dense pass"]
+                 {True: "heads recomputed", False: "heads from the dense pass", None: ""}[self.recompute_heads],
+                 "released head error" if self.head_error == "released" else "",
+                 "released FLOPs shares" if self.flops_shares == "released" else "",
+                 "released sketch" if self.sketch == "released" else ""]
         return ", ".join(p for p in parts if p)
 
     def prepare(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
                 examples: list[dict[str, torch.Tensor]] | None = None) -> None:
         if self.procedure == "auto":
             self._resolved = "opt" if adapter.causal else "bert"
+        self._sketch = self.sketch or ("released" if self.as_released and self._resolved == "opt" else "exact")
+        if self.head_error == "released" and self.gqa != "per_group":
+            raise ConfigError("pruner.head_error=released ranks single heads: it needs pruner.gqa=per_group")
+        self._set_stages()
+
+    def accumulator(self, backend: Backend) -> Callable[[int], Accumulator]:
+        return sketched(backend.accumulator) if self._sketch == "released" else backend.accumulator
 
     def begin_stage(self, stage: str) -> None:
         self._stage = stage
@@ -206,7 +261,10 @@ class StatPaperPruner(StatPruner):
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
-        head_err = attn_fact.output_error(attn.o.weight.detach().double()).sqrt().cpu()
+        W_O = attn.o.weight.detach().double()
+        if self.head_error == "released":
+            W_O = released_out_weight(W_O, attn_fact.perm)
+        head_err = attn_fact.output_error(W_O).sqrt().cpu()
         extra = {"attn_bounds": bounds, "n_tokens": stats.n_tokens}
         heavy = {"attn": attn_fact, "ffn": None}
         attn_cost = head_err[bounds].numpy()
@@ -236,7 +294,8 @@ class StatPaperPruner(StatPruner):
         """Stage ffn: decide heads and neurons, cut only neurons; stage heads: cut the heads decided."""
         if self._stage == "heads":
             return [LayerPlan(self._head_levels[i], sh.ffn_width) for i, sh in zip(layers, shapes)]
-        plans = paper_plans(scores, shapes, flops, budget.flops, self._resolved, budget.round_to)
+        share = RELEASED_NEURON_SHARE[self._resolved] if self.flops_shares == "released" else None
+        plans = paper_plans(scores, shapes, flops, budget.flops, self._resolved, budget.round_to, share)
         if self._stage == "all":
             return plans
         self._head_levels = {i: p.attn_level for i, p in zip(layers, plans)}

@@ -89,27 +89,3 @@ def prune_ffn(adapter: ModelAdapter, layer: nn.Module, keep: torch.Tensor,
     for projection, rows in ffn_rows(ffn, keep):
         keep_outputs(projection, rows)
     keep_inputs(ffn.down, keep, down_weight, down_bias)
-
-
-def add_zero_bias(linear: nn.Linear) -> None:
-    """Give a bias-free Linear a zero bias (a place for saved compensation biases to load into)."""
-    if linear.bias is None:
-        ref = linear.weight
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=ref.dtype, device=ref.device),
-                                   requires_grad=ref.requires_grad)
-
-
-def resize_to(adapter: ModelAdapter, structure: dict) -> None:
-    """Shape an unpruned model like a pruned one (first units kept, biases added where pruning added
-    them: structure["added_biases"] names Linear modules), so saved weights load into it."""
-    for i, layer in enumerate(adapter.layers()):
-        attn = adapter.attention(layer)
-        heads, kv = structure["heads"][i], structure["kv_heads"][i]
-        group = heads // kv
-        level = AttentionLevel(tuple(g * attn.group_size + j for g in range(kv) for j in range(group)), tuple(range(kv)))
-        if (heads, kv) != (attn.num_heads, attn.num_kv_heads):
-            prune_attention(adapter, layer, level)
-        if structure["neurons"][i] != adapter.ffn(layer).width:
-            prune_ffn(adapter, layer, torch.arange(structure["neurons"][i]))
-    for name in structure.get("added_biases", []):
-        add_zero_bias(adapter.model.get_submodule(name))

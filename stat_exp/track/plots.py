@@ -79,12 +79,14 @@ def structure_plot(structure: Mapping[str, Sequence[int]], dense: Mapping[str, S
     """Heads and FFN neurons kept in every layer, as bars over the dense model's counts."""
     plt = _pyplot()
     kinds = [k for k in ("heads", "neurons") if structure.get(k) and dense.get(k)]
-    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 0.25 * len(structure[kinds[0]]) + 2), 2.6 * len(kinds)),
+    fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 0.25 * len(dense[kinds[0]]) + 2), 2.6 * len(kinds)),
                              sharex=True, squeeze=False)
+    removed = set(structure.get("removed_blocks") or [])  # whole blocks a pruner dropped (block_drop)
     for ax, kind in zip(axes[:, 0], kinds):
-        layers = range(len(structure[kind]))
+        layers = range(len(dense[kind]))
+        kept_counts = dict(zip([i for i in layers if i not in removed], structure[kind]))
         ax.bar(layers, dense[kind], color="lightgray", label="dense")
-        ax.bar(layers, structure[kind], color="tab:blue", label="kept")
+        ax.bar(layers, [kept_counts.get(i, 0) for i in layers], color="tab:blue", label="kept")
         kept, total = sum(structure[kind]), sum(dense[kind])
         ax.set_ylabel(f"{kind} per layer")
         ax.set_title(f"{kind}: {kept} of {total} kept ({kept / total:.0%})", fontsize="medium", loc="left")

@@ -5,36 +5,46 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from stat_exp.errors import one_line
 from stat_exp.track.logger import make_logger
-from stat_exp.track.plots import DENSE, metric_plot
+from stat_exp.track.markdown import markdown_table
+from stat_exp.track.plots import metric_plot
 from stat_exp.track.published import COLUMNS as PUBLISHED
 from stat_exp.track.published import published_columns
 from stat_exp.track.results import RESULTS_FILE
-
-KILLED = "stopped before it finished (killed or crashed): results.json still says running"
-MISSING = "no results.json: the job ended before it began"
+from stat_exp.track.sweep import KILLED, MISSING, SweepJobs, sweep_jobs
 
 
-def collect(sweep_dir: Path) -> list[dict]:
-    """Load every results.json below sweep_dir, failed jobs included; "run_dir" says where each was.
-    A results.json inside a job's own folder is a copy (the W&B run's attached file), not a job."""
-    records = []
-    paths = sorted(Path(sweep_dir).rglob(RESULTS_FILE))
-    job_dirs = {path.parent for path in paths}
-    for path in paths:
-        if any(parent in job_dirs for parent in path.parent.parents):
-            continue
+def collect(sweep_dir: Path, jobs: SweepJobs | None = None) -> list[dict]:
+    """One record per job of the sweep (its manifest's jobs; without a manifest, every job folder),
+    failed jobs included; "run_dir" says where each was. A job whose results.json is missing or cannot
+    be read is a failed record saying why."""
+    sweep_dir = Path(sweep_dir)
+    jobs = jobs or sweep_jobs(sweep_dir)
+    return [_job_record(sweep_dir, run_dir, jobs.names.get(run_dir, {})) for run_dir in jobs.current]
+
+
+def _job_record(sweep_dir: Path, run_dir: str, names: Mapping[str, Any]) -> dict:
+    path = sweep_dir / run_dir / RESULTS_FILE
+    try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        record["run_dir"] = str(path.parent.relative_to(sweep_dir))
+        if not isinstance(record, dict) or "status" not in record or "pruner" not in record:
+            raise ValueError("not a results record")
+    except FileNotFoundError:
+        record = {"status": "failed", "error": MISSING}
+    except (OSError, ValueError) as e:
+        record = {"status": "failed", "error": f"results.json cannot be read: {one_line(e)}"}
+    else:
         record["published"] = published_columns(record, path.parent)
-        records.append(record)
-    return records
+    record.setdefault("pruner", names.get("pruner") or "?")
+    record.setdefault("model", names.get("model"))
+    return record | {"run_dir": run_dir}
 
 
 def label(record: Mapping[str, Any]) -> str:
@@ -99,23 +109,22 @@ def choose_metric(records: list[dict]) -> str | None:
 
 @dataclass(frozen=True)
 class SweepOutcome:
-    """What the jobs of a sweep left behind: how many there are and which failed, with their errors."""
+    """What the jobs of a sweep left behind: how many there are and which failed, with their errors;
+    `earlier`: job folders of earlier sweeps in the same folder (not counted)."""
 
     jobs: int
     failed: list[tuple[str, str]]  # (run_dir relative to the sweep, one-line error)
+    earlier: list[str] = field(default_factory=list)
 
 
 def outcome(sweep_dir: Path) -> SweepOutcome:
     """Read from the jobs' own files, so it is the same whichever launcher ran them: a failed record,
-    a record still "running" (the job was killed), or a job directory without results.json."""
-    sweep_dir = Path(sweep_dir)
-    records = collect(sweep_dir)
-    failed = [(r["run_dir"], r.get("error") or "failed") for r in records if r.get("status") == "failed"]
-    failed += [(r["run_dir"], KILLED) for r in records if r.get("status") == "running"]
-    seen = {r["run_dir"] for r in records}
-    jobs = sorted({str(p.parent.relative_to(sweep_dir)) for p in sweep_dir.glob("**/.hydra")} - {"."})
-    failed += [(d, MISSING) for d in jobs if d not in seen]
-    return SweepOutcome(jobs=len(seen | set(jobs)), failed=sorted(failed))
+    a record still "running" (the job was killed), a missing or unreadable results.json."""
+    jobs = sweep_jobs(sweep_dir)
+    records = collect(sweep_dir, jobs)
+    failed = [(r["run_dir"], KILLED if r["status"] == "running" else r.get("error") or "failed")
+              for r in records if r["status"] != "ok"]
+    return SweepOutcome(jobs=len(records), failed=failed, earlier=jobs.earlier)
 
 
 def _cell(value: Any) -> str:
@@ -128,19 +137,18 @@ def _cell(value: Any) -> str:
 
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub markdown table, without depending on tabulate."""
-
-    def line(cells) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-    lines = [line(df.columns), "|" + "---|" * len(df.columns)]
-    lines += [line(_cell(v) for v in row) for row in df.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    return markdown_table(list(df.columns), ([_cell(v) for v in row] for row in df.itertuples(index=False))) + "\n"
 
 
 def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
     """Write report.csv, report.md and report.png (when there is a metric to plot) into sweep_dir."""
     sweep_dir = Path(sweep_dir)
-    return write_tables(collect(sweep_dir), sweep_dir, metric, f"Sweep report: {sweep_dir.name}")
+    jobs = sweep_jobs(sweep_dir)
+    paths = write_tables(collect(sweep_dir, jobs), sweep_dir, metric, f"Sweep report: {sweep_dir.name}")
+    if jobs.earlier:
+        with paths["md"].open("a", encoding="utf-8") as md:
+            md.write(f"\nNot part of this sweep (left by earlier sweeps): {', '.join(jobs.earlier)}\n")
+    return paths
 
 
 def collect_runs(dirs: Sequence[Path]) -> list[dict]:

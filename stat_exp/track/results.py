@@ -54,8 +54,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a write or fsync error: name the file
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
 
 
@@ -89,7 +91,7 @@ def peak_rss_mb() -> float:
 
 @dataclass(kw_only=True)
 class RunRecord:
-    """What one run writes to results.json; the fields are the contract in DESIGN.md."""
+    """What one run writes to results.json; the fields are the results contract (README, "Results contract")."""
 
     status: str = "running"
     error: str | None = None
@@ -100,12 +102,15 @@ class RunRecord:
     achieved: dict[str, float] = field(default_factory=dict)
     structure: dict[str, list[int]] = field(default_factory=dict)
     dense_structure: dict[str, list[int]] = field(default_factory=dict)  # the same counts before pruning
+    # the global allocation's plan: which candidate won on held-out batches, every candidate's score
+    allocation: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     timing_s: dict[str, float] = field(default_factory=dict)
     peak_rss_mb: float = 0.0
     peak_device_mb: float | None = None  # torch.cuda.max_memory_allocated, on CUDA
     execution: dict[str, str] = field(default_factory=dict)  # offload, stream, factors as resolved
     plan: dict[str, Any] = field(default_factory=dict)  # the planner's prediction, beside the measurement
+    calibration: dict[str, Any] = field(default_factory=dict)  # its size and whether it was enough (data.calib_size)
     seed: int | None = None
     config_hash: str = ""
     versions: dict[str, str] = field(default_factory=versions)
@@ -156,7 +161,7 @@ def _all(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda d: isinstance(d, dict) and all(check(v) for v in d.values())
 
 
-# Each contract key with a check and the words for the error message, in the order of DESIGN.md.
+# Each contract key with a check and the words for the error message, in the order of RunRecord's fields.
 _SCHEMA = {
     "status": (lambda v: v in STATUSES, f"one of {', '.join(STATUSES)}"),
     "error": (lambda v: v is None or isinstance(v, str), "a string or null"),
@@ -166,12 +171,20 @@ _SCHEMA = {
     "target": (_all(_is_number), "a dict of numbers"),
     "achieved": (_all(_is_number), "a dict of numbers"),
     "structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
+    "dense_structure": (_all(lambda v: isinstance(v, list)), "a dict of per-layer lists"),
+    "allocation": (lambda v: isinstance(v, dict), "a dict"),
     "metrics": (_all(_is_number), "a dict of numbers"),
     "timing_s": (_all(_is_number), "a dict of numbers"),
     "peak_rss_mb": (_is_number, "a number"),
+    "peak_device_mb": (lambda v: v is None or _is_number(v), "a number or null"),
+    "execution": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
+    "plan": (lambda v: isinstance(v, dict), "a dict"),
+    "calibration": (lambda v: isinstance(v, dict), "a dict"),
     "seed": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer or null"),
     "config_hash": (lambda v: isinstance(v, str), "a string"),
     "versions": (_all(lambda v: isinstance(v, str)), "a dict of strings"),
+    "variant": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "tracker": (lambda v: v is None or isinstance(v, str), "a string or null"),
 }
 
 

@@ -1,0 +1,214 @@
+"""Choose the global allocation's plan by what the pruned model outputs, on held-out batches.
+
+The global allocation prices a block's error by a per-block proxy (its output error over the
+residual energy); what that error does to the model's output differs between architectures, so
+on some models the global plan loses to the uniform one. Here a few candidate plans (uniform, the
+global plan, and the global plan with every layer kept at or above a share of its uniform counts)
+are each applied to a copy of every block, and held-out calibration examples (never used for the
+statistics) are streamed block by block through every candidate's pruned blocks, beside the dense
+model. At the head, each candidate is scored by its divergence from the dense model's outputs (KL of
+the output distributions where the model has logits, else the relative squared error of its last
+hidden states); the lowest wins, uniform on ties. Uniform is always a candidate, so on these
+batches the chosen plan is never worse than uniform.
+
+Block at a time, as the runner works: one block's candidate copies exist at once; across blocks
+only the held-out hidden states of the dense model and of each distinct candidate are kept
+(candidates with the same plans so far share one stream).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from stat_exp.calibrate import BlockBoundary, LayerStats, capture_block_inputs, model_inputs, replaced_forwards
+from stat_exp.models.base import ModelAdapter
+from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape, allocate
+from stat_exp.prune.scores import LayerScores
+
+FLOORS = (0.5, 0.75)  # the mixtures: the global plan with every layer kept at >= this share of its uniform counts
+HEAD_TOKENS = 1024  # tokens scored at the head at once (logits of a large vocabulary are the peak)
+UNIFORM, GLOBAL = "uniform", "global"
+MAX_CANDIDATES = 2 + len(FLOORS)
+
+Apply = Callable[[ModelAdapter, int, nn.Module, LayerScores, LayerPlan, LayerStats | None], None]
+
+
+@dataclass
+class Selection:
+    """Which plan won and every candidate's held-out divergence (what results.json records)."""
+
+    chosen: str
+    scores: dict[str, float]
+    measure: str
+    held_out_tokens: int
+    seconds: float
+    cpu_seconds: float  # this process's CPU time (all threads): comparable on a shared machine
+    plans: dict[str, list[LayerPlan]] = field(default_factory=dict, repr=False)
+
+    def record(self) -> dict:
+        best_other = min((v for k, v in self.scores.items() if k != self.chosen), default=math.nan)
+        return {"chosen": self.chosen, "measure": self.measure, "held_out": self.scores,
+                "margin_to_next": best_other / self.scores[self.chosen] - 1 if self.scores[self.chosen] else math.nan,
+                "vs_uniform": self.scores[self.chosen] / self.scores[UNIFORM] - 1 if self.scores[UNIFORM] else 0.0,
+                "held_out_tokens": self.held_out_tokens, "seconds": round(self.seconds, 2),
+                "cpu_seconds": round(self.cpu_seconds, 2)}
+
+
+def selects_plan(budget: Mapping[str, Any], propagate: str, pruner) -> bool:
+    """Whether a run chooses its global plan on held-out calibration batches: `budget.select` asks
+    for it, the pruner's allocation is global, and blocks are fitted on the dense stream (with
+    calib.propagate=pruned they are fitted on the pruned model's, which a candidate's copy would not see)."""
+    return (budget.get("select", "held_out") == "held_out" and pruner.allocation_under(budget["allocation"]) == GLOBAL
+            and pruner.propagate_under(propagate) == "dense")
+
+
+def floor_of(uniform: LayerPlan, scores: LayerScores, share: float) -> LayerPlan:
+    """The smallest counts at or above `share` of a uniform plan's heads and neurons."""
+    want = share * len(scores.attn_levels[uniform.attn_level].heads)
+    level = next(i for i, lv in enumerate(scores.attn_levels) if lv.num_heads >= want - 1e-9)
+    return LayerPlan(level, math.ceil(share * uniform.neurons))
+
+
+def candidate_plans(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsModel,
+                    budget: BudgetSpec) -> dict[str, list[LayerPlan]]:
+    """Uniform first, then the global plan and its floored mixtures; a plan equal to an earlier
+    candidate's is left out."""
+    target, step = budget.flops, budget.round_to
+    uniform = allocate(scores, shapes, flops, target, UNIFORM, step)
+    out = {UNIFORM: uniform, GLOBAL: allocate(scores, shapes, flops, target, GLOBAL, step)}
+    for share in FLOORS:
+        floors = [floor_of(u, sc, share) for u, sc in zip(uniform, scores)]
+        out[f"global, floor {share:g}"] = allocate(scores, shapes, flops, target, GLOBAL, step, minimum=floors)
+    unique: dict[str, list[LayerPlan]] = {}
+    for name, plans in out.items():
+        if plans not in unique.values():
+            unique[name] = plans
+    return unique
+
+
+class HeldOutStreams:
+    """The held-out examples at the current block boundary: the dense model's hidden states and one
+    stream per distinct candidate prefix, advanced one block at a time (`step`), scored at the
+    head (`finish`)."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
+                 device: torch.device, home: torch.device, candidates: dict[str, list[LayerPlan]], apply: Apply):
+        self.model, self.adapter, self.batches, self.device = model, adapter, batches, device
+        self.candidates, self.apply = candidates, apply
+        self.boundary: BlockBoundary = capture_block_inputs(model, adapter, batches, device, home)
+        self.dense = self.boundary.hidden
+        self.keys = {name: () for name in candidates}  # candidate -> the plans its stream has seen
+        self.streams: dict[tuple, list[torch.Tensor]] = {(): self.dense}
+        self.tuple_output = False
+
+    @torch.inference_mode()
+    def step(self, index: int, layer: nn.Module, scores: LayerScores, stats: LayerStats | None) -> None:
+        """Advance every stream through block `index`: the dense one through `layer`, each candidate's
+        through a copy of `layer` pruned to its plan (one copy per distinct stream and plan)."""
+        advanced: dict[tuple, list[torch.Tensor]] = {}
+        for name, plans in self.candidates.items():
+            key = (*self.keys[name], _plan_key(plans[index]))
+            if key not in advanced:
+                block = copy.deepcopy(layer)
+                self.apply(self.adapter, index, block, scores, plans[index], stats)
+                advanced[key] = self._run(block, index, self.streams[self.keys[name]])
+                del block
+            self.keys[name] = key
+        self.dense = self._run(layer, index, self.dense)
+        self.streams = {(): self.dense, **advanced}
+
+    def _run(self, block: nn.Module, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for h, calls in zip(hidden, self.boundary.calls):
+            call = calls[index]
+            y = block(h.to(self.device), *call.args, **call.kwargs)
+            self.tuple_output = isinstance(y, tuple)
+            out.append((y[0] if self.tuple_output else y).to(h.device))
+        return out
+
+    @torch.inference_mode()
+    def finish(self) -> tuple[dict[str, float], str, int]:
+        """({candidate: divergence from the dense outputs}, the measure's name, tokens scored)."""
+        totals = {key: 0.0 for key in self.streams if key}
+        norm, measure, tokens = 0.0, "", 0
+        for b, batch in enumerate(self.batches):
+            rows = max(1, HEAD_TOKENS // batch["input_ids"].shape[-1])
+            for start in range(0, batch["input_ids"].shape[0], rows):
+                part = {k: v[start: start + rows] for k, v in batch.items()}
+                mask = part["attention_mask"].to(self.device).bool()
+                dense, logits = self._head(part, self.dense[b][start: start + rows])
+                for key in totals:
+                    pruned, _ = self._head(part, self.streams[key][b][start: start + rows])
+                    value, measure, n = _divergence(dense, pruned, mask, logits)
+                    totals[key] += value
+                if measure == "relative squared error":
+                    norm += float(_masked(dense.float().square().sum(-1), mask).sum())
+                tokens += n
+        scale = norm if norm else tokens
+        return {name: totals[key] / scale for name, key in self.keys.items()}, measure, tokens
+
+    def _head(self, batch: dict[str, torch.Tensor], final: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The model's output for `batch` with every block skipped and the last one returning `final`:
+        (its logits, True), or (its last hidden states, False) for a model without a head."""
+        layers = self.adapter.layers()
+        wrap = self.tuple_output
+
+        def forward_of(i: int):
+            def forward(*args, **kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                out = final.to(hidden.device) if i == len(layers) - 1 else hidden
+                return (out,) if wrap else out
+            return forward
+
+        with replaced_forwards(layers, forward_of):
+            out = self.model(**model_inputs(batch, self.device), use_cache=False)
+        logits = getattr(out, "logits", None)
+        return (logits, True) if logits is not None else (out[0], False)
+
+
+def _plan_key(plan: LayerPlan) -> tuple[int, int]:
+    return plan.attn_level, plan.neurons
+
+
+def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values of real tokens (per-example values, e.g. a classifier's, stay as they are)."""
+    return values[mask] if values.shape == mask.shape else values.reshape(-1)
+
+
+def _divergence(dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, logits: bool
+                ) -> tuple[float, str, int]:
+    """(summed divergence, measure name, items): KL(dense || pruned) summed over tokens (or examples)
+    for logits, else the summed squared error of the hidden states (the caller divides by the dense
+    energy)."""
+    if logits:
+        p = torch.log_softmax(dense.float(), -1)
+        q = torch.log_softmax(pruned.float(), -1)
+        kl = _masked((p.exp() * (p - q)).sum(-1).clamp_min(0), mask)  # >= 0 up to rounding
+        return float(kl.sum()), "kl", kl.numel()
+    err = _masked((dense.float() - pruned.float()).square().sum(-1), mask)
+    return float(err.sum()), "relative squared error", err.numel()
+
+
+def choose_plan(candidates: dict[str, list[LayerPlan]], blocks: Iterable[tuple[int, nn.Module, LayerScores,
+                LayerStats | None]], model: nn.Module, adapter: ModelAdapter,
+                held_out: list[dict[str, torch.Tensor]], device: torch.device, home: torch.device,
+                apply: Apply, progress: bool = False) -> Selection:
+    """Stream `held_out` through every candidate's pruned blocks (`blocks`: every block in order,
+    on the device, with its scores and statistics) and pick the plan closest to the dense model."""
+    start, cpu = time.perf_counter(), time.process_time()
+    streams = HeldOutStreams(model, adapter, held_out, device, home, candidates, apply)
+    for index, layer, scores, stats in tqdm(blocks, total=len(adapter.layers()), desc="choose plan",
+                                            disable=not progress):
+        streams.step(index, layer, scores, stats)
+    divergence, measure, tokens = streams.finish()
+    chosen = min(divergence, key=lambda name: (divergence[name], name != UNIFORM))
+    return Selection(chosen, divergence, measure, tokens, time.perf_counter() - start, time.process_time() - cpu,
+                     candidates)
