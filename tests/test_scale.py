@@ -65,10 +65,10 @@ def test_spilled_factors_leave_memory_and_come_back_from_disk(tmp_path, monkeypa
     seen = []
     real = pending.SpilledPending._stash
     monkeypatch.setattr(pending.SpilledPending, "_stash",
-                        lambda self, i, sc: (real(self, i, sc), seen.append((i, dict(sc.heavy), self._path(i).exists()))))
+                        lambda self, i, sc: (real(self, i, sc), seen.append((i, sc.heavy, self._path(i).exists()))))
     _run(tiny_llama(layers=3), factors="spill", spill_dir=tmp_path / "spill")
     assert [i for i, _, _ in seen] == [0, 1, 2]
-    assert all(heavy == {} and on_disk for _, heavy, on_disk in seen)
+    assert all(heavy is None and on_disk for _, heavy, on_disk in seen)
 
 
 def test_blocks_on_the_host_are_onloaded_one_at_a_time(monkeypatch):

@@ -204,7 +204,7 @@ class PruneRunner:
         for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
             sc = self._score(adapter, i, layer, stats)
             if not keep_heavy:
-                sc.heavy = {}
+                sc.heavy = None
             scored.append((sc, stats))
         return scored
 

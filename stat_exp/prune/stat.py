@@ -22,6 +22,7 @@ the error on held-out calibration batches instead of on the tokens the correctio
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -61,6 +62,15 @@ def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: 
     R = ridged_cholesky(G[perm][:, perm])
     ones = torch.ones(len(perm), dtype=torch.float64, device=G.device)
     return Factorization(perm=perm, R=R, weights=ones), bounds
+
+
+@dataclass
+class StatState:
+    """What `apply` checks of one layer: its calibration tokens (the correction needs one per kept
+    unit) and, when measured, the FFN's (in-sample, held-out) error curves, priced as its costs."""
+
+    n_tokens: int
+    ffn_overfit: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class StatPruner(Pruner):
@@ -138,7 +148,7 @@ class StatPruner(Pruner):
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
-        extra, heavy, curves = {"n_tokens": stats.n_tokens}, {}, None
+        heavy, curves = {}, None
         if stats.ffn_cross is not None:  # fed the pruned model's inputs: fit to the dense outputs
             fold = CompensatedFold(stats.ffn_factor.gram(), stats.ffn_cross.C, W2, _unit_weights(W2),
                                    stats.ffn_factor.factorize(weights=_unit_weights(W2)).perm, float(self.ridge))
@@ -148,7 +158,6 @@ class StatPruner(Pruner):
         elif self._plain:
             ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
             attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
-            extra["attn_bounds"] = bounds
             heavy |= {"ffn": ffn_fact, "attn": attn_fact}
             ffn_order = ffn_fact.perm
             if priced:
@@ -166,10 +175,10 @@ class StatPruner(Pruner):
             curves = self._overfit_curves(stats, W2, ffn_fold.perm, ffn_fold.weights)
         # priced where the error enters the residual stream: through the sublayer's post-norm, if any
         ffn_price, attn_price = stats.ffn_gain.value / scale, stats.attn_gain.value / scale
-        if curves is not None:
-            extra["ffn_overfit"] = tuple((c * ffn_price).cpu().numpy() for c in curves)
+        overfit = None if curves is None else tuple((c * ffn_price).cpu().numpy() for c in curves)
         return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(ffn_cost * ffn_price).cpu().numpy(), attn_levels=levels,
-                           attn_cost=(attn_cost * attn_price).cpu().numpy(), extra=extra, heavy=heavy)
+                           attn_cost=(attn_cost * attn_price).cpu().numpy(), state=StatState(stats.n_tokens, overfit),
+                           heavy=heavy)
 
     def _overfit_curves(self, stats: LayerStats, W2: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor,
                         inside: torch.Tensor | None = None):
@@ -269,7 +278,7 @@ class StatPruner(Pruner):
     def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
               stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        n_tokens = scores.extra["n_tokens"]
+        n_tokens = scores.state.n_tokens
         level = scores.attn_levels[plan.attn_level]
         k_attn = level.num_heads * attn.head_dim
         for what, k in (("neurons", plan.neurons), ("head channels", k_attn)):
@@ -278,8 +287,8 @@ class StatPruner(Pruner):
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
         keep = scores.ffn_order[: plan.neurons]
-        if "ffn_overfit" in scores.extra:
-            self._check.add(index, *scores.extra["ffn_overfit"], plan.neurons)
+        if scores.state.ffn_overfit is not None:
+            self._check.add(index, *scores.state.ffn_overfit, plan.neurons)
         if "ffn_comp" in scores.heavy:
             o_weight, o_bias, down_bias = self._compensated_o(attn, level, scores.heavy["attn_comp"]), None, None
             fold = scores.heavy["ffn_comp"]
