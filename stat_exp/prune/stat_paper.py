@@ -80,6 +80,7 @@ from stat_exp.factorize.base import Accumulator, Backend, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.budget import BudgetError, BudgetSpec, LayerPlan, neuron_options
+from stat_exp.prune.folds import PivotedFold, PivotedHeadFold, StatFolds
 from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
 from stat_exp.prune.released_sketch import sketched
 from stat_exp.prune.stat import JITTER, StatPruner, StatState, nested_head_factor
@@ -97,6 +98,19 @@ class StatPaperState(StatState):
 
     pivots: np.ndarray | None = None
     no_heads: float | None = None
+
+
+@dataclass
+class FinalFfn:
+    """The FFN in stage `heads`: pruned and folded in stage `ffn`, kept as it is."""
+
+    width: int
+
+    def cost(self) -> torch.Tensor:
+        return torch.zeros(self.width + 1, dtype=torch.float64)
+
+    def weight(self, out: nn.Linear, k: int) -> tuple[None, None]:
+        return None, None
 
 
 def raw_unit_gram(G: torch.Tensor, units: list[list[int]], head_dim: int) -> torch.Tensor:
@@ -268,27 +282,30 @@ class StatPaperPruner(StatPruner):
     def begin_stage(self, stage: str) -> None:
         self._stage = stage
 
-    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module,
+              stats: LayerStats | None) -> LayerScores[StatPaperState, StatFolds]:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
         W_O = attn.o.weight.detach().double()
         if self.head_error == "released":
             W_O = released_out_weight(W_O, attn_fact.perm)
         head_err = attn_fact.output_error(W_O).sqrt().cpu()
-        heavy = {"attn": attn_fact, "ffn": None}
-        attn_cost = head_err[bounds].numpy()
+        heads = PivotedHeadFold(attn_fact, levels, attn.head_dim, head_err[bounds], self.correction)
+        attn_cost = heads.cost().numpy()
         if self._stage == "heads":  # the FFN is final: only the head factors are new
-            return LayerScores(ffn_order=torch.arange(ffn.width), ffn_cost=np.zeros(ffn.width + 1),
+            final = FinalFfn(ffn.width)
+            return LayerScores(ffn_order=torch.arange(ffn.width), ffn_cost=final.cost().numpy(),
                                attn_levels=levels, attn_cost=attn_cost,
-                               state=StatPaperState(stats.n_tokens), heavy=heavy)
+                               state=StatPaperState(stats.n_tokens), heavy=StatFolds(final, heads))
         W2 = ffn.down.weight.detach().double()  # the factorizations stay on the statistics' device
         ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
         rows = ffn_fact.R.square().sum(1)  # ||R[k:, k:]||_F^2 = sum of the squared rows k.. (R upper triangular)
         residual = torch.cat([torch.flip(torch.cumsum(torch.flip(rows, [0]), 0), [0]), rows.new_zeros(1)]).sqrt()
         state = StatPaperState(stats.n_tokens, pivots=ffn_fact.R.diagonal().abs().cpu().numpy(),
                                no_heads=float(head_err[0]))
+        folds = StatFolds(PivotedFold(ffn_fact, residual, self.correction), heads)
         return LayerScores(ffn_order=ffn_fact.perm.cpu(), ffn_cost=residual.cpu().numpy(), attn_levels=levels,
-                           attn_cost=attn_cost, state=state, heavy=heavy | {"ffn": ffn_fact})
+                           attn_cost=attn_cost, state=state, heavy=folds)
 
     def _head_factorization(self, attn, G: torch.Tensor):
         """Heads ranked by pivoting on their raw outputs (step 3); the nested channel factor as STAT's."""
