@@ -129,27 +129,52 @@ class PruneRunner:
             self._prune_stage(model, adapter, batches, device, store)
 
     def _prune_stage(self, model, adapter, batches, device, store: BlockStore) -> None:
-        """One pass: stream, score, allocate and apply, on the model as earlier stages left it."""
-        shapes = shapes_of(adapter)
+        """One pass: stream, score, allocate and apply, on the model as earlier stages left it; the
+        order of these steps depends on what the pruner needs and where the budget is decided."""
         if not self.pruner.requirements.layer_statistics:
-            scores = []
-            for i in range(len(shapes)):
-                with store.block(i) as layer:
-                    scores.append(self.pruner.score(adapter, i, layer, None))
-            self._apply_stored(adapter, store, lambda i: (scores[i], None), self._allocate(scores, shapes))
-            return
-        if self.budget.allocation == "uniform":  # each layer decided on its own, as it streams
-            for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
-                sc = self._score(adapter, i, layer, stats)
-                self.pruner.apply(adapter, i, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
-            return
-        if self.propagate == "pruned":  # counts from a dense pass, then prune in order
-            plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
-                                                                        keep_heavy=False)], shapes)
-            for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
-                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats, planned=True), plans[i],
-                                  stats)
-            return
+            path = self._without_statistics
+        elif self.budget.allocation == "uniform":
+            path = self._uniform_as_it_streams
+        elif self.propagate == "pruned":
+            path = self._global_then_pruned_pass
+        else:
+            path = self._global_with_pending_factors
+        path(model, adapter, batches, device, store, shapes_of(adapter))
+
+    def _without_statistics(self, model, adapter, batches, device, store: BlockStore,
+                            shapes: list[LayerShape]) -> None:
+        """No layer statistics (scores from the weights, or from the pruner's own whole-model pass):
+        score every block, allocate, apply; nothing streams."""
+        scores = []
+        for i in range(len(shapes)):
+            with store.block(i) as layer:
+                scores.append(self.pruner.score(adapter, i, layer, None))
+        self._apply_stored(adapter, store, lambda i: (scores[i], None), self._allocate(scores, shapes))
+
+    def _uniform_as_it_streams(self, model, adapter, batches, device, store: BlockStore,
+                               shapes: list[LayerShape]) -> None:
+        """Uniform allocation: each block decided on its own and pruned as it streams, before the
+        next block is fed (its pruned outputs under propagate=pruned); one pass."""
+        for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
+            sc = self._score(adapter, i, layer, stats)
+            self.pruner.apply(adapter, i, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
+
+    def _global_then_pruned_pass(self, model, adapter, batches, device, store: BlockStore,
+                                 shapes: list[LayerShape]) -> None:
+        """Global allocation with propagate=pruned: the counts from a dense pass (cost curves only,
+        heavy state dropped), then a pruned pass that scores each block for its known counts and
+        prunes it in order."""
+        plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
+                                                                    keep_heavy=False)], shapes)
+        for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
+            self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats, planned=True), plans[i], stats)
+
+    def _global_with_pending_factors(self, model, adapter, batches, device, store: BlockStore,
+                                     shapes: list[LayerShape]) -> None:
+        """Global allocation on dense inputs: every block scored in one dense pass, its heavy state
+        pending (held, spilled or dropped: `factors`) until the allocation; the plan (chosen among
+        candidates on held-out batches when asked) is then applied from the pending state, or, with
+        the heavy state dropped, from a second dense pass that scores every block again."""
         keep_heavy = not self.factors.second_pass
         with self.factors.pending() as pending:
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
