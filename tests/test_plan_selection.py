@@ -15,7 +15,8 @@ from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
 from stat_exp.prune.plan_selection import UNIFORM, candidate_plans, choose_plan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
-from tests.tiny import batches, clone, tiny_llama
+from tests.tiny import (batches, clone, tiny_falcon, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_mistral,
+                        tiny_opt, tiny_phi3, tiny_qwen2, tiny_qwen3)
 
 CPU = torch.device("cpu")
 HELD_OUT = batches(2, seed=7)
@@ -27,13 +28,13 @@ def _runner(pruner=None, flops=0.6, **budget) -> PruneRunner:
 
 
 def _kl(dense, pruned, held_out) -> float:
-    """Mean KL(dense || pruned) over the held-out tokens, from whole-model forwards."""
+    """Mean KL(dense || pruned) over the held-out tokens (padding left out), from whole-model forwards."""
     total, n = 0.0, 0
     with torch.inference_mode():
         for b in held_out:
             p = torch.log_softmax(dense(**b).logits.float(), -1)
             q = torch.log_softmax(pruned(**b).logits.float(), -1)
-            kl = (p.exp() * (p - q)).sum(-1).clamp_min(0)
+            kl = (p.exp() * (p - q)).sum(-1).clamp_min(0)[b["attention_mask"].bool()]
             total, n = total + float(kl.sum()), n + kl.numel()
     return total / n
 
@@ -146,6 +147,22 @@ def test_the_runner_applies_the_global_plan_when_it_is_closer_and_its_score_is_t
     best = min(record["held_out"].values())
     assert record["held_out"][record["chosen"]] == best <= record["held_out"][UNIFORM]
     assert _kl(base, model, HELD_OUT) == pytest.approx(best, rel=1e-4)
+
+
+@pytest.mark.parametrize("build", [tiny_qwen2, tiny_qwen3, tiny_mistral, tiny_opt, tiny_gpt2, tiny_phi3, tiny_gemma2,
+                                   tiny_falcon, tiny_gpt_neox], ids=lambda b: b.__name__[5:])
+def test_every_family_scores_a_candidate_as_the_model_pruned_to_it(build):
+    """The held-out streams run each family's blocks with their own call arguments (rotary, ALiBi,
+    masks, padding) and its own head: the chosen plan's recorded divergence is the divergence of
+    the model pruned to it, and no candidate scored lower. Kills: a stream that drops a block's call
+    arguments (or the padding mask), a head that skips the final norm or soft-capping."""
+    torch.manual_seed(0)
+    base = build(layers=3)
+    model = clone(base)
+    held_out = batches(2, seed=7, pad_last=5)
+    record = _runner().run(model, get_adapter(model), batches(pad_last=3), CPU, held_out=held_out).allocation
+    assert record["held_out"][record["chosen"]] == min(record["held_out"].values())
+    assert _kl(base, model, held_out) == pytest.approx(record["held_out"][record["chosen"]], rel=1e-3, abs=1e-7)
 
 
 def test_off_or_without_held_out_batches_the_global_plan_is_applied():
