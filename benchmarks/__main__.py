@@ -15,7 +15,7 @@ def main() -> None:
     for name in names:
         print(f"\n=== {name} ===", flush=True)
         module = importlib.import_module(f"benchmarks.{name}")
-        sys.argv = [name]
+        sys.argv = [module.__file__]  # as `python -m benchmarks.<name>` sees it: results name that command
         module.main()
 
 

@@ -87,3 +87,12 @@ def record_result(name: str, body: str, note: str = "") -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(header + (note + "\n\n" if note else "") + body.rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def report_table(name: str, table: str | list[dict], note: str = "") -> Path:
+    """Print a benchmark's table (markdown text, or rows for `markdown`) under its note, and record both
+    in benchmarks/results/<name>.md: every printed table also lands where its code lives."""
+    body = table if isinstance(table, str) else markdown(table)
+    path = record_result(name, body, note)
+    print(f"\n{note}\n\n{body}\n\nwritten to {path}", flush=True)
+    return path

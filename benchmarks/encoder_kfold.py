@@ -27,11 +27,10 @@ import math
 import random
 import resource
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
-from benchmarks.common import run_job, save_table
+from benchmarks.common import MEASURED_AT, report_table, run_job, save_table
 from stat_exp.assets import corpus_path
 from stat_exp.finetune.classifier import INFO_FILE, Recipe, finetune
 from stat_exp.track.results import RunRecord
@@ -192,20 +191,14 @@ def embedded_model_study(pool: list[dict], args, seq_len: int) -> None:
     (args.out / "accuracy.json").write_text(json.dumps([accuracy], indent=1), encoding="utf-8")
     lines = table([accuracy], args.flops, args.methods, len(test))
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    note = (f"\nminilm_l6_polarity (fine-tuned on the 150 Pang & Lee training sentences, calibrated on them) scored on "
-            f"{len(test)} balanced {args.corpus} sentences; FLOPs at {seq_len} tokens; commit {git_commit()}; "
+    note = (f"minilm_l6_polarity (fine-tuned on the 150 Pang & Lee training sentences, calibrated on them) scored on "
+            f"{len(test)} balanced {args.corpus} sentences; FLOPs at {seq_len} tokens; commit {MEASURED_AT}; "
             f"{(time.perf_counter() - start) / 60:.0f} min wall ({(usage.ru_utime + usage.ru_stime) / 60:.0f} CPU-min) "
-            f"measured on a shared 2-core machine.\nReproduce: `python -m benchmarks.encoder_stat kfold --embedded-model "
-            f"--pool {args.pool} --flops {' '.join(map(str, args.flops))} --methods {' '.join(args.methods)}`")
-    print("\n" + save_table([*lines, note], args.out, "encoder_kfold"), flush=True)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+            f"measured on a shared 2-core machine.")
+    command = (f"python -m benchmarks.encoder_stat kfold --embedded-model --pool {args.pool} "
+               f"--flops {' '.join(map(str, args.flops))} --methods {' '.join(args.methods)}")
+    save_table([*lines, f"\n{note}\nReproduce: `{command}`"], args.out, "encoder_kfold")
+    report_table("encoder_kfold_embedded", "\n".join(lines), note)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
         return embedded_model_study(rows, args, seq_len=mean_tokens(rows))
     if args.table_from:
         per_fold = json.loads((args.table_from / "accuracy.json").read_text(encoding="utf-8"))
-        print("\n".join(table(per_fold, args.flops, args.methods, len(rows) // args.folds)))
+        report_table("encoder_kfold", "\n".join(table(per_fold, args.flops, args.methods, len(rows) // args.folds)),
+                     f"{args.corpus}: {len(rows)} balanced sentences, {len(per_fold)} of {args.folds} folds of "
+                     f"{len(rows) // args.folds} finished, rebuilt from {args.table_from / 'accuracy.json'}: measured by "
+                     "an earlier run, whose commit that run's own table names (the commit below built this table).")
         return
     seq_len = mean_tokens(rows)
     per_fold = []
@@ -248,10 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     command = (f"python -m benchmarks.encoder_stat kfold --corpus {args.corpus} --pool {args.pool} --folds "
                f"{args.folds} --epochs {args.epochs} --flops {' '.join(map(str, args.flops))} "
                f"--methods {' '.join(args.methods)}")
-    note = (f"\n{args.corpus}: {len(rows)} balanced sentences, {args.folds} folds of {len(rows) // args.folds}; "
-            f"MiniLM-L6 fine-tuned {args.epochs} epochs per fold; FLOPs at {seq_len} tokens; commit {git_commit()}; "
-            f"{minutes:.0f} min wall ({cpu_minutes:.0f} CPU-min) measured on a shared 2-core machine.\nReproduce: `{command}`")
-    print("\n" + save_table([*lines, note], args.out, "encoder_kfold"), flush=True)
+    note = (f"{args.corpus}: {len(rows)} balanced sentences, {args.folds} folds of {len(rows) // args.folds}; "
+            f"MiniLM-L6 fine-tuned {args.epochs} epochs per fold; FLOPs at {seq_len} tokens; commit {MEASURED_AT}; "
+            f"{minutes:.0f} min wall ({cpu_minutes:.0f} CPU-min) measured on a shared 2-core machine.")
+    save_table([*lines, f"\n{note}\nReproduce: `{command}`"], args.out, "encoder_kfold")
+    report_table("encoder_kfold", "\n".join(lines), note)
 
 
 if __name__ == "__main__":

@@ -60,9 +60,14 @@ def main() -> None:
             lines.append(f"| {name} | {host // 1024} GB | offload={p['offload']}, stream={p['stream']}, "
                          f"factors={p['factors']} | {p['peak_device_mb'] / 1024:.1f} GB | {p['peak_host_mb'] / 1024:.1f} GB | "
                          f"{p['disk_mb'] / 1024:.0f} GB | {p['seconds'] / 60:.0f} min at {p['tflops']:g} TFLOP/s |")
+    from benchmarks.common import report_table
+
     table = "\n".join(lines)
     (OUT / "plan_table.md").write_text(table + "\n")
-    print(table)
+    report_table("plan_table", table, "The planner's prediction (no measurement) for the paper's job on each model's "
+                 "published config: 128 x 2048 calibration tokens, fp16, STAT global at 0.5 of the FLOPs, device=cuda with "
+                 "80 GB of device memory and the host RAM of the column declared; the time assumes the planner's CUDA "
+                 "throughput (stat_exp/execution/plan.py).")
 
 
 if __name__ == "__main__":

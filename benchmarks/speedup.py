@@ -22,7 +22,7 @@ import copy
 import numpy as np
 import torch
 
-from benchmarks.common import CPU, markdown, smollm2
+from benchmarks.common import CPU, report_table, smollm2
 from stat_exp.data.text import load_text
 from stat_exp.eval.latency import DecodeRun, prefill_run, time_runs
 from stat_exp.eval.perplexity import perplexity
@@ -97,10 +97,10 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
         del variants, times
-    print(f"\nSmolLM2-135M, STAT global, {args.examples} x 256 calibration tokens; perplexity on "
-          f"{args.eval_tokens} wiki_eval tokens; speed at batch 1 x {SEQ_LEN} tokens on {args.threads} thread(s), "
-          f"{args.rounds} interleaved rounds:\n")
-    print(markdown(rows))
+    report_table("speedup", rows, f"SmolLM2-135M, STAT global, {args.examples} x 256 calibration tokens; perplexity on "
+                 f"{args.eval_tokens} wiki_eval tokens; speed at batch 1 x {SEQ_LEN} tokens on {args.threads} thread(s), "
+                 f"{args.rounds} interleaved rounds; a speedup is the median over rounds of dense / pruned time within "
+                 f"the round (decode: {DECODE_TOKENS} greedy tokens after the prefill).")
 
 
 if __name__ == "__main__":

@@ -48,11 +48,15 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-m", "benchmarks.stat_memory", "--one", str(n)],
                              capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    for r in results:
-        print(f"{r['sequences']:4d} sequences: peak during pruning {r['peak_mb']:.0f} MB "
-              f"(growth over the loaded model and data: {r['pruning_growth_mb']:.0f} MB)")
+    from benchmarks.common import report_table
+
     a, b = (r["pruning_growth_mb"] for r in results)
-    print(f"ratio growth 256 / 64: {b / a:.3f}  (target within 10%: 0.9 .. 1.1)")
+    report_table("stat_memory", [{"sequences": r["sequences"], "peak during pruning (MB)": round(r["peak_mb"]),
+                                  "growth over the loaded model and data (MB)": round(r["pruning_growth_mb"])}
+                                 for r in results],
+                 "STAT pruning of SmolLM2-135M (gram backend, budget.flops=0.7, sequences of 256 tokens), each setting in "
+                 f"its own process; peak-RSS mark reset after loading. Ratio growth 256 / 64: {b / a:.3f} (target within "
+                 "10%: 0.9 .. 1.1).")
 
 
 if __name__ == "__main__":

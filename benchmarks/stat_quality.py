@@ -29,8 +29,8 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import CPU, markdown, smollm2
-from benchmarks.held_out import SEQ_LEN, Statistics, calibration_batches, split_wiki_calib, validation_ppl
+from benchmarks.common import CPU, markdown, record_result, report_table, smollm2
+from benchmarks.held_out import SEQ_LEN, TAIL_ARTICLES, Statistics, calibration_batches, split_wiki_calib, validation_ppl
 from stat_exp.data.text import encode, load_text
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
@@ -85,9 +85,9 @@ def options(args) -> None:
             row[f"min neurons {target}"] = min(p.neurons for p in plans)
         rows.append(row)
         print(row, flush=True)
-    print(f"\nValidation perplexity (last {args.max_tokens} tokens rule: first {args.max_tokens} of the held-out "
-          f"articles), {args.examples} x 256 calibration tokens, allocation {args.allocation}:\n")
-    print(markdown(_fill(rows)))
+    report_table("stat_quality_options", _fill(rows),
+                 f"Validation perplexity (last {args.max_tokens} tokens rule: first {args.max_tokens} of the held-out "
+                 f"articles), {args.examples} x 256 calibration tokens, allocation {args.allocation}:")
 
 
 def sizes(args) -> None:
@@ -108,8 +108,8 @@ def sizes(args) -> None:
         row["held-out / in-sample FFN error at 0.7"] = overfitting(stats)
         rows.append(row)
         print(row, flush=True)
-    print(f"\nValidation perplexity by calibration size ({args.max_tokens} validation tokens):\n")
-    print(markdown(rows))
+    report_table("stat_quality_sizes", rows,
+                 f"Validation perplexity by calibration size ({args.max_tokens} validation tokens):")
 
 
 def overfitting(stats: Statistics, target: float = 0.7) -> float:
@@ -139,8 +139,8 @@ def sequential(args) -> None:
             row[str(target)] = validation_ppl(pruned, tok, args.max_tokens)
         rows.append(row)
         print(row, flush=True)
-    print(f"\nValidation perplexity, {args.examples} x 256 calibration tokens, global allocation:\n")
-    print(markdown(rows))
+    report_table("stat_quality_sequential", rows,
+                 f"Validation perplexity, {args.examples} x 256 calibration tokens, global allocation:")
 
 
 def report(args) -> None:
@@ -164,8 +164,8 @@ def report(args) -> None:
                 row[f"{name} {allocation}"] = ppl(prune_copy(model, stats, pruner, scored[name], target, allocation)[0])
         rows.append(row)
         print(row, flush=True)
-    print(f"\nwiki_eval perplexity (16,384 tokens), {args.examples} x 256 calibration tokens of wiki_calib:\n")
-    print(markdown(_fill(rows)))
+    report_table("stat_quality_report", _fill(rows),
+                 f"wiki_eval perplexity (16,384 tokens), {args.examples} x 256 calibration tokens of wiki_calib:")
 
 
 def encoder(args) -> None:
@@ -188,9 +188,9 @@ def encoder(args) -> None:
             row[str(target)] = r.metrics["glue/accuracy"] if not isinstance(r, str) else r
         rows.append(row)
         print(row, flush=True)
-    print(f"\nMiniLM polarity, held-out accuracy (50 sentences), calibrated on its 150 training sentences, "
-          f"allocation {args.allocation}:\n")
-    print(markdown(_fill(rows)))
+    report_table("stat_quality_encoder", _fill(rows),
+                 f"MiniLM polarity, held-out accuracy (50 sentences), calibrated on its 150 training sentences, "
+                 f"allocation {args.allocation}:")
 
 
 def transfer(args) -> None:
@@ -199,6 +199,13 @@ def transfer(args) -> None:
     FLAP and Wanda-sp, on the validation text and on another domain's text (`crime`), with the plan
     the default picked and its held-out KL against uniform's. One stream of statistics per model."""
     crime = load_text("crime")
+    note = (f"Texts: validation (wiki_calib's last {TAIL_ARTICLES} articles, never calibrated on), crime (another "
+            "domain's text), wiki_eval (decoders). \"STAT default\" is the plan STAT applies (chosen on held-out "
+            "calibration batches); \"global (select=off)\" the global plan applied without the choice; \"picked\" "
+            "the plan the choice took, with its held-out divergence against uniform's (KL to the dense model; the "
+            "relative squared error of the last hidden states where a model has no logits); choose (s): STAT's "
+            "choice.")
+    tables = []
     for name in args.models:
         decoder = name.startswith("smollm2")
         model, tok = load_model(name, "causal_lm" if decoder else "encoder")  # the encoder without a (random) head
@@ -257,11 +264,14 @@ def transfer(args) -> None:
                 row["choose (s)"] = picked["STAT"][1]
                 rows.append(row)
                 print(row, flush=True)
-        print(f"\n{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
-              f"(dense: {', '.join(f'{t} {v:.3g}' for t, v in dense.items())}), {args.examples} x {SEQ_LEN} "
-              f"calibration tokens, {args.held_out} held-out sequences for the choice, {args.max_tokens} tokens "
-              f"scored per text:\n")
-        print(markdown(_fill(rows)))
+        tables.append(f"{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
+                      f"(dense: {', '.join(f'{t} {v:.3g}' for t, v in dense.items())}), {args.examples} x {SEQ_LEN} "
+                      f"calibration tokens, {args.held_out} held-out sequences for the choice, {args.max_tokens} "
+                      f"tokens scored per text:\n\n{markdown(_fill(rows))}")
+        print(f"\n{tables[-1]}", flush=True)
+        # every model's table so far: a run stopped on a later model keeps the finished ones
+        path = record_result("stat_quality_transfer", "\n\n".join(tables), note)
+        print(f"written to {path}", flush=True)
 
 
 def _blocks(stats: Statistics, scored):
@@ -299,9 +309,9 @@ def selection_time(args) -> None:
                "held-out KL": "; ".join(f"{k} {v:.4f}" for k, v in choice["held_out"].items())}
         rows.append(row)
         print(row, flush=True)
-    print(f"\nSmolLM2-135M, {args.examples} x 256 calibration tokens, {args.held_out} held-out sequences, "
-          f"torch threads {torch.get_num_threads()}:\n")
-    print(markdown(_fill(rows)))
+    report_table("stat_quality_selection_time", _fill(rows),
+                 f"SmolLM2-135M, {args.examples} x 256 calibration tokens, {args.held_out} held-out sequences, "
+                 f"torch threads {torch.get_num_threads()}:")
 
 
 def embedding_drift(model, tokenizer, max_tokens: int, text: str | None = None):

@@ -9,35 +9,18 @@ from transformers import AutoModelForCausalLM
 
 from stat_exp.export import load_pruned
 from stat_exp.export.save import save_pruned
-from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.prune.block_drop import BlockDropPruner, block_influence, blocks_to_remove
-from stat_exp.prune.budget import BudgetError, BudgetSpec
-from stat_exp.prune.runner import PruneRunner
-from tests.tiny import batches, tiny_llama, tiny_opt
+from stat_exp.prune.budget import BudgetError
+from tests.adapter_contract import one_thread  # noqa: F401 (fixture)
+from tests.tiny import WHOLE_MODEL, calibration, probe, prune, whole_model
 
-CPU = torch.device("cpu")
-FAMILIES = {"llama": lambda: tiny_llama(heads=4, kv_heads=2, hidden=32, ffn=64, layers=5),
-            "opt": lambda: tiny_opt(layers=5)}
-CALIB = batches(2, batch=4, seq=16, pad_last=5)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+CALIB = calibration()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return FAMILIES[family]()
-
-
-def run(model, flops: float):
-    return PruneRunner(BlockDropPruner(), BudgetSpec(flops, 16), GramBackend(), progress=False).run(
-        model, get_adapter(model), CALIB, CPU)
+    return whole_model(family, layers=5)
 
 
 def test_block_influence_is_one_minus_cosine_of_the_models_hidden_states():
@@ -61,19 +44,19 @@ def test_least_influential_blocks_go_until_the_budget_fits():
         blocks_to_remove([0.5, 0.1], [1.0] * 2, 0.01)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WHOLE_MODEL)
 def test_block_drop_removes_blocks_and_the_model_runs(family, tmp_path, tokenizer):
     model = build(family)
     influence = block_influence(model, get_adapter(model), CALIB)
     dense_layers = list(get_adapter(model).layers())
-    out = run(model, 0.6)
+    out = prune(BlockDropPruner(), model, 0.6)
     removed = out.structure["removed_blocks"]
     assert removed == sorted(torch.argsort(torch.tensor(influence))[:2].tolist())
     assert out.achieved["flops_fraction"] == pytest.approx(0.6)
     kept = [layer for i, layer in enumerate(dense_layers) if i not in removed]
     assert list(get_adapter(model).layers()) == kept and len(out.structure["heads"]) == 3
     assert model.config.num_hidden_layers == 3
-    x = batches(1, batch=2, seq=12, pad_last=4, seed=3)[0]
+    x = probe()
     assert model.generate(x["input_ids"][:1, :6], max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] == 9
     save_pruned(model, tokenizer, tmp_path, "causal_lm")
     assert not (tmp_path / "modeling_stat_pruned.py").exists()  # a stock checkpoint with fewer layers

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.jobs import ENV
 
 
@@ -26,22 +28,29 @@ def _record(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def test_ctrl_c_is_one_line_exit_130_and_a_failed_record(tiny_job, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _run("sigint", tiny_job.args(f"hydra.run.dir={run_dir}"), tmp_path)
-    assert proc.returncode == 130 and _one_line(proc) == "interrupted"
-    record = _record(run_dir)
-    assert record["status"] == "failed" and "interrupted" in record["error"]
+FAILED_JOBS = {  # fault: extra overrides, exit code, the line on stderr, the record's error, a traceback in the log
+    "sigint": ((), 130, "interrupted", "interrupted (Ctrl-C)", False),
+    "bug": ((), 1, "internal error: RuntimeError: injected bug (traceback in {run_dir}/run.log)",
+            "RuntimeError: injected bug", True),
+    "disk_full_on_save": (("save_model=true",), 1,
+                          "error: cannot write {run_dir}/model/model.safetensors: No space left on device",
+                          "OSError: [Errno 28] No space left on device: '{run_dir}/model/model.safetensors'", True),
+}
 
 
-def test_an_unexpected_error_names_the_log_that_holds_its_traceback(tiny_job, tmp_path):
+@pytest.mark.parametrize("fault", FAILED_JOBS)
+def test_a_failed_job_ends_in_one_line_its_exit_code_and_a_failed_record(fault, tiny_job, tmp_path):
+    """Ctrl-C, an unexpected error, a disk that fills while the model is saved: the line and exit code
+    of each, a failed record naming the error, and the error's traceback once in the job's log (Ctrl-C:
+    none, it is no fault of the code)."""
+    overrides, code, line, error, traced = FAILED_JOBS[fault]
     run_dir = tmp_path / "run"
-    proc = _run("bug", tiny_job.args(f"hydra.run.dir={run_dir}"), tmp_path)
-    assert proc.returncode == 1
-    assert _one_line(proc) == f"internal error: RuntimeError: injected bug (traceback in {run_dir}/run.log)"
+    proc = _run(fault, tiny_job.args(f"hydra.run.dir={run_dir}", *overrides), tmp_path)
+    assert proc.returncode == code and _one_line(proc) == line.format(run_dir=run_dir)
+    record, error = _record(run_dir), error.format(run_dir=run_dir)
+    assert record["status"] == "failed" and record["error"] == error
     log = (run_dir / "run.log").read_text()
-    assert log.count("Traceback") == 1 and "injected bug" in log
-    assert _record(run_dir)["status"] == "failed" and _record(run_dir)["error"] == "RuntimeError: injected bug"
+    assert log.count("Traceback") == traced and (error.split(": ", 1)[-1] in log) == traced, log[-3000:]
 
 
 def test_an_unexpected_error_before_the_job_keeps_its_traceback_in_a_file(tiny_job, tmp_path):
@@ -49,15 +58,6 @@ def test_an_unexpected_error_before_the_job_keeps_its_traceback_in_a_file(tiny_j
     line = _one_line(proc)
     assert proc.returncode == 1 and line.startswith("internal error: RuntimeError: injected bug (traceback in ")
     assert "injected bug" in Path(line.rsplit("traceback in ", 1)[1].rstrip(")")).read_text()
-
-
-def test_a_disk_that_fills_while_saving_ends_in_one_line_and_a_failed_record(tiny_job, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = _run("disk_full_on_save", tiny_job.args(f"hydra.run.dir={run_dir}", "save_model=true"), tmp_path)
-    assert proc.returncode == 1
-    assert _one_line(proc) == f"error: cannot write {run_dir}/model/model.safetensors: No space left on device"
-    record = _record(run_dir)
-    assert record["status"] == "failed" and "No space left on device" in record["error"]
 
 
 def test_a_full_disk_leaves_no_record_and_no_temporary_files(tiny_job, tmp_path):

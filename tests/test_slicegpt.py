@@ -12,30 +12,17 @@ from transformers import AutoModelForCausalLM
 from stat_exp.errors import ConfigError
 from stat_exp.export import load_pruned
 from stat_exp.export.save import save_pruned
-from stat_exp.factorize.gram import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.models.flops import FlopsModel, LayerShape, layer_weights, prunable_params, shapes_of
-from stat_exp.prune.budget import BudgetSpec
-from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.slicegpt import SliceGptPruner, layout_of, slice_model
-from tests.tiny import batches, clone, tiny_gpt2, tiny_llama, tiny_opt
+from tests.adapter_contract import one_thread  # noqa: F401 (fixture)
+from tests.tiny import WHOLE_MODEL, batches, calibration, clone, probe, prune, tiny_gpt2, whole_model
 
-CPU = torch.device("cpu")
-FAMILIES = {"llama": lambda: tiny_llama(heads=4, kv_heads=2, hidden=32, ffn=64, layers=3),
-            "opt": lambda: tiny_opt(layers=3)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = FAMILIES[family]()
+    model = whole_model(family, layers=3)
     for name, p in model.named_parameters():  # norms with non-trivial scales and shifts, so fusing matters
         if "norm" in name:
             p.data = 1 + 0.3 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p)
@@ -49,25 +36,24 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 
 
 def run(model: torch.nn.Module, flops: float, **options):
-    return PruneRunner(SliceGptPruner(**options), BudgetSpec(flops, 16), GramBackend(), progress=False).run(
-        model, get_adapter(model), batches(2, batch=4, seq=16, pad_last=5), CPU)
+    return prune(SliceGptPruner(**options), model, flops)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WHOLE_MODEL)
 def test_rotated_unsliced_model_is_the_dense_model(family):
     """Rotated into the principal axes of calibration data at full width: the dense model's logits."""
     model = build(family)
     dense = clone(model).double()
-    x = batches(1, batch=2, seq=12, pad_last=4, seed=3)[0]
+    x = probe()
     n = len(get_adapter(model).layers())
     d = model.config.hidden_size
-    slice_model(model, get_adapter(model), layout_of(model, get_adapter(model)), batches(2, seq=16, pad_last=5),
+    slice_model(model, get_adapter(model), layout_of(model, get_adapter(model)), calibration(),
                 [(d, d, d)] * n)
     torch.testing.assert_close(logits(model, x), logits(dense, x), rtol=1e-7, atol=1e-7)
     assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WHOLE_MODEL)
 def test_full_budget_keeps_the_widest_width_that_fits(family):
     """At budget 1 the shortcuts still cost FLOPs: the width is the largest that fits, the LM head's input whole."""
     model = build(family)
@@ -81,7 +67,7 @@ def test_full_budget_keeps_the_widest_width_that_fits(family):
     assert wider[0][0] == d
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WHOLE_MODEL)
 def test_slicing_meets_the_flops_budget_and_the_model_runs(family):
     model = build(family)
     flops = FlopsModel(16)
@@ -93,7 +79,7 @@ def test_slicing_meets_the_flops_budget_and_the_model_runs(family):
     assert all(s.shortcut > 0 for s in shapes_of(adapter))  # the shortcuts are counted
     d = model.sliced_spec["dims"][0][0]
     assert d < model.config.hidden_size and d % 4 == 0
-    x = batches(1, batch=2, seq=12, pad_last=4, seed=3)[0]
+    x = probe()
     assert torch.isfinite(logits(model, x)).all()
     assert model.generate(x["input_ids"][:1, :6], max_new_tokens=3, do_sample=False, pad_token_id=0).shape[1] == 9
 
@@ -108,7 +94,7 @@ def test_params_match_meets_the_parameter_budget():
     assert weights <= 0.6 * before and after > 0.5 * before
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WHOLE_MODEL)
 def test_flops_model_counts_the_sliced_blocks_and_shortcuts(family):
     model = build(family).float()
     run(model, 0.7, round_to=4)
@@ -125,13 +111,13 @@ def test_flops_model_counts_the_sliced_blocks_and_shortcuts(family):
         assert executed == pytest.approx(FlopsModel(seq).dense(shape), rel=1e-9)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", WHOLE_MODEL)
 def test_saved_sliced_model_reloads(family, tmp_path, tokenizer):
     model = build(family).float()
     run(model, 0.6, round_to=4)
     save_pruned(model, tokenizer, tmp_path, "causal_lm")
     assert (tmp_path / "modeling_sliced.py").exists() and (tmp_path / "modeling_stat_pruned.py").exists()
-    x = batches(1, batch=2, seq=12, pad_last=4, seed=3)[0]
+    x = probe()
     for reloaded in (load_pruned(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)):
         torch.testing.assert_close(logits(reloaded, x), logits(model, x), rtol=1e-5, atol=1e-5)
         assert reloaded.config.stat_exp_pruning["sliced"]["dims"] == model.sliced_spec["dims"]

@@ -35,6 +35,12 @@ from transformers import (
     RobertaModel,
 )
 
+from stat_exp.factorize.gram import GramBackend
+from stat_exp.models import get_adapter
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.base import Pruner
+from stat_exp.prune.runner import PruneOutcome, PruneRunner
+
 VOCAB = 97
 
 
@@ -172,3 +178,30 @@ def save_tiny_causal_lm(folder, tokenizer) -> None:
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+# The families whole-model methods (block_drop, SliceGPT) take: RMSNorm and grouped KV heads; LayerNorm and biases.
+WHOLE_MODEL = {"llama": lambda layers: tiny_llama(heads=4, kv_heads=2, hidden=32, ffn=64, layers=layers),
+               "opt": lambda layers: tiny_opt(layers=layers)}
+
+
+def whole_model(family: str, layers: int) -> torch.nn.Module:
+    """A WHOLE_MODEL family with `layers` blocks, the same weights on every call."""
+    torch.manual_seed(0)
+    return WHOLE_MODEL[family](layers)
+
+
+def calibration() -> list[dict[str, torch.Tensor]]:
+    """What prune() calibrates on: two batches of 16 tokens, every second row padded for the last 5."""
+    return batches(2, batch=4, seq=16, pad_last=5)
+
+
+def probe() -> dict[str, torch.Tensor]:
+    """A padded batch unlike the calibration batches, to compare outputs and generate from."""
+    return batches(1, batch=2, seq=12, pad_last=4, seed=3)[0]
+
+
+def prune(pruner: Pruner, model: torch.nn.Module, flops: float) -> PruneOutcome:
+    """`pruner` run on `model` at a kept FLOPs fraction (FLOPs at 16 tokens) on calibration()."""
+    return PruneRunner(pruner, BudgetSpec(flops, 16), GramBackend(), progress=False).run(
+        model, get_adapter(model), calibration(), torch.device("cpu"))

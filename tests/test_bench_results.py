@@ -1,0 +1,52 @@
+"""Every benchmark table lands in benchmarks/results/<name>.md with the command, commit and machine
+that made it (the benchmarks' own measurements are too slow for unit tests: their jobs are stubbed)."""
+import json
+import sys
+
+import pytest
+
+from benchmarks import common, compare_pruners, encoder_kfold, encoder_stat, stat_vs_paper
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """The results folder, moved into tmp_path."""
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    return tmp_path / "results"
+
+
+def test_a_printed_table_is_the_recorded_one(results, capsys):
+    path = common.report_table("demo", [{"pruner": "stat", "ppl": 12.345}], "64 x 256 calibration tokens.")
+    text = path.read_text()
+    assert path == results / "demo.md"
+    assert "| pruner | ppl |\n|---|---|\n| stat | 12.3 |" in text and "64 x 256 calibration tokens." in text
+    assert f"Commit: {common.MEASURED_AT}" in text and "Machine: " in text and "Command: `python -m " in text
+    assert "| stat | 12.3 |" in capsys.readouterr().out
+
+
+def fail_job(overrides, out):
+    return "RuntimeError: stubbed job"
+
+
+@pytest.mark.parametrize("module, args, row", [
+    (compare_pruners, ["--pruners", "stat", "--flops", "0.5", "--variants"],
+     "| stat  | 0.5 | - | - | failed: RuntimeError: stubbed job | - | - |"),
+    (stat_vs_paper, [], "| polarity | glue/accuracy | 0.5 | failed: RuntimeError: stubbed job | failed: "),
+], ids=["compare_pruners", "stat_vs_paper"])
+def test_job_benchmarks_record_their_table(module, args, row, results, tmp_path, monkeypatch):
+    monkeypatch.setattr(module, "run_job", fail_job)
+    monkeypatch.setattr(encoder_stat, "ensure_polarity_model", lambda: tmp_path / "polarity")
+    name = module.__name__.split(".")[-1]
+    monkeypatch.setattr(sys, "argv", [module.__file__, *args, "--out", str(tmp_path / "out")])
+    module.main()
+    text = (results / f"{name}.md").read_text()
+    assert row in text and f"Command: `python -m benchmarks.{name} {' '.join(args)}" in text
+    assert (tmp_path / "out" / f"{name}.md").read_text().strip() in text  # the --out copy is the same table
+
+
+def test_kfold_table_from_a_finished_run_is_recorded(results, tmp_path):
+    (tmp_path / "accuracy.json").write_text(json.dumps([{"dense": 0.9, "stat@0.7": 0.8, "kwon@0.7": 0.7}] * 2))
+    encoder_kfold.main(["--corpus", "pang_lee", "--pool", "20", "--folds", "2", "--flops", "0.7",
+                        "--methods", "stat", "kwon", "--table-from", str(tmp_path)])
+    text = (results / "encoder_kfold.md").read_text()
+    assert "| stat | 0.7 | 0.800 |" in text and "2 of 2 folds of 10 finished" in text
