@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM)
 
 from stat_exp.assets import model_path
 from stat_exp.config.cli import compose_config
@@ -59,16 +60,20 @@ def text_file(tmp_path_factory):
     return path
 
 
-def tiny_llama(structure: dict[str, list[int]] | None, vocab: int) -> LlamaForCausalLM:
-    """A random 3-layer Llama with weights large enough (std 0.2) that attention is sharp, and FFN
-    outputs scaled down (x0.05) so that attention decides the output: a wrong Q/K row order for
-    llama.cpp's RoPE moves its perplexity by ~4% (by <1% without the scaling). Shaped like a pruned
-    model by `structure`."""
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}
+
+
+def tiny_llama(structure: dict[str, list[int]] | None, vocab: int, family: str = "llama") -> LlamaForCausalLM:
+    """A random 3-layer Llama-family model with weights large enough (std 0.2) that attention is
+    sharp, and FFN outputs scaled down (x0.05) so that attention decides the output: a wrong Q/K row
+    order for llama.cpp's RoPE moves its perplexity by ~4% (by <1% without the scaling). Shaped like a
+    pruned model by `structure`."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
-                         attn_implementation="sdpa")
-    model = LlamaForCausalLM(config).eval()
+    config_class, model_class = FAMILIES[family]
+    config = config_class(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=8, num_key_value_heads=2, head_dim=8, initializer_range=0.2,
+                          attn_implementation="sdpa", sliding_window=None)
+    model = model_class(config).eval()
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mlp.down_proj.weight.mul_(0.05)
@@ -178,6 +183,21 @@ def test_a_uniform_pruned_llama_goes_through_the_stock_architecture(tmp_path, sm
     meta = metadata(out)
     assert meta["general.architecture"] == "llama"
     assert (meta["llama.attention.head_count"], meta["llama.feed_forward_length"]) == (4, 64)
+    assert llama_perplexity(out, text_file, SEQ, MAX_TOKENS // SEQ) == pytest.approx(
+        our_ppl(model, smol_tokenizer, text_file), rel=0.01)
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("structure,architecture", [(HETEROGENEOUS, "deci"), (UNIFORM, "llama")])
+def test_mistral_loads_in_llama_cpp_with_our_perplexity(tmp_path, smol_tokenizer, text_file, structure, architecture):
+    """Mistral per layer (deci) and uniform (llama.cpp reads it as `llama`). Qwen2 is not checked
+    here: transformers loads any tokenizer saved beside a Qwen2 config as Qwen2's, whose
+    pre-tokenizer llama.cpp's converter does not recognise in SmolLM2's vocabulary, and no Qwen2
+    tokenizer ships offline."""
+    model = tiny_llama(structure, len(smol_tokenizer), "mistral")
+    folder = save_pruned(model, smol_tokenizer, tmp_path / "model", "causal_lm")
+    out = export_gguf(folder, tmp_path / "model.gguf", "f32")
+    assert metadata(out)["general.architecture"] == architecture
     assert llama_perplexity(out, text_file, SEQ, MAX_TOKENS // SEQ) == pytest.approx(
         our_ppl(model, smol_tokenizer, text_file), rel=0.01)
 
