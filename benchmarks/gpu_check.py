@@ -14,7 +14,10 @@ network, no model files: models are built from configs with random weights.
     within 0.01. Without a GPU (`--small`) the other side is the torch factorization loops every
     accelerator runs, on the CPU (stat_exp.factorize.base.without_lapack), so the smoke test still
     compares two different paths.
-(b) Scale: a Llama-2-7B-shaped model (32 blocks, bf16) pruned by STAT to 0.5 of the FLOPs on 128
+(b) Factorization: the pivoted Cholesky of an 11,008-wide Gram (Llama-2-7B's FFN) on the device,
+    blocked (panels of 64 pivots, one matrix product per panel) against the column loop it
+    replaced (panel=1) and LAPACK on the CPU: seconds, and the same pivots as LAPACK.
+(c) Scale: a Llama-2-7B-shaped model (32 blocks, bf16) pruned by STAT to 0.5 of the FLOPs on 128
     sequences of 2048 tokens with the global allocation: seconds per phase and peak device memory,
     next to the planner's prediction for the same job.
 Without a GPU it stops with one line (exit 2).
@@ -129,6 +132,36 @@ def parity(small: bool) -> tuple[list[str], bool]:
     return rows, ok
 
 
+def factorization(small: bool) -> tuple[list[str], bool]:
+    """(table row, same pivots as LAPACK) for the pivoted Cholesky on the device."""
+    from stat_exp.factorize.base import _pivoted_cholesky_torch, pivoted_cholesky
+
+    m = 256 if small else 11008
+    device = torch.device(_gpu_or_cpu())
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(m + m // 4, m, generator=g, dtype=torch.float64) * torch.logspace(0, -3, m, dtype=torch.float64)
+    G = X.T @ X
+    seconds, perms = {}, {}
+    for name, run in (("blocked", lambda A: _pivoted_cholesky_torch(A)),
+                      ("column loop", lambda A: _pivoted_cholesky_torch(A, panel=1)),
+                      ("LAPACK (CPU)", lambda A: pivoted_cholesky(A))):
+        A = G if name.startswith("LAPACK") else G.to(device)
+        _sync(device)
+        start = time.perf_counter()
+        perms[name] = run(A)[0].cpu()
+        _sync(device)
+        seconds[name] = time.perf_counter() - start
+    same = all(torch.equal(p, perms["LAPACK (CPU)"]) for p in perms.values())
+    times = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+    return [f"| pivoted Cholesky, width {m}, on {device.type} | {times}; pivots "
+            f"{'same as' if same else 'DIFFER from'} LAPACK's | {'ok' if same else 'FAIL'} |"], same
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _gpu_or_cpu() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -147,7 +180,7 @@ def scale(small: bool) -> list[str]:
     with torch.device("meta"):
         meta = build(shape, torch.bfloat16, "meta")
     job = Job(meta, StatPruner(), GramBackend("cpu"), torch.bfloat16, sequences, seq_len, batch, eval_batch=1,
-              eval_len=seq_len)
+              eval_len=seq_len, kept=0.5)
     plan = plan_job(job, ExecutionSpec(), device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -171,7 +204,8 @@ def scale(small: bool) -> list[str]:
     return [f"| scale, {shape['num_hidden_layers']} blocks x hidden {shape['hidden_size']}, {sequences} x {seq_len} "
             f"tokens, STAT 0.5 global ({plan.execution.describe()}) | build {built:.0f} s, calibrate "
             f"{t.get('calibrate', 0):.0f} s, prune {t.get('prune', 0):.0f} s, total {total:.0f} s (planned "
-            f"{plan.seconds:.0f} s); peak device {peak:,.0f} MB (planned {plan.peak_device_mb:,.0f} MB); achieved "
+            f"{plan.seconds:.0f} s: calibrate {plan.phases.get('calibrate', 0):.0f} s, prune "
+            f"{plan.seconds - plan.phases.get('calibrate', 0):.0f} s); peak device {peak:,.0f} MB (planned {plan.peak_device_mb:,.0f} MB); achieved "
             f"FLOPs {outcome.achieved['flops_fraction']:.3f} | measured |"]
 
 
@@ -189,6 +223,8 @@ def main() -> None:
     header = [f"GPU check on {name}, torch {torch.__version__}, transformers {transformers.__version__}", "",
               "| check | result | status |", "|---|---|---|"]
     rows, ok = parity(args.small)
+    timing, same = factorization(args.small)
+    rows, ok = rows + timing, ok and same
     if not args.skip_scale:
         rows += scale(args.small)
     print("\n".join(header + rows))

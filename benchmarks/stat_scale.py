@@ -1,18 +1,21 @@
-"""Scale on the CPU: memory per block, the planner against measured peaks, and prune time against
-one dense forward pass, on randomly initialised Llamas with Llama-2-7B block shapes.
+"""Scale on the CPU: memory per block, the planner against measured peaks and times, and
+calibrate + prune against one dense forward pass, on randomly initialised Llamas with Llama-2-7B
+block shapes; and the embedded SmolLM2 in several variants side by side.
 
-    python -m benchmarks.stat_scale [--depths 2 3 4] [--sequences 44]
-    python -m benchmarks.stat_scale --embedded   # SmolLM2: the bounded path prunes like the fast one
+    python -m benchmarks.stat_scale [--depths 2 3 4] [--sequences 44] [--modes cpu/spill/dense ...]
+    python -m benchmarks.stat_scale --embedded [VARIANT ...]   # SmolLM2 STAT 0.7, see VARIANTS
 
 Models with hidden 4096, FFN 11008 and 32 heads (Llama-2-7B's blocks) and `depth` blocks are
 saved to a local folder (fp32, tied embeddings, MiniLM's 30,522-token vocabulary) and pruned by
 ordinary jobs (`model.source=<folder>`, STAT, global allocation, budget 0.5, block-at-a-time
-stream), each in its own process so its peak RSS is its own. In the same run, a dense forward
-pass over the same calibration set is timed on each model. Checks (issue 10): peak host memory
-per extra block <= 1.25x the block's weight bytes with weights on the host and about 0 with
-`offload=disk`; factors=recompute runs at the smallest depth only (it is compared with spill on
-memory and time; its growth per block is spill's); the planner's peak within 20% of the measured one; calibrate + prune <= 1.5x the
-dense forward pass.
+stream), each in its own process so its peak RSS is its own, in the modes offload/factors/propagate
+asked for. In the same run, a dense forward pass over the same calibration set is timed on each
+model, and each phase (calibrate, prune) is reported as a multiple of it, next to the planner's
+seconds for that phase. Checks: peak host memory per extra block <= 1.25x the block's weight bytes
+with weights on the host and about 0 with `offload=disk` (issue 10); the planner's peak within 20%
+of the measured one; (calibrate + prune) / forward <= 1.2 and propagate=pruned <= 1.3x dense (issue 23).
+`--embedded`: the same model out from the CPU and the accelerators' factorization paths and from
+float32 and float64 Gram tiles (structure, perplexity), and each variant's time against the forward.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 
 OUT = Path("outputs/benchmarks/stat_scale")
 HIDDEN, FFN, HEADS = 4096, 11008, 32
-MODES = [("cpu", "spill"), ("cpu", "recompute"), ("disk", "spill")]
+MODES = ["cpu/spill/dense", "cpu/recompute/dense", "disk/spill/dense", "cpu/spill/pruned"]  # offload/factors/propagate
 
 
 def build(depth: int) -> Path:
@@ -60,13 +63,15 @@ def overrides(folder: Path, sequences: int) -> list[str]:
             "device=cpu", "execution.stream=block", "resume=true"]  # finished jobs are not run again
 
 
-def job(depth: int, offload: str, factors: str, sequences: int) -> dict:
+def job(depth: int, mode: str, sequences: int) -> dict:
     """One ordinary run, in this process (called through a subprocess by main)."""
     from benchmarks.common import run_job
 
     folder = build(depth)
-    out = OUT / f"run_{depth}_{offload}_{factors}"
-    record = run_job([*overrides(folder, sequences), f"execution.offload={offload}", f"execution.factors={factors}"], out)
+    offload, factors, propagate = mode.split("/")
+    out = OUT / f"run_{depth}_{offload}_{factors}_{propagate}"
+    record = run_job([*overrides(folder, sequences), f"execution.offload={offload}", f"execution.factors={factors}",
+                      f"calib.propagate={propagate}"], out)
     if isinstance(record, str):
         return {"error": record}
     return {"peak_rss_mb": record.peak_rss_mb, "plan": record.plan, "timing_s": record.timing_s,
@@ -87,30 +92,66 @@ def forward(depth: int, sequences: int) -> dict:
     return {"forward_s": time.perf_counter() - start}
 
 
-EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.num_examples=64", "calib.seq_len=256",
-            "eval=perplexity", "eval.perplexity.max_tokens=16384", "logger=none", "progress=false", "device=cpu"]
-BOUNDED = ["execution.offload=disk", "execution.stream=block", "execution.factors=spill"]
+EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.num_examples=16", "calib.seq_len=256",
+            "calib.batch_size=8", "eval=perplexity", "eval.perplexity.max_tokens=2048", "logger=none", "progress=false",
+            "device=cpu"]
+# name -> overrides on top of EMBEDDED; the first is the reference the others are compared with
+VARIANTS = {
+    "lapack": [],  # the CPU path: LAPACK's pivoted Cholesky, float32 Gram tiles summed in float64
+    "blocked": ["factorization.pivoting=blocked"],  # the accelerators' torch factorization, run on the CPU
+    "float64_gram": ["factorization.block_dtype=float64"],
+    "global_pruned": ["calib.propagate=pruned"],
+    "uniform_dense": ["budget.allocation=uniform"],
+    "uniform_pruned": ["budget.allocation=uniform", "calib.propagate=pruned"],
+    "bounded": ["execution.offload=disk", "execution.stream=block", "execution.factors=spill"],
+}
+DEFAULT_VARIANTS = ["lapack", "blocked", "float64_gram", "global_pruned", "uniform_dense", "uniform_pruned"]
 
 
-def embedded() -> str:
-    """The embedded default (STAT 0.7 on SmolLM2, the README's quality setting) with today's fast
-    path and with the bounded path (blocks on disk, one at a time, factorizations spilled). Both
-    jobs run in this process, so no peak memory is compared here (the depth runs measure it)."""
+def embedded_forward() -> float:
+    """Seconds of one dense forward pass of SmolLM2 over the embedded runs' calibration set."""
+    from benchmarks.common import smollm2
+
+    model, _, batches = smollm2(16, 256, 8)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in batches:
+            model(**b, use_cache=False)
+    return time.perf_counter() - start
+
+
+def embedded(names: list[str]) -> str:
+    """STAT at 0.7 on SmolLM2 in several variants, side by side in this process, next to one dense
+    forward pass over the same calibration set: the same model out (structure, perplexity) from
+    every factorization path and Gram precision, and the time of each against the forward pass."""
     from benchmarks.common import run_job
 
-    rows = [(name, run_job([*EMBEDDED, *extra], OUT / f"embedded_{tag}"))
-            for name, tag, extra in (("default", "default", []), ("bounded", "bounded", BOUNDED))]
-    (_, a), (_, b) = rows
-    if isinstance(a, str) or isinstance(b, str):
-        return f"failed: {a if isinstance(a, str) else b}"
-    ppl_a, ppl_b = a.metrics["perplexity/ppl"], b.metrics["perplexity/ppl"]
-    return "\n".join([
-        "| SmolLM2, STAT 0.7 | execution | wiki_eval ppl | structure | calibrate + prune (s) |",
-        "|---|---|---|---|---|",
-        *(f"| {name} | {', '.join(f'{k}={v}' for k, v in r.execution.items())} | {r.metrics['perplexity/ppl']:.3f} | "
-          f"{'same' if r.structure == a.structure else 'DIFFERS'} | "
-          f"{r.timing_s.get('calibrate', 0) + r.timing_s.get('prune', 0):.0f} |" for name, r in rows),
-        "", f"perplexity difference: {abs(ppl_b / ppl_a - 1) * 100:.3f}% (target: within 0.5%)"])
+    forward_s = embedded_forward()
+    runs = [(name, run_job([*EMBEDDED, *VARIANTS[name]], OUT / f"embedded_{name}")) for name in names]
+    ref_name, ref = runs[0]
+    if isinstance(ref, str):
+        return f"failed: {ref}"
+    ppl_ref = ref.metrics["perplexity/ppl"]
+    lines = [f"SmolLM2-135M, STAT 0.7, 16 x 256 calibration tokens, 2,048 evaluation tokens, CPU; one dense forward pass over the calibration set: "
+             f"{forward_s:.1f} s", "",
+             "| variant | overrides | wiki_eval ppl | vs " + ref_name + " | structure | calibrate (s) | prune (s) | "
+             "(calibrate + prune) / forward |", "|---|---|---|---|---|---|---|---|"]
+    work = {}
+    for name, r in runs:
+        if isinstance(r, str):
+            lines.append(f"| {name} | {' '.join(VARIANTS[name])} | failed: {r} ||||||")
+            continue
+        ppl = r.metrics["perplexity/ppl"]
+        work[name] = r.timing_s.get("calibrate", 0) + r.timing_s.get("prune", 0)
+        same = "same" if r.structure == ref.structure else "differs"
+        lines.append(f"| {name} | {' '.join(VARIANTS[name]) or '(default)'} | {ppl:.3f} | {(ppl / ppl_ref - 1) * 100:+.3f}% | "
+                     f"{same} | {r.timing_s.get('calibrate', 0):.1f} | {r.timing_s.get('prune', 0):.1f} | "
+                     f"{work[name] / forward_s:.2f} |")
+    lines.append("")
+    for pruned, dense in (("global_pruned", "lapack"), ("uniform_pruned", "uniform_dense")):
+        if pruned in work and dense in work:
+            lines.append(f"- {pruned} / {dense}: {work[pruned] / work[dense]:.2f}x the calibrate + prune time")
+    return "\n".join(lines)
 
 
 def _subprocess(*args: str) -> dict:
@@ -125,18 +166,21 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
     # 44 x 256 = 11,264 tokens: more than the FFN width (11,008), so any kept neuron count can be corrected
     parser.add_argument("--sequences", type=int, default=44)
-    parser.add_argument("--one", nargs=3, metavar=("DEPTH", "OFFLOAD", "FACTORS"))
+    parser.add_argument("--one", nargs=2, metavar=("DEPTH", "OFFLOAD/FACTORS/PROPAGATE"))
+    parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--forward", type=int, metavar="DEPTH")
-    parser.add_argument("--embedded", action="store_true", help="only the embedded model: both paths side by side")
+    parser.add_argument("--embedded", nargs="*", metavar="VARIANT", choices=list(VARIANTS),
+                        help=f"only the embedded model, these variants side by side (default: {' '.join(DEFAULT_VARIANTS)})")
     args = parser.parse_args()
-    if args.embedded:
+    if args.embedded is not None:
         OUT.mkdir(parents=True, exist_ok=True)
-        table = embedded()
-        (OUT / "embedded.md").write_text(table + "\n")
+        names = args.embedded or DEFAULT_VARIANTS
+        table = embedded(names)
+        (OUT / f"embedded_{'_'.join(names)}.md").write_text(table + "\n")
         print(table)
         return
     if args.one:
-        print(json.dumps(job(int(args.one[0]), args.one[1], args.one[2], args.sequences)))
+        print(json.dumps(job(int(args.one[0]), args.one[1], args.sequences)))
         return
     if args.forward:
         print(json.dumps(forward(args.forward, args.sequences)))
@@ -148,32 +192,39 @@ def main() -> None:
     rows, results = [], {}
     for depth in args.depths:
         fwd = _subprocess("--forward", str(depth), "--sequences", str(args.sequences))
-        for offload, factors in MODES:
-            if factors == "recompute" and depth != min(args.depths):
+        for mode in args.modes:
+            if "recompute" in mode and depth != min(args.depths):
                 continue
-            r = _subprocess("--one", str(depth), offload, factors, "--sequences", str(args.sequences))
-            results[depth, offload, factors] = r
+            r = _subprocess("--one", str(depth), mode, "--sequences", str(args.sequences))
+            results[depth, mode] = r
             if "error" in r:
-                rows.append(f"| {depth} | {offload} | {factors} | failed: {r['error']} |||||||")
+                rows.append(f"| {depth} | {mode} | failed: {r['error']} ||||||||||")
                 continue
-            t = r["timing_s"]
-            work = t.get("calibrate", 0) + t.get("prune", 0)
-            rows.append(f"| {depth} | {offload} | {factors} | {r['peak_rss_mb']:,.0f} | {r['plan']['peak_host_mb']:,.0f} | "
-                        f"{r['plan']['peak_host_mb'] / r['peak_rss_mb']:.2f} | {t.get('calibrate', 0):.0f} | "
-                        f"{t.get('prune', 0):.0f} | {fwd.get('forward_s', float('nan')):.0f} | "
-                        f"{work / fwd.get('forward_s', float('nan')):.2f} |")
+            t, f = r["timing_s"], fwd.get("forward_s", float("nan"))
+            calib, prune = t.get("calibrate", 0), t.get("prune", 0)
+            planned = r["plan"].get("phases_s", {})
+            planned_prune = sum(v for k, v in planned.items() if k != "calibrate")
+            rows.append(f"| {depth} | {mode} | {r['peak_rss_mb']:,.0f} | {r['plan']['peak_host_mb']:,.0f} | "
+                        f"{r['plan']['peak_host_mb'] / r['peak_rss_mb']:.2f} | {calib:.0f} ({planned.get('calibrate', 0):.0f}) | "
+                        f"{prune:.0f} ({planned_prune:.0f}) | {f:.0f} | {calib / f:.2f} | {prune / f:.2f} | "
+                        f"**{(calib + prune) / f:.2f}** |")
     lines = [f"Llama-2-7B-shaped blocks ({block_mb:,.0f} MB each in fp32), {args.sequences} x 256 calibration tokens, "
-             "STAT 0.5 global, CPU:", "",
-             "| blocks | offload | factors | peak RSS (MB) | planned (MB) | planned / measured | calibrate (s) | "
-             "prune (s) | dense forward (s) | (calibrate + prune) / forward |",
-             "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+             "STAT 0.5 global, CPU; planned seconds in brackets (the planner's time model):", "",
+             "| blocks | offload/factors/propagate | peak RSS (MB) | planned (MB) | planned / measured | calibrate (s) | "
+             "prune (s) | dense forward (s) | calibrate / forward | prune / forward | (calibrate + prune) / forward |",
+             "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
     lo, hi = min(args.depths), max(args.depths)
-    for offload, factors in MODES:
-        a, b = results.get((lo, offload, factors), {}), results.get((hi, offload, factors), {})
-        if "peak_rss_mb" in a and "peak_rss_mb" in b:
+    for mode in args.modes:
+        a, b = results.get((lo, mode), {}), results.get((hi, mode), {})
+        if hi > lo and "peak_rss_mb" in a and "peak_rss_mb" in b:
             per_block = (b["peak_rss_mb"] - a["peak_rss_mb"]) / (hi - lo)
-            lines.append(f"- offload={offload}, factors={factors}: peak grows {per_block:,.0f} MB per extra block "
+            lines.append(f"- {mode}: peak grows {per_block:,.0f} MB per extra block "
                          f"= {per_block / block_mb:.2f}x the block's weights")
+    for depth in args.depths:
+        a, b = results.get((depth, "cpu/spill/dense"), {}), results.get((depth, "cpu/spill/pruned"), {})
+        if "timing_s" in a and "timing_s" in b:
+            work = [x["timing_s"].get("calibrate", 0) + x["timing_s"].get("prune", 0) for x in (a, b)]
+            lines.append(f"- {depth} blocks: propagate=pruned / propagate=dense = {work[1] / work[0]:.2f}x")
     table = "\n".join(lines)
     (OUT / "stat_scale.md").write_text(table + "\n")
     print(table)

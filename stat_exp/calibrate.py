@@ -280,12 +280,15 @@ class LayerStream:
             layer = self.store.onload(i)
             before = _parameter_ids(layer)
             stats = self._new_stats(layer)
-            outputs = self._run(layer, boundary, i, stats, dense)
+            # Fed the pruned model's outputs, this run's own outputs are replaced by the pruned
+            # block's: it stops once the last statistic is in (before the down projection).
+            partial = self.propagate == "pruned" and self.adapter.ffn(layer).post_norm is None
+            outputs = self._run(layer, boundary, i, stats, dense, partial)
             self.seconds += time.perf_counter() - start
             yield i, layer, stats
             start = time.perf_counter()
             pruned = _parameter_ids(layer) != before  # surgery swaps Parameter objects
-            if self.propagate == "pruned" and pruned and i + 1 < n:
+            if self.propagate == "pruned" and (pruned or partial) and i + 1 < n:
                 outputs = self._run(layer, boundary, i, None)
             self.store.offload(i)
             boundary.hidden = outputs
@@ -337,11 +340,12 @@ class LayerStream:
 
     @torch.inference_mode()
     def _run(self, layer: nn.Module, boundary: BlockBoundary, index: int, stats: LayerStats | None,
-             dense: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+             dense: list[torch.Tensor] | None = None, partial: bool = False) -> list[torch.Tensor]:
         """Run block `index` over all batches with its own call arguments; with `stats`, accumulate
         them. Outputs go back where the boundary keeps its hidden states. With `dense` (the dense
         model's hidden states at this boundary) each batch first runs on those, to pair the
-        activations for the cross Grams; `dense` moves on to the dense block's outputs."""
+        activations for the cross Grams; `dense` moves on to the dense block's outputs. `partial`:
+        each batch stops at the down projection's input (the last statistic); no outputs."""
         mask: list[torch.Tensor | None] = [None]
         current: dict[str, torch.Tensor] = {}  # this batch's dense O and down inputs
         outputs = []
@@ -350,14 +354,18 @@ class LayerStream:
             call = calls[index]
             if dense is not None and stats is not None:  # before the hooks: the dense run accumulates nothing
                 dense[b] = self._dense_run(layer, dense[b], call, batch_mask, current).to(dense[b].device)
-            with Hooks() as hooks:
+            out = None  # stays None when the partial run stops the forward
+            with Hooks() as hooks, stops_forward():
                 if stats is not None:
                     self._hooks(hooks, layer, stats, mask, energy=False, dense=current)
+                if partial:  # registered after the statistics' hooks, so they fire first
+                    _stop_when_both_seen(hooks, self.adapter.attention(layer).o, self.adapter.ffn(layer).down)
                 hidden = hidden.to(self.device)
                 if stats is not None:
                     _record_input(stats, hidden, batch_mask)
                 out = _first_output(layer(hidden, *call.args, **call.kwargs))
-            outputs.append(out.to(boundary.hidden[0].device))
+            if out is not None:
+                outputs.append(out.to(boundary.hidden[0].device))
         return outputs
 
     def _dense_run(self, layer: nn.Module, hidden: torch.Tensor, call: BlockCall, mask: torch.Tensor | None,
@@ -372,6 +380,17 @@ class LayerStream:
         with Hooks() as hooks:
             hooks.pre(self.adapter.attention(layer).o, keep("o")).pre(self.adapter.ffn(layer).down, keep("down"))
             return _first_output(layer(hidden.to(self.device), *call.args, **call.kwargs))
+
+
+def _stop_when_both_seen(hooks: Hooks, a: nn.Module, b: nn.Module) -> None:
+    """Hooks that end the forward pass once both modules have been called (in either order)."""
+    seen: set[int] = set()
+
+    def hook(module, args):
+        seen.add(id(module))
+        if len(seen) == 2:
+            raise StopForward
+    hooks.pre(a, hook).pre(b, hook)
 
 
 def _parameter_ids(layer: nn.Module) -> set[int]:

@@ -112,7 +112,7 @@ def test_flap_scores_match_hand_computed(batches):
         Xo, Xd = x[f"model.layers.{i}.self_attn.o_proj"], x[f"model.layers.{i}.mlp.down_proj"]
         attn = (Xo.var(0, unbiased=False) * layer.self_attn.o_proj.weight.double().square().sum(0)) ** 2
         ffn = Xd.var(0, unbiased=False) * layer.mlp.down_proj.weight.double().square().sum(0)
-        heads, neurons = sc.extra["standardised"]
+        heads, neurons = sc.state.standardised
         torch.testing.assert_close(heads, std(attn.detach()).view(8, 8).mean(1), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(neurons, std(ffn.detach()), rtol=1e-5, atol=1e-6)
 
@@ -176,7 +176,7 @@ def test_flap_global_is_one_threshold(batches):
     plans = FlapPruner().fixed_plans([0, 1, 2], scores, shapes_of(get_adapter(model)), FlopsModel(64), BudgetSpec(0.6, 64))
     kept, removed = [], []
     for sc, plan in zip(scores, plans):
-        standardised = sc.extra["standardised"][1][sc.ffn_order]
+        standardised = sc.state.standardised[1][sc.ffn_order]
         kept += standardised[1: plan.neurons].tolist()
         removed += standardised[plan.neurons:].tolist()
     assert kept and removed and min(kept) >= max(removed)

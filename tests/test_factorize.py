@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stat_exp.factorize import GramBackend, QRBackend, SketchBackend, pivoted_cholesky
-from stat_exp.factorize.base import _pivoted_cholesky_torch, without_lapack
+from stat_exp.factorize.base import _pivoted_cholesky_torch, _pivoted_qr_torch, pivoted_qr, without_lapack
 from stat_exp.factorize.gram import TILE_MIN
 
 
@@ -59,13 +59,46 @@ def test_rank_deficient_statistics_reconstruct_exactly():
         torch.testing.assert_close(A[:, f.perm[:k]] @ T, A[:, f.perm[k:]], rtol=1e-7, atol=1e-7)
 
 
-def test_torch_pivoted_cholesky_matches_lapack():
-    A = activations(m=25)
+def low_rank(n=200, rank=6, m=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, m, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("panel", [1, 7, 64])
+@pytest.mark.parametrize("A", [activations(m=150), low_rank()], ids=["full_rank", "rank_6"])
+def test_blocked_torch_pivoted_cholesky_matches_lapack(A, panel):
+    """The accelerators' path, run here on the CPU: several panels (7), one panel (64) and the
+    column loop (1) give LAPACK's pivots, R and rank."""
     G = A.T @ A
-    p1, R1 = pivoted_cholesky(G)
-    p2, R2 = _pivoted_cholesky_torch(G)
+    p1, R1 = pivoted_cholesky(G, method="lapack")
+    p2, R2 = _pivoted_cholesky_torch(G, panel)
     assert torch.equal(p1, p2)
     torch.testing.assert_close(R1, R2, rtol=1e-9, atol=1e-9)
+    assert torch.equal(pivoted_cholesky(G, method="blocked")[0], p1)
+
+
+def test_order_past_the_rank_is_completed_by_energy():
+    """Units the calibration data cannot tell apart (past the numerical rank) follow in a fixed
+    order, largest energy first, ties by index, on every path."""
+    A = low_rank(rank=4, m=12)
+    A[:, 5] = 0.0  # a dead unit: last
+    G = A.T @ A
+    for method in ("lapack", "blocked"):
+        perm, R = pivoted_cholesky(G, method=method)
+        rest = perm[4:]
+        energy = G.diagonal()[rest]
+        assert torch.all(energy[:-1] >= energy[1:]) and int(rest[-1]) == 5
+        assert torch.all(R[4:] == 0)
+
+
+@pytest.mark.parametrize("shape", [(400, 30), (300, 120)])
+def test_torch_pivoted_qr_matches_lapack(shape):
+    n, m = shape
+    A = activations(n=n, m=m)
+    p1, R1 = pivoted_qr(A.clone())
+    p2, R2 = _pivoted_qr_torch(A)
+    assert torch.equal(p1, p2)
+    torch.testing.assert_close(R1.abs(), R2.abs(), rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "countsketch"])

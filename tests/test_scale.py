@@ -65,10 +65,10 @@ def test_spilled_factors_leave_memory_and_come_back_from_disk(tmp_path, monkeypa
     seen = []
     real = pending.SpilledPending._stash
     monkeypatch.setattr(pending.SpilledPending, "_stash",
-                        lambda self, i, sc: (real(self, i, sc), seen.append((i, dict(sc.heavy), self._path(i).exists()))))
+                        lambda self, i, sc: (real(self, i, sc), seen.append((i, sc.heavy, self._path(i).exists()))))
     _run(tiny_llama(layers=3), factors="spill", spill_dir=tmp_path / "spill")
     assert [i for i, _, _ in seen] == [0, 1, 2]
-    assert all(heavy == {} and on_disk for _, heavy, on_disk in seen)
+    assert all(heavy is None and on_disk for _, heavy, on_disk in seen)
 
 
 def test_blocks_on_the_host_are_onloaded_one_at_a_time(monkeypatch):
@@ -153,9 +153,9 @@ def test_propagate_pruned_feeds_each_block_the_pruned_outputs(monkeypatch):
     base = tiny_llama(layers=2)
     model = clone(base)
     grams = {}
-    real = StatPruner.score
-    monkeypatch.setattr(StatPruner, "score", lambda self, adapter, i, layer, stats: (
-        grams.__setitem__(i, stats.ffn_factor.gram().clone()), real(self, adapter, i, layer, stats))[1])
+    real = StatPruner._scores
+    monkeypatch.setattr(StatPruner, "_scores", lambda self, adapter, i, layer, stats, priced: (
+        grams.__setitem__(i, stats.ffn_factor.gram().clone()), real(self, adapter, i, layer, stats, priced))[1])
     _run(model, propagate="pruned", factors="hold")  # the last scoring of block 1 is the pruned pass
     data = batches(pad_last=4)
     boundary = capture_block_inputs(model, get_adapter(model), data, CPU)
@@ -316,6 +316,25 @@ def test_gpu_check_stops_in_one_line_without_a_gpu_and_its_smoke_run_passes():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--small"], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("| ok |") == 2 and "| scale," in proc.stdout
+    assert proc.stdout.count("| ok |") == 3 and "| scale," in proc.stdout  # parity gram, qr; factorization
     if not torch.cuda.is_available():
         assert proc.stdout.count("vs cpu torch loops") == 2
+
+
+def test_the_time_model_prices_each_phase_and_pass():
+    """Per phase, the passes of the runner: recompute doubles the factorizations, propagate=pruned
+    adds the pruned block's rerun less the down projections the statistics run skips, and with a
+    global allocation a dense pricing pass before it."""
+    from stat_exp.execution.plan import Rates, Sizes, _phase_seconds
+
+    s = Sizes(blocks=[], rest_weights=0, hidden=0, eval_work=0, tokens=0, calibration_flops=100.0, down_flops=20.0,
+              gram_flops=10.0, factor_flops=3.0, curve_flops=4.0, fold_flops=5.0, pivot_steps=10)
+    r = Rates(gram=0.5, factor=0.1, float64=0.5, pivot_s=0.1)
+    dense = _phase_seconds(s, r, 1.0, False, True, "dense", 0.5)
+    assert dense == {"calibrate": 120.0, "factorize": 31.0, "curves": 8.0, "fold": 10.0}
+    assert _phase_seconds(s, r, 1.0, True, True, "dense", 0.5)["factorize"] == 62.0
+    uniform = _phase_seconds(s, r, 1.0, False, False, "pruned", 0.5)
+    assert uniform["calibrate"] == 100.0 - 20.0 + 50.0 + 20.0
+    glob = _phase_seconds(s, r, 1.0, False, True, "pruned", 0.5)
+    assert glob["calibrate"] == 120.0 + uniform["calibrate"] and glob["factorize"] == 62.0
+    assert glob["curves"] == dense["curves"]

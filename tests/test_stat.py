@@ -146,6 +146,24 @@ def test_propagate_pruned_feeds_later_blocks_the_pruned_outputs(allocation):
     assert down[0][1].shape != down[1][1].shape or not torch.allclose(down[0][1], down[1][1], atol=1e-6)
 
 
+def test_the_pruned_pass_of_a_global_allocation_prunes_as_if_priced():
+    """Once the counts are decided, the pruned pass skips the cost curves (score_for_plan): the
+    model it leaves is the one the fully priced scores would leave."""
+    class Priced(StatPruner):
+        def score_for_plan(self, adapter, index, layer, stats):
+            return self.score(adapter, index, layer, stats)
+
+    spec = BudgetSpec(flops=0.6, seq_len=32, allocation="global")
+    models = [tiny_llama(), None]
+    models[1] = clone(models[0])
+    for model, pruner in zip(models, (StatPruner(), Priced())):
+        PruneRunner(pruner, spec, GramBackend(block_dtype="float64"), propagate="pruned",
+                    progress=False).run(model, get_adapter(model), batches(), CPU)
+    x = batches(1, seed=3)[0]
+    assert get_adapter(models[0]).structure() == get_adapter(models[1]).structure()
+    torch.testing.assert_close(models[0](**x).logits, models[1](**x).logits, rtol=0, atol=0)
+
+
 def test_qr_backend_runs_the_same_pipeline():
     a, b = tiny_llama(), None
     b = clone(a)

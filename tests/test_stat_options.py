@@ -112,7 +112,7 @@ def test_auto_ridge_prices_every_count_by_its_best_held_out_error():
     Z = module_inputs(model, lambda a, l: a.ffn(l).down, data)
     fit, held = torch.cat([z for i, z in enumerate(Z) if i % 4 != 3]), torch.cat(Z[3::4])
     W = get_adapter(model).ffn(get_adapter(model).layers()[0]).down.weight.detach().double()
-    fold = sc.heavy["ffn_fold"]
+    fold = sc.heavy.ffn
     p, w = fold.perm, fold.weights
     n, n_held = sum(len(z) for z in Z), len(held)
     for k in (8, 30, 47):
@@ -231,3 +231,36 @@ def test_compensation_fits_the_dense_outputs_on_the_pruned_inputs():
     plain_out = plain_z @ get_adapter(plain).ffn(get_adapter(plain).layers()[1]).down.weight.detach().double().T
     assert (fitted - target).square().sum() < (plain_out - target).square().sum()
     assert (fitted - target).square().sum() >= (best - target).square().sum() * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("options", [{}, {"ridge": 0.3, "intercept": True, "heads": "greedy"}, {"compensate": True}],
+                         ids=["pivoted", "options", "compensated"])
+def test_every_fold_costs_the_output_error_its_weights_leave(options):
+    """Each STAT strategy's cost() at a keep-count is the error its weight() leaves in the module's
+    output on the calibration tokens (the compensated fit prices relative to keeping every unit,
+    which on a first block, fed the dense inputs, leaves the layer as it is)."""
+    model, data = tiny_llama(layers=1), batches()
+    pruner = StatPruner(**options)
+    adapter = get_adapter(model)
+    stream = LayerStream(model, adapter, data, CPU, "pruned" if pruner.compensate else "dense",
+                         pruner.accumulator(GramBackend(block_dtype="float64")), progress=False,
+                         moments=pruner.requirements.moments, dense_targets=pruner.requirements.dense_targets)
+    [(sc, layer)] = [(pruner.score(adapter, i, layer, stats), layer) for i, layer, stats in stream]
+    attn, ffn = adapter.attention(layer), adapter.ffn(layer)
+    modules = [(sc.heavy.ffn, ffn.down, lambda a, l: a.ffn(l).down, [1, 17, 64, 127, 128],
+                lambda k: sc.ffn_order[:k]),
+               (sc.heavy.attn, attn.o, lambda a, l: a.attention(l).o, range(len(sc.attn_levels)),
+                lambda k: head_channels(sc.attn_levels[k].heads, attn.head_dim))]
+    for fold, out, pick, counts, kept in modules:
+        Z = torch.cat(module_inputs(model, pick, data))
+        W = out.weight.detach().double()
+
+        def measured(k: int) -> float:
+            weight, bias = fold.weight(out, k)
+            folded = W[:, kept(k)] if weight is None else weight.double()
+            y = Z[:, kept(k)] @ folded.T + (0.0 if bias is None else bias)
+            return float((Z @ W.T - y).square().sum())
+
+        cost = fold.cost()
+        for k in counts:  # rel: the jitter that lets near-collinear head channels factor moves costs by ~1e-4
+            assert float(cost[k]) == pytest.approx(measured(k), rel=1e-3, abs=1e-6 * float(cost[0]))

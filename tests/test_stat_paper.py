@@ -282,7 +282,7 @@ def test_head_errors_are_the_intended_ones():
     differs = []
     for (i, layer, stats), (P, R1, errs) in zip(stream, heads):
         sc = pruner.score(adapter, i, layer, stats)
-        np.testing.assert_allclose(np.concatenate([[sc.extra["no_heads"]], sc.attn_cost[:-1]]), errs, rtol=1e-4)
+        np.testing.assert_allclose(np.concatenate([[sc.state.no_heads], sc.attn_cost[:-1]]), errs, rtol=1e-4)
         hd = adapter.attention(layer).head_dim
         O = acts[i][1]
         q, _ = scipy.linalg.qr(O[:, (P[:, None] * hd + np.arange(hd)).ravel()], mode="economic")
@@ -295,7 +295,7 @@ def test_head_errors_are_the_intended_ones():
             theirs.append(np.linalg.norm(residual[:, their_index] @ W.T))
         differs.append(not np.allclose(theirs, errs, rtol=1e-3))
         sc = released.score(adapter, i, layer, stats)  # head_error=released: exactly their numbers
-        np.testing.assert_allclose(np.concatenate([[sc.extra["no_heads"]], sc.attn_cost[:-1]]), theirs, rtol=1e-4)
+        np.testing.assert_allclose(np.concatenate([[sc.state.no_heads], sc.attn_cost[:-1]]), theirs, rtol=1e-4)
     assert any(differs)
 
 

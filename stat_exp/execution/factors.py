@@ -24,7 +24,8 @@ from stat_exp.execution.sizes import Footprint, Sizes
 
 
 class Scored(Protocol):
-    """What waits for the allocation: a block's scores, whose `heavy` state may move out of memory."""
+    """What waits for the allocation: a block's scores, whose `heavy` state (the pruner's own
+    dataclass, or None) may move out of memory."""
 
     heavy: Any
 
@@ -42,7 +43,7 @@ class Pending(AbstractContextManager):
         if keep_heavy:
             self._stash(index, scores)
         else:
-            scores.heavy = {}
+            scores.heavy = None
         self._items.append((scores, stats))
 
     def _stash(self, index: int, scores: Scored) -> None:
@@ -85,7 +86,7 @@ class SpilledPending(Pending):
         tmp = self._path(index).with_suffix(".partial")
         torch.save(scores.heavy, tmp)
         tmp.replace(self._path(index))
-        scores.heavy = {}
+        scores.heavy = None
 
     def peek(self, index: int) -> tuple[Any, Any]:
         scores, stats = super().peek(index)

@@ -39,17 +39,36 @@ from stat_exp.track.markdown import markdown_table
 
 CUDA_CONTEXT_MB = 600.0  # host memory of an initialised CUDA context (torch + cuBLAS), typical
 # Assumed dense-matmul throughput (TFLOP/s) per device kind when `plan.tflops` is not set and the
-# device cannot be measured here; sustained, not peak. The factorizations run at `FACTOR_SHARE`
-# of it (pivoted Cholesky is memory-bound).
+# device cannot be measured here; sustained, not peak.
 ASSUMED_TFLOPS = {"cuda": 200.0}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """How fast each pruning phase runs, as a share of the dense matmul rate in the model dtype
+    (`tflops`): the float32 Gram tiles (full float32, no TF32), the pivoted Cholesky (per m^3 / 3
+    flops, whatever the algorithm does), the float64 products of the error curves and the folds;
+    and seconds per pivot beyond the flops (kernel launches of the blocked factorization)."""
+
+    gram: float
+    factor: float
+    float64: float
+    pivot_s: float = 0.0
+
+
+# cpu: fitted on the development machine (2 cores, AMD EPYC) from benchmarks/stat_scale's unloaded
+# 2-block run (calibrate 67 s, prune 66 s, forward 64 s; docs/large_models.md): the Gram from
+# calibrate less the forward, float64 products at half the float32 rate, the factorization from the
+# rest of prune. `python -m benchmarks.plan_fit` measures the same shares directly. cuda: assumed
+# for an H100 (float32 without TF32 and float64 tensor cores at ~1/4 of the sustained bf16 rate; the
+# blocked factorization does 2 m^3 flops at that rate, and ~14 kernel launches per pivot); not
+# measured: no GPU was lent so far.
+RATES = {"cpu": Rates(gram=0.85, factor=0.16, float64=0.5), "cuda": Rates(gram=0.25, factor=0.04, float64=0.2,
+                                                                         pivot_s=7e-5)}
 # The throughput a decision that changes results (the `auto` calibration size) assumes unless
 # `execution.tflops` declares one: nominal per device kind, never a probe, so a loaded machine
 # does not calibrate on fewer tokens than an idle one.
 DECISION_TFLOPS = {**ASSUMED_TFLOPS, "cpu": 1.0}
-FACTOR_SHARE = 0.05
-# Off the CPU the pivoted factorizations are a loop of small kernels, one step per column: their
-# time is launches and synchronisations, not FLOPs (assumed per step; LAPACK on the CPU has none).
-PIVOT_STEP_S = {"cuda": 1.5e-4}
 LOGITS_COPIES = 3  # logits, their float32 copy and log-softmax in the perplexity loss
 
 
@@ -69,6 +88,7 @@ class Plan:
     tflops: float
     device: str
     rows: list[tuple[str, float]] = field(default_factory=list)  # (what, MB) for the table
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of calibrate, factorize, curves, fold, select
     calibration: CalibrationSize | None = None  # the calibration size planned for (`auto` resolved)
 
     def summary(self) -> dict:
@@ -78,8 +98,8 @@ class Plan:
 
         return {"peak_host_mb": finite(self.peak_host_mb), "peak_device_mb": finite(self.peak_device_mb),
                 "disk_mb": finite(self.disk_mb), "seconds": finite(self.seconds), "tflops": finite(self.tflops, None),
-                "device": self.device, **asdict(self.execution),
-                **({"calibration": self.calibration.summary()} if self.calibration else {})}
+                "device": self.device, "phases_s": {k: finite(v) for k, v in self.phases.items()},
+                **asdict(self.execution), **({"calibration": self.calibration.summary()} if self.calibration else {})}
 
 
 class SizedPruner(Protocol):
@@ -91,6 +111,8 @@ class SizedPruner(Protocol):
     def splits_statistics(self, backend: Any) -> bool: ...
 
     def allocation_under(self, budget_allocation: Any) -> str: ...
+
+    def propagate_under(self, calib_propagate: str) -> str: ...
 
 
 class SizedBackend(Protocol):
@@ -134,6 +156,7 @@ class Job:
     propagate: str = "dense"
     allocation: str = "global"  # the effective allocation
     prunes: bool = True
+    kept: float = 1.0  # the FLOPs fraction pruning keeps (what a pruned block's rerun costs)
     auto_calibration: bool = False  # calib.num_examples=auto: `sequences` is the knee's, before the planner's bounds
     largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
     held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
@@ -190,9 +213,9 @@ def meta_model(source: str, task: str, dtype: str) -> nn.Module:
 
 
 def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str, parts: RunParts,
-           prunes: bool = True) -> Job:
-    """The Job of a run from its model config and the parts the run built (`calib.num_examples=auto`:
-    the knee's count, before `sized_job` bounds it)."""
+           prunes: bool = True, kept: float = 1.0) -> Job:
+    """The Job of a run from its model config and the parts the run built (`kept`: the budget's FLOPs
+    fraction; `calib.num_examples=auto`: the knee's count, before `sized_job` bounds it)."""
     model = meta_model(model_cfg["source"], model_cfg["task"], model_cfg["dtype"])
     adapter = get_adapter(model, parts.adapter)  # the configured adapter stays the model's
     calibration, pruner = parts.calibration, parts.pruner
@@ -202,8 +225,9 @@ def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str,
     return Job(model=model, pruner=pruner, backend=parts.backend, dtype=getattr(torch, model_cfg["dtype"]),
                sequences=math.ceil(knee_tokens(rank) / seq_len) if auto else int(calibration.num_examples),
                seq_len=seq_len, batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
-               propagate=propagate, allocation=pruner.allocation_under(budget_allocation), prunes=prunes,
-               auto_calibration=auto, largest_rank=rank, held_out_streams=parts.held_out_streams)
+               propagate=pruner.propagate_under(propagate), allocation=pruner.allocation_under(budget_allocation),
+               prunes=prunes, kept=kept, auto_calibration=auto, largest_rank=rank,
+               held_out_streams=parts.held_out_streams)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -215,7 +239,8 @@ def plan_sizes(job: Job) -> Sizes:
     block_params = {id(p) for layer in adapter.layers() for p in layer.parameters()}
     rest = sum(p.numel() for p in model.parameters() if id(p) not in block_params) * elem
     shapes = shapes_of(adapter)
-    blocks, gram_flops, factor_flops, steps = [], 0.0, 0.0, 0
+    blocks, steps = [], 0
+    gram_flops = factor_flops = curve_flops = fold_flops = down_flops = 0.0
     for layer, sh in zip(adapter.layers(), shapes):
         weights = sum(p.numel() for p in layer.parameters()) * elem
         d_attn, d_ffn = sh.num_heads * sh.head_dim, sh.ffn_width
@@ -227,8 +252,11 @@ def plan_sizes(job: Job) -> Sizes:
             # scoring the FFN: the weighted Gram and the factor beside the statistics, and V R^T
             work = 2 * d_ffn * d_ffn * FLOAT64 + 2 * sh.hidden * d_ffn * FLOAT64
             gram_flops += tokens * (d_attn ** 2 + d_ffn ** 2)  # tiles cover ~half of each product, x2 flops
-            factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3 + 2 * sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+            factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3
+            curve_flops += sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+            fold_flops += sum(d ** 3 / 8 + sh.hidden * d ** 2 / 2 for d in (d_attn, d_ffn))
             steps += d_attn + d_ffn
+        down_flops += 2 * tokens * sh.hidden * d_ffn
         if pruner.requirements.moments:
             stats += 2 * (d_attn + d_ffn) * FLOAT64
         inner = max(d_ffn * sh.ffn_matrices, 4 * sh.hidden + 2 * d_attn)  # gate, up, product / q, k, v, o
@@ -242,7 +270,8 @@ def plan_sizes(job: Job) -> Sizes:
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
                  calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
-                 gram_flops=gram_flops, factor_flops=factor_flops, pivot_steps=steps, selection=selection,
+                 down_flops=down_flops, gram_flops=gram_flops, factor_flops=factor_flops, curve_flops=curve_flops,
+                 fold_flops=fold_flops, pivot_steps=steps, selection=selection,
                  selection_flops=streams * sum(flops.dense(sh) for sh in shapes))
 
 
@@ -298,7 +327,8 @@ def make_plan(cfg: Mapping[str, Any], parts: RunParts, device: torch.device, run
               prunes: bool = True) -> Plan:
     """The plan of a composed run config on `device`, sizing the parts the run built (see `plan_job`),
     `calib.num_examples=auto` resolved (see `sized_job`)."""
-    job = job_of(cfg["model"], cfg["budget"]["allocation"], cfg["calib"].get("propagate", "dense"), parts, prunes)
+    job = job_of(cfg["model"], cfg["budget"]["allocation"], cfg["calib"].get("propagate", "dense"), parts, prunes,
+                 kept=float(cfg["budget"]["flops"]))
     job, spec, size = sized_job(job, ExecutionSpec(**cfg.get("execution", {})), device, run_dir)
     return plan_job(job, spec, device, run_dir, size)
 
@@ -339,7 +369,7 @@ def plan_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path 
                             must_stream_blocks=holds_activations or job.propagate != "dense",
                             needs_whole_model=job.pruner.requirements.whole_model)
     plan = _estimate(sizes, resolved, device, job.prunes, spec.tflops or measured_tflops(device, job.dtype),
-                     global_allocation=job.allocation == "global")
+                     global_allocation=job.allocation == "global", propagate=job.propagate, kept=job.kept)
     if plan.peak_host_mb > host_limit:
         raise PlanError(f"the plan needs {plan.peak_host_mb:,.0f} MB of host memory, {host_limit:,.0f} MB are available "
                         f"(execution: {resolved.describe()}); try execution.offload=disk or fewer calib.num_examples")
@@ -359,7 +389,7 @@ def _existing_parent(path: Path) -> Path:
 
 
 def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops: float,
-              global_allocation: bool) -> Plan:
+              global_allocation: bool, propagate: str = "dense", kept: float = 1.0) -> Plan:
     """Peaks are the largest sum of what coexists at any step; everything is on the host when the
     device is the CPU."""
     on_cpu = device.type == "cpu"
@@ -387,12 +417,10 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
     else:
         host_peak = baseline + host_weights + host_hidden
     disk = float(weights.disk) + (waiting.disk if prunes else 0)
-    passes = 2 if (prunes and factors.second_pass and global_allocation) else 1
-    seconds = 0.0
-    if prunes:
-        seconds = passes * ((s.calibration_flops + s.gram_flops + s.factor_flops / FACTOR_SHARE) / (tflops * 1e12)
-                            + s.pivot_steps * PIVOT_STEP_S.get(device.type, 0.0))
-        seconds += s.selection_flops / (tflops * 1e12) if global_allocation else 0.0
+    phases = _phase_seconds(s, RATES.get(device.type, RATES["cuda"]), tflops * 1e12, factors.second_pass,
+                            global_allocation, propagate, kept) if prunes else {}
+    if prunes and global_allocation and s.selection_flops:
+        phases["select"] = s.selection_flops / (tflops * 1e12)
     rows = [("weights on the device" if not on_cpu else "weights", resident / MB),
             ("block-boundary hidden states", hidden / MB),
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
@@ -400,7 +428,28 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
             ("factorizations held for the allocation", held / MB),
             ("choosing the plan: held-out streams and a block copy", (s.selection if global_allocation else 0) / MB),
             ("evaluation logits", s.eval_work / MB)]
-    return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, seconds, round(tflops, 3), str(device), rows)
+    return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, sum(phases.values()), round(tflops, 3), str(device),
+                rows, phases)
+
+
+def _phase_seconds(s: Sizes, r: Rates, rate: float, recompute: bool, global_allocation: bool, propagate: str,
+                   kept: float) -> dict[str, float]:
+    """Seconds of each phase: `calibrate` (blocks forward and the Gram tiles: what a run records as
+    calibrate), `factorize`, `curves` and `fold` (together what it records as prune). Passes follow
+    the runner: a global allocation with `factors=recompute` streams twice; `propagate=pruned`
+    runs each block's statistics up to the down projection and the pruned block once for its
+    outputs, after a dense pricing pass under a global allocation (whose second pass has no curves)."""
+    stream, gram = s.calibration_flops / rate, s.gram_flops / (rate * r.gram)
+    factor = s.factor_flops / (rate * r.factor) + s.pivot_steps * r.pivot_s
+    curves, fold = s.curve_flops / (rate * r.float64), s.fold_flops / (rate * r.float64)
+    if propagate == "pruned":
+        pruned_stream = (s.calibration_flops - s.down_flops + kept * s.calibration_flops) / rate + gram
+        if global_allocation:
+            return {"calibrate": stream + gram + pruned_stream, "factorize": 2 * factor, "curves": curves, "fold": fold}
+        return {"calibrate": pruned_stream, "factorize": factor, "curves": curves, "fold": fold}
+    passes = 2 if recompute and global_allocation else 1
+    return {"calibrate": passes * (stream + gram), "factorize": passes * factor, "curves": passes * curves,
+            "fold": fold}
 
 
 def render(plan: Plan) -> str:
@@ -412,4 +461,5 @@ def render(plan: Plan) -> str:
                      f"{c.tokens_per_unit:.1f} per unit of rank {c.largest_rank:,}"))
     rows += [("peak host memory", f"{plan.peak_host_mb:,.0f}"), ("peak device memory", f"{plan.peak_device_mb:,.0f}"),
              ("disk", f"{plan.disk_mb:,.0f}"), (f"pruning time at {plan.tflops:g} TFLOP/s", f"{plan.seconds:,.0f} s")]
+    rows += [(f"of which {phase}", f"{seconds:,.0f} s") for phase, seconds in plan.phases.items()]
     return markdown_table([f"plan ({plan.device}; {plan.execution.describe()})", "MB"], rows)

@@ -31,9 +31,9 @@ def _upper_tiles(dim: int, start: int = 0) -> list[tuple[slice, slice]]:
 
 
 class GramAccumulator(Accumulator):
-    def __init__(self, dim: int, device: torch.device, block_dtype: torch.dtype):
+    def __init__(self, dim: int, device: torch.device, block_dtype: torch.dtype, pivoting: str = "auto"):
         super().__init__(dim, device)
-        self.block_dtype = block_dtype
+        self.block_dtype, self.pivoting = block_dtype, pivoting
         self.G = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # upper tiles until _gram()
         self._tiles = _upper_tiles(dim)
 
@@ -54,18 +54,20 @@ class GramAccumulator(Accumulator):
         return self.G
 
     def _factorize(self, w: torch.Tensor) -> Factorization:
-        perm, R = pivoted_cholesky(self._gram() * w[:, None] * w[None, :])
+        perm, R = pivoted_cholesky(self._gram() * w[:, None] * w[None, :], self.pivoting)
         return Factorization(perm=perm, R=R, weights=w)
 
 
 class GramBackend(Backend):
     name = "gram"
 
-    def __init__(self, device: str | torch.device = "cpu", block_dtype: Literal["float32", "float64"] = "float32"):
+    def __init__(self, device: str | torch.device = "cpu", block_dtype: Literal["float32", "float64"] = "float32",
+                 pivoting: Literal["auto", "lapack", "blocked"] = "auto"):
         """`block_dtype`: dtype of each batch's X^T X before it joins the float64 running sum
-        (float64: slower, exact)."""
+        (float64: slower, exact). `pivoting`: the pivoted Cholesky (`factorize.base.pivoted_cholesky`;
+        `blocked` runs the accelerators' torch path on any device)."""
         super().__init__(device)
-        self.block_dtype = getattr(torch, block_dtype)
+        self.block_dtype, self.pivoting = getattr(torch, block_dtype), pivoting
 
     def accumulator(self, dim: int) -> GramAccumulator:
-        return GramAccumulator(dim, self.device, self.block_dtype)
+        return GramAccumulator(dim, self.device, self.block_dtype, self.pivoting)

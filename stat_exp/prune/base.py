@@ -92,6 +92,12 @@ class Pruner(ABC):
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
         """Rank this layer's heads and neurons and price each keep-count."""
 
+    def score_for_plan(self, adapter: ModelAdapter, index: int, layer: nn.Module,
+                       stats: LayerStats | None) -> LayerScores:
+        """Scores of a block whose counts are already decided (the pruned pass of a global
+        allocation): what `apply` reads; a pruner may skip pricing keep-counts here."""
+        return self.score(adapter, index, layer, stats)
+
     def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
                     flops: FlopsModel, budget: BudgetSpec) -> list[LayerPlan] | None:
         """Plans the pruner decides itself for these layers (copied counts, its own search), or

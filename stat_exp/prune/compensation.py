@@ -15,9 +15,14 @@ pruned), C = G~, M = R W^T, and this is exactly STAT's interpolative fold.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch import nn
 
 from stat_exp.prune.correction import ridged_cholesky
+from stat_exp.prune.folds import channels
+from stat_exp.prune.scores import AttentionLevel
 
 
 class CompensatedFold:
@@ -39,10 +44,38 @@ class CompensatedFold:
         tail = torch.flip(torch.cumsum(torch.flip(rows, [0]), 0), [0])
         return torch.cat([tail, tail.new_zeros(1)])
 
-    def weight(self, k: int) -> torch.Tensor:
+    def fitted(self, k: int) -> torch.Tensor:
         """W'_K (d_out x k), columns in the order's first k units."""
         B = torch.linalg.solve_triangular(self.R[:k, :k], self.M[:k], upper=True)
         return (self.w[:k, None] * B).T
+
+    def weight(self, out: nn.Linear, k: int) -> tuple[torch.Tensor, None]:
+        """W'_K in `out`'s dtype (refitted even when every unit stays: the inputs still differ)."""
+        return self.fitted(k).to(out.weight.dtype), None
+
+
+@dataclass
+class CompensatedHeadFold:
+    """O refitted to the dense outputs on each level's kept channels; `errors`: each level's error
+    against the dense outputs, relative to keeping every head."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    levels: list[AttentionLevel]
+    num_heads: int
+    head_dim: int
+    ridge: float
+    errors: torch.Tensor
+
+    def cost(self) -> torch.Tensor:
+        return self.errors
+
+    def weight(self, out: nn.Linear, k: int) -> tuple[torch.Tensor, None]:
+        """W'_K of the level's kept channels (also when every head stays: the pruned inputs still
+        differ from the dense ones)."""
+        kept, _ = channels(self.levels[k], self.num_heads, self.head_dim, self.gram.device)
+        W = out.weight.detach().double().to(self.gram.device)
+        return compensated_weight(self.gram, self.cross, W, kept, self.ridge).to(out.weight.dtype), None
 
 
 def compensated_weight(gram: torch.Tensor, cross: torch.Tensor, W: torch.Tensor, kept: torch.Tensor,

@@ -23,6 +23,8 @@ none; `stat_exp.export` records such biases so the saved model reloads).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -47,17 +49,25 @@ def fluctuation_scores(linear: nn.Linear, moments: ChannelMoments) -> torch.Tens
     return moments.variance.cpu() * linear.weight.detach().double().square().sum(0).cpu()
 
 
+@dataclass
+class FlapState:
+    """One layer's standardised scores (heads, neurons): what the global threshold compares."""
+
+    standardised: tuple[torch.Tensor, torch.Tensor]
+
+
 class FlapPruner(Pruner):
     name = "flap"
     requirements = Requirements(moments=True)
 
-    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module,
+              stats: LayerStats | None) -> LayerScores[FlapState, None]:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         channels = fluctuation_scores(attn.o, stats.attn).square()
         neurons = fluctuation_scores(ffn.down, stats.ffn)
         scores = self.ranked(adapter, layer, channels, neurons)
         heads = standardise(channels).view(attn.num_heads, attn.head_dim).mean(1)
-        scores.extra["standardised"] = (heads, standardise(neurons))
+        scores.state = FlapState(standardised=(heads, standardise(neurons)))
         return scores
 
     def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
@@ -65,7 +75,7 @@ class FlapPruner(Pruner):
         if budget.allocation != "global":
             return None
         inc = Increments.build(scores, shapes, flops, budget.round_to,
-                               [sc.extra["standardised"] for sc in scores], reduce="mean")
+                               [sc.state.standardised for sc in scores], reduce="mean")
         return inc.plans(inc.fill(inc.ranking(), inc.headroom(budget.flops)))
 
     def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,15 @@ from stat_exp.types import LABELS, GqaMode, PositiveFloat, PositiveInt
 log = logging.getLogger(__name__)
 
 SCHEDULE_STEPS = 2  # their get_pruning_schedule(target, num_iter=2): the teacher keeps target ** (1/2)
+
+
+@dataclass
+class KwonState:
+    """One layer's Fisher importance (heads, neurons), which the search ranks, and its per-batch mask
+    gradients (heads, neurons), which the rearrangement sums."""
+
+    fisher: tuple[torch.Tensor, torch.Tensor]
+    grads: tuple[torch.Tensor, torch.Tensor]
 
 
 class KwonPruner(Pruner):
@@ -95,12 +105,13 @@ class KwonPruner(Pruner):
         device = next(model.parameters()).device
         self._tuner = MaskTuner(model, adapter, batches, device, self.max_scale) if self.tune else None
 
-    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module,
+              stats: LayerStats | None) -> LayerScores[KwonState, None]:
         attn = adapter.attention(layer)
         head_grads, neuron_grads = self.grads[index]
         heads, neurons = head_grads.square().sum(0), neuron_grads.square().sum(0)
         scores = self.ranked(adapter, layer, (heads / attn.head_dim).repeat_interleave(attn.head_dim), neurons)
-        scores.extra.update(fisher=(heads, neurons), grads=(head_grads, neuron_grads))
+        scores.state = KwonState(fisher=(heads, neurons), grads=(head_grads, neuron_grads))
         return scores
 
     def fixed_plans(self, layers: list[int], scores: list[LayerScores], shapes: list[LayerShape],
@@ -113,15 +124,15 @@ class KwonPruner(Pruner):
     def _search(self, scores, shapes, flops: FlopsModel, budget: BudgetSpec, target: float) -> list[LayerPlan]:
         if budget.allocation != "global":
             return allocate(scores, shapes, flops, target, "uniform", budget.round_to)
-        inc = Increments.build(scores, shapes, flops, budget.round_to, [sc.extra["fisher"] for sc in scores], "sum")
+        inc = Increments.build(scores, shapes, flops, budget.round_to, [sc.state.fisher for sc in scores], "sum")
         return inc.plans(mac_search(inc, inc.headroom(target)))
 
-    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
-              stats: LayerStats | None) -> None:
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores[KwonState, None],
+              plan: LayerPlan, stats: LayerStats | None) -> None:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         level = scores.attn_levels[plan.attn_level]
         neurons = scores.ffn_order[: plan.neurons].sort().values
-        head_grads, neuron_grads = scores.extra["grads"]
+        head_grads, neuron_grads = scores.state.grads
         if self.rearrange:
             level = self._rearranged_level(attn, level, head_grads)
             neurons = rearranged(neuron_grads, neurons, [list(range(ffn.width))])

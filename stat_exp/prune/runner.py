@@ -1,8 +1,19 @@
 """Drives a pruner over a model: stream statistics, score, allocate the budget, apply.
 
 The order of these steps depends on where the budget is decided: `uniform` decides each layer on
-its own, `global` needs every layer's scores first. With `calib.propagate=pruned` and a global
-budget, a first dense pass decides the counts and a second pass prunes in order. A pruner with
+its own, `global` needs every layer's scores first.
+
+`calib.propagate=pruned` feeds each block the pruned previous block's outputs. Each block's pruned
+output is computed once, by the pruned block, and is the next block's input; the run that gathers
+the block's statistics (the dense block on those inputs) stops at the last statistic, before the
+down projection, since its own outputs would be thrown away (`LayerStream`). With `uniform` that
+is one stream. A global allocation needs every block's cost curves before any count is known, and
+block i's statistics under pruned propagation depend on the counts of blocks < i, so exactness
+forces two streams: a dense one that prices every block (cost curves only; no factorization is
+kept), then the pruned one, which knows the counts and so skips what only the allocation reads
+(`Pruner.score_for_plan`: STAT's cost curves, as costly as its factorizations). Reusing the dense
+pass's factorizations is exact for block 0 alone (the only block whose inputs do not change), so
+they are not kept. A pruner with
 several `stages` (FFN neurons first, then heads) gets one such pass per stage, each on the model
 the previous stages left. What waits for a global allocation is bounded: small cost curves are
 kept, the heavy per-block state is held, spilled to disk or recomputed (`factors`).
@@ -118,26 +129,52 @@ class PruneRunner:
             self._prune_stage(model, adapter, batches, device, store)
 
     def _prune_stage(self, model, adapter, batches, device, store: BlockStore) -> None:
-        """One pass: stream, score, allocate and apply, on the model as earlier stages left it."""
-        shapes = shapes_of(adapter)
+        """One pass: stream, score, allocate and apply, on the model as earlier stages left it; the
+        order of these steps depends on what the pruner needs and where the budget is decided."""
         if not self.pruner.requirements.layer_statistics:
-            scores = []
-            for i in range(len(shapes)):
-                with store.block(i) as layer:
-                    scores.append(self.pruner.score(adapter, i, layer, None))
-            self._apply_stored(adapter, store, lambda i: (scores[i], None), self._allocate(scores, shapes))
-            return
-        if self.budget.allocation == "uniform":  # each layer decided on its own, as it streams
-            for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
-                sc = self._score(adapter, i, layer, stats)
-                self.pruner.apply(adapter, i, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
-            return
-        if self.propagate == "pruned":  # counts from a dense pass, then prune in order
-            plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
-                                                                        keep_heavy=False)], shapes)
-            for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
-                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
-            return
+            path = self._without_statistics
+        elif self.budget.allocation == "uniform":
+            path = self._uniform_as_it_streams
+        elif self.propagate == "pruned":
+            path = self._global_then_pruned_pass
+        else:
+            path = self._global_with_pending_factors
+        path(model, adapter, batches, device, store, shapes_of(adapter))
+
+    def _without_statistics(self, model, adapter, batches, device, store: BlockStore,
+                            shapes: list[LayerShape]) -> None:
+        """No layer statistics (scores from the weights, or from the pruner's own whole-model pass):
+        score every block, allocate, apply; nothing streams."""
+        scores = []
+        for i in range(len(shapes)):
+            with store.block(i) as layer:
+                scores.append(self.pruner.score(adapter, i, layer, None))
+        self._apply_stored(adapter, store, lambda i: (scores[i], None), self._allocate(scores, shapes))
+
+    def _uniform_as_it_streams(self, model, adapter, batches, device, store: BlockStore,
+                               shapes: list[LayerShape]) -> None:
+        """Uniform allocation: each block decided on its own and pruned as it streams, before the
+        next block is fed (its pruned outputs under propagate=pruned); one pass."""
+        for i, layer, stats in self._stream(model, adapter, batches, device, self.propagate, store):
+            sc = self._score(adapter, i, layer, stats)
+            self.pruner.apply(adapter, i, layer, sc, self._allocate([sc], [shapes[i]], [i])[0], stats)
+
+    def _global_then_pruned_pass(self, model, adapter, batches, device, store: BlockStore,
+                                 shapes: list[LayerShape]) -> None:
+        """Global allocation with propagate=pruned: the counts from a dense pass (cost curves only,
+        heavy state dropped), then a pruned pass that scores each block for its known counts and
+        prunes it in order."""
+        plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
+                                                                    keep_heavy=False)], shapes)
+        for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
+            self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats, planned=True), plans[i], stats)
+
+    def _global_with_pending_factors(self, model, adapter, batches, device, store: BlockStore,
+                                     shapes: list[LayerShape]) -> None:
+        """Global allocation on dense inputs: every block scored in one dense pass, its heavy state
+        pending (held, spilled or dropped: `factors`) until the allocation; the plan (chosen among
+        candidates on held-out batches when asked) is then applied from the pending state, or, with
+        the heavy state dropped, from a second dense pass that scores every block again."""
         keep_heavy = not self.factors.second_pass
         with self.factors.pending() as pending:
             for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
@@ -177,8 +214,10 @@ class PruneRunner:
         for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
             yield i, layer, self._score(adapter, i, layer, stats), stats
 
-    def _score(self, adapter, index: int, layer: nn.Module, stats: LayerStats) -> LayerScores:
-        sc = self.pruner.score(adapter, index, layer, stats)
+    def _score(self, adapter, index: int, layer: nn.Module, stats: LayerStats, planned: bool = False) -> LayerScores:
+        """`planned`: the block's counts are already decided (its keep-counts need no prices)."""
+        score = self.pruner.score_for_plan if planned else self.pruner.score
+        sc = score(adapter, index, layer, stats)
         stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
         return sc
 
@@ -190,7 +229,7 @@ class PruneRunner:
         for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
             sc = self._score(adapter, i, layer, stats)
             if not keep_heavy:
-                sc.heavy = {}
+                sc.heavy = None
             scored.append((sc, stats))
         return scored
 

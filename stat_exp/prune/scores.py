@@ -5,7 +5,8 @@ first and the dense layout last, so grouped-query constraints live here and nowh
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -29,24 +30,29 @@ class AttentionLevel:
         return len(self.kv_heads)
 
 
+State = TypeVar("State")
+Heavy = TypeVar("Heavy")
+
+
 @dataclass
-class LayerScores:
+class LayerScores(Generic[State, Heavy]):
     """Ranked units of one layer and the cost of each keep-count.
 
     ffn_order: neuron indices, most important first. ffn_cost[k]: cost of keeping the first k
     (length width+1, 0 at the end). attn_levels / attn_cost: valid layouts and their costs.
-    `extra` carries small pruner-private state from scoring to allocating and applying; `heavy`
+    `state` carries small pruner-private state from scoring to allocating and applying; `heavy`
     the large state only `apply` needs (factorizations, Gram matrices): under a global allocation
-    the runner may spill it to disk or drop it and score the block again, so that what waits for
-    the allocation does not grow with depth.
+    the runner may spill it to disk (torch.save) or drop it (None) and score the block again, so
+    that what waits for the allocation does not grow with depth. Each is a dataclass of the
+    pruner's own module, or None where the pruner has none.
     """
 
     ffn_order: torch.Tensor
     ffn_cost: np.ndarray
     attn_levels: list[AttentionLevel]
     attn_cost: np.ndarray
-    extra: dict = field(default_factory=dict)
-    heavy: dict = field(default_factory=dict)
+    state: State | None = None
+    heavy: Heavy | None = None
 
 
 def head_rounds(head_order: list[int], num_heads: int, num_kv_heads: int) -> list[int]:

@@ -19,9 +19,12 @@ Options (each measured in benchmarks/stat_quality.py): `ridge` shrinks the corre
 slicing, a fixed strength or `auto` (chosen per keep-count on held-out calibration batches);
 `intercept` adds a mean term folded into the output bias; `costs=held_out` prices keep-counts by
 the error on held-out calibration batches instead of on the tokens the correction was fitted to.
+Each way of fitting (as published, with options, compensated) is a strategy of `folds`, chosen
+once when a layer is scored; `apply` folds in whichever it was given.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -37,9 +40,10 @@ from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
 from stat_exp.prune.budget import LayerPlan
 from stat_exp.prune.calibration_check import OverfitCheck, overfit_curves
-from stat_exp.prune.compensation import CompensatedFold, compensated_error, compensated_weight
+from stat_exp.prune.compensation import CompensatedFold, CompensatedHeadFold, compensated_error
 from stat_exp.prune.correction import JITTER, ModuleGrams, error_curve, ridged_cholesky
-from stat_exp.prune.head_selection import corrected_error, fold_map, greedy_levels
+from stat_exp.prune.folds import HeadFold, NeuronFold, PivotedFold, PivotedHeadFold, StatFolds, channels
+from stat_exp.prune.head_selection import corrected_error, greedy_levels
 from stat_exp.prune.held_out import HeldOutAccumulator
 from stat_exp.prune.scores import AttentionLevel, LayerScores, attention_levels, attention_units
 from stat_exp.prune.surgery import head_channels, prune_attention, prune_ffn
@@ -61,6 +65,15 @@ def nested_head_factor(levels: list[AttentionLevel], G: torch.Tensor, head_dim: 
     R = ridged_cholesky(G[perm][:, perm])
     ones = torch.ones(len(perm), dtype=torch.float64, device=G.device)
     return Factorization(perm=perm, R=R, weights=ones), bounds
+
+
+@dataclass
+class StatState:
+    """What `apply` checks of one layer: its calibration tokens (the correction needs one per kept
+    unit) and, when measured, the FFN's (in-sample, held-out) error curves, priced as its costs."""
+
+    n_tokens: int
+    ffn_overfit: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class StatPruner(Pruner):
@@ -124,37 +137,64 @@ class StatPruner(Pruner):
         return lambda dim: HeldOutAccumulator(backend.accumulator(dim), backend.accumulator(dim), self.validation)
 
     def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+        return self._scores(adapter, index, layer, stats, priced=True)
+
+    def score_for_plan(self, adapter: ModelAdapter, index: int, layer: nn.Module,
+                       stats: LayerStats | None) -> LayerScores:
+        """Order and folds without the cost curves (as costly as the factorization itself), which
+        nothing reads once the counts are decided; zero costs stand in (the plain method; the
+        options still price)."""
+        return self._scores(adapter, index, layer, stats, priced=False)
+
+    def _scores(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None,
+                priced: bool) -> LayerScores[StatState, StatFolds]:
+        """The layer's folds, chosen here once, and their costs priced into the residual stream."""
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         scale = max(stats.typical_energy, 1e-300)
         W2 = ffn.down.weight.detach().double()  # everything below stays on the statistics' device
-        extra, heavy, curves = {"n_tokens": stats.n_tokens}, {}, None
         if stats.ffn_cross is not None:  # fed the pruned model's inputs: fit to the dense outputs
-            fold = CompensatedFold(stats.ffn_factor.gram(), stats.ffn_cross.C, W2, _unit_weights(W2),
-                                   stats.ffn_factor.factorize(weights=_unit_weights(W2)).perm, float(self.ridge))
-            levels, attn_cost = self._compensated_levels(attn, stats)
-            heavy |= {"ffn_comp": fold, "attn_comp": (stats.attn_factor.gram(), stats.attn_cross.C)}
-            ffn_order, ffn_cost = fold.perm, fold.cost()
+            folds, ffn_order, levels, curves = self._compensated_folds(attn, W2, stats)
         elif self._plain:
-            ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
-            attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
-            extra["attn_bounds"] = bounds
-            heavy |= {"ffn": ffn_fact, "attn": attn_fact}
-            ffn_order, ffn_cost = ffn_fact.perm, ffn_fact.output_error(W2)
+            folds, ffn_order, levels, curves = self._pivoted_folds(attn, W2, stats, priced)
+        else:
+            folds, ffn_order, levels, curves = self._option_folds(attn, W2, stats)
+        # priced where the error enters the residual stream: through the sublayer's post-norm, if any
+        ffn_price, attn_price = stats.ffn_gain.value / scale, stats.attn_gain.value / scale
+        overfit = None if curves is None else tuple((c * ffn_price).cpu().numpy() for c in curves)
+        return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(folds.ffn.cost() * ffn_price).cpu().numpy(),
+                           attn_levels=levels, attn_cost=(folds.attn.cost() * attn_price).cpu().numpy(),
+                           state=StatState(stats.n_tokens, overfit), heavy=folds)
+
+    def _compensated_folds(self, attn, W2: torch.Tensor, stats: LayerStats):
+        """Both modules refitted to the dense model's outputs (no overfit curves: the check is off)."""
+        fold = CompensatedFold(stats.ffn_factor.gram(), stats.ffn_cross.C, W2, _unit_weights(W2),
+                               stats.ffn_factor.factorize(weights=_unit_weights(W2)).perm, float(self.ridge))
+        heads = self._compensated_heads(attn, stats)
+        return StatFolds(fold, heads), fold.perm, heads.levels, None
+
+    def _pivoted_folds(self, attn, W2: torch.Tensor, stats: LayerStats, priced: bool):
+        """Today's method exactly: one pivoted factor per module, costs and folds from it (zero
+        costs, and no overfit curves, where not `priced`)."""
+        ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
+        attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
+        curves = None
+        if priced:
+            ffn_cost = ffn_fact.output_error(W2)
             attn_cost = attn_fact.output_error(attn.o.weight.detach().double())[bounds]
             curves = self._overfit_curves(stats, W2, ffn_fact.perm, ffn_fact.weights, ffn_cost)
         else:
-            grams = self._grams(stats.ffn_factor, stats.ffn)
-            ffn_fold, ffn_cost = self._ffn_fold(W2.to(grams.full.device), grams)
-            levels, attn_cost, attn_folds = self._head_folds(attn, self._grams(stats.attn_factor, stats.attn))
-            heavy |= {"ffn_fold": ffn_fold, "attn_folds": attn_folds}
-            ffn_order = ffn_fold.perm
-            curves = self._overfit_curves(stats, W2, ffn_fold.perm, ffn_fold.weights)
-        # priced where the error enters the residual stream: through the sublayer's post-norm, if any
-        ffn_price, attn_price = stats.ffn_gain.value / scale, stats.attn_gain.value / scale
-        if curves is not None:
-            extra["ffn_overfit"] = tuple((c * ffn_price).cpu().numpy() for c in curves)
-        return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(ffn_cost * ffn_price).cpu().numpy(), attn_levels=levels,
-                           attn_cost=(attn_cost * attn_price).cpu().numpy(), extra=extra, heavy=heavy)
+            ffn_cost, attn_cost = W2.new_zeros(W2.shape[1] + 1), W2.new_zeros(len(levels))
+        folds = StatFolds(PivotedFold(ffn_fact, ffn_cost, self.correction),
+                          PivotedHeadFold(attn_fact, levels, attn.head_dim, attn_cost, self.correction))
+        return folds, ffn_fact.perm, levels, curves
+
+    def _option_folds(self, attn, W2: torch.Tensor, stats: LayerStats):
+        """Ridge (fixed or chosen per count), intercept, held-out costs, greedy heads."""
+        grams = self._grams(stats.ffn_factor, stats.ffn)
+        ffn_fold = self._ffn_fold(W2.to(grams.full.device), grams)
+        head_fold = self._head_folds(attn, self._grams(stats.attn_factor, stats.attn))
+        curves = self._overfit_curves(stats, W2, ffn_fold.perm, ffn_fold.weights)
+        return StatFolds(ffn_fold, head_fold), ffn_fold.perm, head_fold.levels, curves
 
     def _overfit_curves(self, stats: LayerStats, W2: torch.Tensor, perm: torch.Tensor, weights: torch.Tensor,
                         inside: torch.Tensor | None = None):
@@ -187,7 +227,7 @@ class StatPruner(Pruner):
         fact, bounds = nested_head_factor(levels, G, attn.head_dim)
         return fact, levels, bounds
 
-    def _ffn_fold(self, W2: torch.Tensor, grams: ModuleGrams) -> tuple["NeuronFold", torch.Tensor]:
+    def _ffn_fold(self, W2: torch.Tensor, grams: ModuleGrams) -> NeuronFold:
         """Neuron order (pivoted on the weighted Gram), the fold of every keep-count, and its cost."""
         w = _unit_weights(W2)
         perm, R0 = pivoted_cholesky(grams.full * w[:, None] * w[None, :])
@@ -207,9 +247,9 @@ class StatPruner(Pruner):
         else:  # the plain least squares on all tokens: suffix sums of its own factor
             cost = Factorization(perm=torch.arange(len(perm), device=w.device), R=R0,
                                  weights=torch.ones_like(w)).output_error(V)
-        return NeuronFold(perm, w, g.full, ridge_at, grams.mean), cost
+        return NeuronFold(perm, w, g.full, ridge_at, grams.mean, cost, self.correction)
 
-    def _head_folds(self, attn, grams: ModuleGrams):
+    def _head_folds(self, attn, grams: ModuleGrams) -> HeadFold:
         """Levels (pivoted, or greedy where that pays less), each level's cost, and its fold ridge."""
         W = attn.o.weight.detach().double().to(grams.full.device)
         _, levels, _ = self._head_factorization(attn, grams.full)
@@ -231,10 +271,10 @@ class StatPruner(Pruner):
             else:
                 costs.append(corrected_error(grams.full, W, kept, removed, ridge))
             ridges.append(ridge)
-        return levels, torch.tensor(costs, dtype=torch.float64), {"gram": grams.full, "ridges": ridges,
-                                                                   "mean": grams.mean}
+        return HeadFold(grams.full, levels, attn.num_heads, attn.head_dim, ridges, grams.mean,
+                        torch.tensor(costs, dtype=torch.float64), self.correction)
 
-    def _compensated_levels(self, attn, stats: LayerStats) -> tuple[list[AttentionLevel], torch.Tensor]:
+    def _compensated_heads(self, attn, stats: LayerStats) -> CompensatedHeadFold:
         """Head levels ranked on the pruned inputs; each level's error against the dense outputs,
         relative to keeping every head."""
         G, C = stats.attn_factor.gram(), stats.attn_cross.C
@@ -245,16 +285,17 @@ class StatPruner(Pruner):
             _, levels, _ = self._head_factorization(attn, G)
         errors = torch.tensor([compensated_error(G, C, W, _channels(attn, lv, G.device)[0], float(self.ridge))
                                for lv in levels], dtype=torch.float64)
-        return levels, errors - errors[-1]
+        return CompensatedHeadFold(G, C, levels, attn.num_heads, attn.head_dim, float(self.ridge), errors - errors[-1])
 
     def _level_error(self, attn, G, W, level: AttentionLevel) -> float:
         kept, removed = _channels(attn, level, G.device)
         return corrected_error(G, W, kept, removed)
 
-    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores, plan: LayerPlan,
-              stats: LayerStats | None) -> None:
+    def apply(self, adapter: ModelAdapter, index: int, layer: nn.Module, scores: LayerScores[StatState, StatFolds],
+              plan: LayerPlan, stats: LayerStats | None) -> None:
+        """Slice to the plan and fold in the correction of the folds chosen when the layer was scored."""
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
-        n_tokens = scores.extra["n_tokens"]
+        n_tokens = scores.state.n_tokens
         level = scores.attn_levels[plan.attn_level]
         k_attn = level.num_heads * attn.head_dim
         for what, k in (("neurons", plan.neurons), ("head channels", k_attn)):
@@ -262,76 +303,12 @@ class StatPruner(Pruner):
                 raise RankError(
                     f"calibration has {n_tokens} tokens but a layer keeps {k} {what}: the correction needs "
                     f"at least as many tokens as kept units (raise calib.num_examples or calib.seq_len)")
-        keep = scores.ffn_order[: plan.neurons]
-        if "ffn_overfit" in scores.extra:
-            self._check.add(index, *scores.extra["ffn_overfit"], plan.neurons)
-        if "ffn_comp" in scores.heavy:
-            o_weight, o_bias, down_bias = self._compensated_o(attn, level, scores.heavy["attn_comp"]), None, None
-            fold = scores.heavy["ffn_comp"]
-            down_weight = fold.weight(plan.neurons).to(ffn.down.weight.dtype)  # refitted even when all stay
-        elif "ffn_fold" in scores.heavy:
-            o_weight, o_bias = self._head_fold(attn, level, plan.attn_level, scores.heavy["attn_folds"])
-            down_weight, down_bias = self._neuron_fold(ffn.down, scores.heavy["ffn_fold"], plan.neurons)
-        else:
-            o_weight = self._corrected(attn.o.weight, scores.heavy["attn"], k_attn)
-            if o_weight is not None:  # columns follow the factor's order; put them in kept-head order
-                kept = scores.heavy["attn"].perm[:k_attn].tolist()
-                where = {c: i for i, c in enumerate(kept)}
-                o_weight = o_weight[:, [where[int(c)] for c in head_channels(level.heads, attn.head_dim)]]
-            o_bias = down_bias = None
-            down_weight = self._corrected(ffn.down.weight, scores.heavy["ffn"], plan.neurons)
+        if scores.state.ffn_overfit is not None:
+            self._check.add(index, *scores.state.ffn_overfit, plan.neurons)
+        o_weight, o_bias = scores.heavy.attn.weight(attn.o, plan.attn_level)
+        down_weight, down_bias = scores.heavy.ffn.weight(ffn.down, plan.neurons)
         prune_attention(adapter, layer, level, o_weight, o_bias)
-        prune_ffn(adapter, layer, keep, down_weight, down_bias)
-
-    def _compensated_o(self, attn, level: AttentionLevel, grams) -> torch.Tensor | None:
-        """O refitted on the level's kept channels to the dense outputs (also when every head stays:
-        the pruned inputs still differ from the dense ones)."""
-        G, C = grams
-        kept, _ = _channels(attn, level, G.device)
-        W = attn.o.weight.detach().double().to(G.device)
-        return compensated_weight(G, C, W, kept, float(self.ridge)).to(attn.o.weight.dtype)
-
-    def _corrected(self, weight: torch.Tensor, fact: Factorization, k: int) -> torch.Tensor | None:
-        """W[:, kept] + W[:, removed] T^T, the output weights with the removed units folded in."""
-        if not self.correction or k >= weight.shape[1]:
-            return None
-        W = weight.detach().double().to(fact.R.device)
-        kept, removed = fact.perm[:k], fact.perm[k:]
-        return (W[:, kept] + W[:, removed] @ fact.correction(k).T).to(weight.dtype)
-
-    def _neuron_fold(self, down: nn.Linear, fold: "NeuronFold", k: int):
-        """(weight, bias) of the down projection keeping the first k neurons of the fold's order."""
-        if not self.correction or k >= down.in_features:
-            return None, None
-        W = down.weight.detach().double().to(fold.gram.device)
-        kept, removed = fold.perm[:k], fold.perm[k:]
-        T = fold.correction(k)
-        return (W[:, kept] + W[:, removed] @ T.T).to(down.weight.dtype), \
-            _folded_bias(down, W[:, removed], fold.mean, kept, removed, T)
-
-    def _head_fold(self, attn, level: AttentionLevel, index: int, folds: dict):
-        """(weight, bias) of O keeping the level's heads, the removed channels folded in."""
-        if not self.correction or level.num_heads == attn.num_heads:
-            return None, None
-        kept, removed = _channels(attn, level, folds["gram"].device)
-        T = fold_map(folds["gram"], kept, removed, folds["ridges"][index])
-        W = attn.o.weight.detach().double().to(T.device)
-        return (W[:, kept] + W[:, removed] @ T.T).to(attn.o.weight.dtype), \
-            _folded_bias(attn.o, W[:, removed], folds["mean"], kept, removed, T)
-
-
-class NeuronFold:
-    """The FFN correction of every keep-count: unit order, column weights, the weighted Gram in that
-    order (centred with an intercept), the ridge chosen for each count, the channel means."""
-
-    def __init__(self, perm: torch.Tensor, weights: torch.Tensor, gram: torch.Tensor, ridge_at: list[float],
-                 mean: torch.Tensor | None):
-        self.perm, self.weights, self.gram, self.ridge_at, self.mean = perm, weights, gram, ridge_at, mean
-
-    def correction(self, k: int) -> torch.Tensor:
-        """T (k x m-k) in the original (unweighted) scale, with the ridge chosen for k."""
-        R = ridged_cholesky(self.gram, self.ridge_at[k])
-        return Factorization(perm=self.perm, R=R, weights=self.weights).correction(k)
+        prune_ffn(adapter, layer, scores.ffn_order[: plan.neurons], down_weight, down_bias)
 
 
 def _unit_weights(W: torch.Tensor) -> torch.Tensor:
@@ -342,15 +319,4 @@ def _unit_weights(W: torch.Tensor) -> torch.Tensor:
 
 def _channels(attn, level: AttentionLevel, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, removed) O-input channels of a level, on `device`."""
-    kept = head_channels(level.heads, attn.head_dim)
-    removed = head_channels(sorted(set(range(attn.num_heads)) - set(level.heads)), attn.head_dim)
-    return kept.to(device), removed.to(device)
-
-
-def _folded_bias(linear: nn.Linear, W_removed: torch.Tensor, mean: torch.Tensor | None, kept: torch.Tensor,
-                 removed: torch.Tensor, T: torch.Tensor) -> torch.Tensor | None:
-    """b + W_r (mu_r - T^T mu_k): the intercept of the fit, or None without one."""
-    if mean is None:
-        return None
-    bias = W_removed @ (mean[removed] - T.T @ mean[kept])
-    return bias if linear.bias is None else bias + linear.bias.detach().double().to(bias.device)
+    return channels(level, attn.num_heads, attn.head_dim, device)

@@ -67,6 +67,7 @@ thresholds are global by construction).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -79,14 +80,37 @@ from stat_exp.factorize.base import Accumulator, Backend, pivoted_cholesky
 from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.budget import BudgetError, BudgetSpec, LayerPlan, neuron_options
+from stat_exp.prune.folds import PivotedFold, PivotedHeadFold, StatFolds
 from stat_exp.prune.scores import LayerScores, attention_levels, attention_units
 from stat_exp.prune.released_sketch import sketched
-from stat_exp.prune.stat import JITTER, StatPruner, nested_head_factor
+from stat_exp.prune.stat import JITTER, StatPruner, StatState, nested_head_factor
 
 PROCEDURES = ("auto", "bert", "opt")
 RELEASED_NEURON_SHARE = {"bert": 0.6622759267443489, "opt": 4 / 7}  # neuronWeight of prune_bert.py / prune_opt.py
 SPLIT_RATIO = 2.0  # head cutoff closest to SPLIT_RATIO x the mean neuron residual (both scripts)
 HEAD_LEVEL_BASE = 1.125  # prune_opt.py: the error of keeping i of H heads times 1.125^(H - i)
+
+
+@dataclass
+class StatPaperState(StatState):
+    """STAT's state and, from a pass that scores the neurons, what the authors' weighting reads:
+    the neuron pivots |R_jj| and the head error of keeping no head."""
+
+    pivots: np.ndarray | None = None
+    no_heads: float | None = None
+
+
+@dataclass
+class FinalFfn:
+    """The FFN in stage `heads`: pruned and folded in stage `ffn`, kept as it is."""
+
+    width: int
+
+    def cost(self) -> torch.Tensor:
+        return torch.zeros(self.width + 1, dtype=torch.float64)
+
+    def weight(self, out: nn.Linear, k: int) -> tuple[None, None]:
+        return None, None
 
 
 def raw_unit_gram(G: torch.Tensor, units: list[list[int]], head_dim: int) -> torch.Tensor:
@@ -127,8 +151,8 @@ def weighted_errors(scores: list[LayerScores], procedure: str) -> tuple[list[np.
 
     Neuron errors are the pivots |R_jj|; head errors are the errors of keeping i attention levels,
     i = 0 .. n_levels - 1 (keeping all costs nothing and is not an entry, as in their arrays)."""
-    neurons = [sc.extra["pivots"] for sc in scores]
-    heads = [np.concatenate([[sc.extra["no_heads"]], sc.attn_cost[:-1]]) for sc in scores]
+    neurons = [sc.state.pivots for sc in scores]
+    heads = [np.concatenate([[sc.state.no_heads], sc.attn_cost[:-1]]) for sc in scores]
     L = len(scores)
     if procedure == "bert":
         c = np.sqrt(np.arange(L, 0, -1) + 1.0) + 1.0
@@ -258,26 +282,30 @@ class StatPaperPruner(StatPruner):
     def begin_stage(self, stage: str) -> None:
         self._stage = stage
 
-    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module, stats: LayerStats | None) -> LayerScores:
+    def score(self, adapter: ModelAdapter, index: int, layer: nn.Module,
+              stats: LayerStats | None) -> LayerScores[StatPaperState, StatFolds]:
         attn, ffn = adapter.attention(layer), adapter.ffn(layer)
         attn_fact, levels, bounds = self._head_factorization(attn, stats.attn_factor.gram())
         W_O = attn.o.weight.detach().double()
         if self.head_error == "released":
             W_O = released_out_weight(W_O, attn_fact.perm)
         head_err = attn_fact.output_error(W_O).sqrt().cpu()
-        extra = {"attn_bounds": bounds, "n_tokens": stats.n_tokens}
-        heavy = {"attn": attn_fact, "ffn": None}
-        attn_cost = head_err[bounds].numpy()
+        heads = PivotedHeadFold(attn_fact, levels, attn.head_dim, head_err[bounds], self.correction)
+        attn_cost = heads.cost().numpy()
         if self._stage == "heads":  # the FFN is final: only the head factors are new
-            return LayerScores(ffn_order=torch.arange(ffn.width), ffn_cost=np.zeros(ffn.width + 1),
-                               attn_levels=levels, attn_cost=attn_cost, extra=extra, heavy=heavy)
+            final = FinalFfn(ffn.width)
+            return LayerScores(ffn_order=torch.arange(ffn.width), ffn_cost=final.cost().numpy(),
+                               attn_levels=levels, attn_cost=attn_cost,
+                               state=StatPaperState(stats.n_tokens), heavy=StatFolds(final, heads))
         W2 = ffn.down.weight.detach().double()  # the factorizations stay on the statistics' device
         ffn_fact = stats.ffn_factor.factorize(weights=W2.norm(dim=0))
         rows = ffn_fact.R.square().sum(1)  # ||R[k:, k:]||_F^2 = sum of the squared rows k.. (R upper triangular)
         residual = torch.cat([torch.flip(torch.cumsum(torch.flip(rows, [0]), 0), [0]), rows.new_zeros(1)]).sqrt()
-        extra |= {"pivots": ffn_fact.R.diagonal().abs().cpu().numpy(), "no_heads": float(head_err[0])}
+        state = StatPaperState(stats.n_tokens, pivots=ffn_fact.R.diagonal().abs().cpu().numpy(),
+                               no_heads=float(head_err[0]))
+        folds = StatFolds(PivotedFold(ffn_fact, residual, self.correction), heads)
         return LayerScores(ffn_order=ffn_fact.perm.cpu(), ffn_cost=residual.cpu().numpy(), attn_levels=levels,
-                           attn_cost=attn_cost, extra=extra, heavy=heavy | {"ffn": ffn_fact})
+                           attn_cost=attn_cost, state=state, heavy=folds)
 
     def _head_factorization(self, attn, G: torch.Tensor):
         """Heads ranked by pivoting on their raw outputs (step 3); the nested channel factor as STAT's."""
