@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import report_table
+
 OUT = Path("outputs/benchmarks/stat_scale")
 HIDDEN, FFN, HEADS = 4096, 11008, 32
 MODES = ["cpu/spill/dense", "cpu/recompute/dense", "disk/spill/dense", "cpu/spill/pruned"]  # offload/factors/propagate
@@ -177,7 +179,7 @@ def main() -> None:
         names = args.embedded or DEFAULT_VARIANTS
         table = embedded(names)
         (OUT / f"embedded_{'_'.join(names)}.md").write_text(table + "\n")
-        print(table)
+        report_table("stat_scale_embedded", table)
         return
     if args.one:
         print(json.dumps(job(int(args.one[0]), args.one[1], args.sequences)))
@@ -227,7 +229,7 @@ def main() -> None:
             lines.append(f"- {depth} blocks: propagate=pruned / propagate=dense = {work[1] / work[0]:.2f}x")
     table = "\n".join(lines)
     (OUT / "stat_scale.md").write_text(table + "\n")
-    print(table)
+    report_table("stat_scale", table)
 
 
 if __name__ == "__main__":
