@@ -292,7 +292,7 @@ def selection_time(args) -> None:
 
     model, tok = load_model("smollm2_135m")
     calibration = TextCalibration("wiki_calib", args.examples, 256)
-    batches, held_out = calibration.batches(tok), calibration.held_out_batches(tok, args.held_out)
+    batches, held_out = calibration.batches(tok), calibration.held_out_batches(tok, args.held_out, args.examples)
     rows = []
     for target in args.budgets:
         pruned = copy.deepcopy(model)
