@@ -126,12 +126,7 @@ class HeldOutStreams:
         self.streams = {(): self.dense, **advanced}
 
     def _run(self, block: nn.Module, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for h, calls in zip(hidden, self.boundary.calls):
-            call = calls[index]
-            y = block(h.to(self.device), *call.args, **call.kwargs)
-            self.tuple_output = isinstance(y, tuple)
-            out.append((y[0] if self.tuple_output else y).to(h.device))
+        out, self.tuple_output = run_block(block, index, hidden, self.boundary, self.device)
         return out
 
     @torch.inference_mode()
@@ -156,22 +151,39 @@ class HeldOutStreams:
         return {name: totals[key] / scale for name, key in self.keys.items()}, measure, tokens
 
     def _head(self, batch: dict[str, torch.Tensor], final: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The model's output for `batch` with every block skipped and the last one returning `final`:
-        (its logits, True), or (its last hidden states, False) for a model without a head."""
-        layers = self.adapter.layers()
-        wrap = self.tuple_output
+        return head_output(self.model, self.adapter, batch, final, self.device, self.tuple_output)
 
-        def forward_of(i: int):
-            def forward(*args, **kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                out = final.to(hidden.device) if i == len(layers) - 1 else hidden
-                return (out,) if wrap else out
-            return forward
 
-        with replaced_forwards(layers, forward_of):
-            out = self.model(**model_inputs(batch, self.device), use_cache=False)
-        logits = getattr(out, "logits", None)
-        return (logits, True) if logits is not None else (out[0], False)
+def run_block(block: nn.Module, index: int, hidden: list[torch.Tensor], boundary: BlockBoundary,
+              device: torch.device) -> tuple[list[torch.Tensor], bool]:
+    """Block `index` applied to every batch's hidden states with its own call arguments: (the outputs,
+    kept where the inputs were; whether the block returns a tuple)."""
+    out, tuple_output = [], False
+    for h, calls in zip(hidden, boundary.calls):
+        call = calls[index]
+        y = block(h.to(device), *call.args, **call.kwargs)
+        tuple_output = isinstance(y, tuple)
+        out.append((y[0] if tuple_output else y).to(h.device))
+    return out, tuple_output
+
+
+def head_output(model: nn.Module, adapter: ModelAdapter, batch: dict[str, torch.Tensor], final: torch.Tensor,
+                device: torch.device, tuple_output: bool) -> tuple[torch.Tensor, bool]:
+    """The model's output for `batch` with every block skipped and the last one returning `final`:
+    (its logits, True), or (its last hidden states, False) for a model without a head."""
+    layers = adapter.layers()
+
+    def forward_of(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = final.to(hidden.device) if i == len(layers) - 1 else hidden
+            return (out,) if tuple_output else out
+        return forward
+
+    with replaced_forwards(layers, forward_of):
+        out = model(**model_inputs(batch, device), use_cache=False)
+    logits = getattr(out, "logits", None)
+    return (logits, True) if logits is not None else (out[0], False)
 
 
 def _plan_key(plan: LayerPlan) -> tuple[int, int]:
