@@ -2,13 +2,18 @@
 the runner forms, records and may apply the plan it prices."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from stat_exp.execution.offload import BlockStore
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import FlopsModel, shapes_of
+from stat_exp.prune.budget import BudgetSpec
+from stat_exp.prune.plan_selection import GLOBAL, OUTPUT_PRICED, candidate_plans
 from stat_exp.prune.sensitivity import SEED, boundary_gradients, output_sensitivity, sampled_labels, sampled_nll
-from tests.tiny import batches, tiny_llama, tiny_opt, tiny_roberta
+from tests.test_plan_selection import HELD_OUT, _kl, _runner
+from tests.tiny import batches, clone, tiny_llama, tiny_opt, tiny_roberta
 
 CPU = torch.device("cpu")
 
@@ -72,7 +77,43 @@ def test_the_sensitivity_is_the_gradient_energy_times_the_median_input_energy():
         assert weights[i] == pytest.approx(want, rel=1e-6) and want > 0
 
 
-def test_an_encoder_has_no_output_sensitivity():
+def _dominant_middle_block(scale: float = 50.0):
+    """A 3-block llama whose middle block's outputs dominate the residual stream: the first block's
+    errors, priced against its small input energy, look dear to STAT but barely reach the output."""
+    torch.manual_seed(0)
+    model = tiny_llama(layers=3)
+    middle = get_adapter(model).layers()[1]
+    with torch.no_grad():
+        middle.mlp.down_proj.weight.mul_(scale)
+        middle.self_attn.o_proj.weight.mul_(scale)
+    return model
+
+
+def test_the_output_priced_candidate_beats_global_where_residual_prices_mislead_and_is_applied():
+    """Kills: the candidate left out or priced without the sensitivity (or by its inverse), a recorded
+    score that is not the applied model's divergence, the sensitivity missing from the record."""
+    base = _dominant_middle_block()
+    model = clone(base)
+    record = _runner(flops=0.4).run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
+    assert record["chosen"] == OUTPUT_PRICED and record["held_out"][OUTPUT_PRICED] < 0.8 * record["held_out"][GLOBAL]
+    assert len(record["sensitivity"]) == 3 and min(record["sensitivity"]) > 0
+    assert _kl(base, model, HELD_OUT) == pytest.approx(record["held_out"][OUTPUT_PRICED], rel=1e-4)
+
+
+def test_the_output_priced_candidate_prices_copies_and_is_left_out_when_it_repeats_a_plan():
+    model = tiny_llama(layers=3)
+    runner = _runner()
+    scores = [sc for sc, _ in runner.score_layers(model, get_adapter(model), batches(), CPU)]
+    before = [sc.ffn_cost.copy() for sc in scores]
+    shapes, flops, budget = shapes_of(get_adapter(model)), FlopsModel(32), BudgetSpec(flops=0.5, seq_len=32)
+    assert OUTPUT_PRICED not in candidate_plans(scores, shapes, flops, budget, [2.0] * 3)  # = the global plan
+    skewed = candidate_plans(scores, shapes, flops, budget, [1e6, 1.0, 1.0])
+    assert skewed[OUTPUT_PRICED][0].neurons > skewed[GLOBAL][0].neurons
+    assert all(np.array_equal(sc.ffn_cost, b) for sc, b in zip(scores, before))
+    assert OUTPUT_PRICED not in candidate_plans(scores, shapes, flops, budget)
+
+
+def test_an_encoder_gets_no_output_priced_candidate():
     model = tiny_roberta()
-    adapter = get_adapter(model)
-    assert output_sensitivity(model, adapter, batches(1), _resident(adapter), CPU, CPU) is None
+    record = _runner().run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
+    assert OUTPUT_PRICED not in record["held_out"] and "sensitivity" not in record
