@@ -2,6 +2,8 @@
 the runner forms, records and may apply the plan it prices."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -117,3 +119,28 @@ def test_an_encoder_gets_no_output_priced_candidate():
     model = tiny_roberta()
     record = _runner().run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
     assert OUTPUT_PRICED not in record["held_out"] and "sensitivity" not in record
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_roberta], ids=["llama", "roberta"])
+def test_the_planner_counts_the_sensitivitys_passes_and_boundaries_for_a_model_with_logits(build):
+    """Kills: a planner that leaves out the forward and backward passes or the stored boundaries, or
+    counts them for an encoder (which gets no sensitivity)."""
+    from stat_exp.execution.plan import Job, plan_sizes
+    from stat_exp.factorize import GramBackend
+    from stat_exp.prune.plan_selection import MAX_CANDIDATES
+    from stat_exp.prune.stat import StatPruner
+
+    model = build(layers=8) if build is tiny_llama else build()  # 8 blocks: more boundaries than streams
+    held_out = 8
+    job = Job(model=model, pruner=StatPruner(), backend=GramBackend(), dtype=torch.float32, sequences=4, seq_len=32,
+              batch_size=4, held_out_streams=held_out * (MAX_CANDIDATES + 1), held_out_examples=held_out)
+    plain, sizes = plan_sizes(replace(job, held_out_examples=0)), plan_sizes(job)
+    adapter = get_adapter(model)
+    if build is tiny_llama:
+        dense = sum(FlopsModel(32).dense(sh) for sh in shapes_of(adapter))
+        assert sizes.selection_flops == pytest.approx(plain.selection_flops + 3 * held_out * dense)
+        boundaries = (len(adapter.layers()) + 2) * held_out * 32 * adapter.hidden_size * 4
+        assert sizes.selection - max(b.weights for b in sizes.blocks) == max(boundaries, job.held_out_streams * 32
+                                                                              * adapter.hidden_size * 4)
+    else:
+        assert (sizes.selection, sizes.selection_flops) == (plain.selection, plain.selection_flops)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from stat_exp.calibrate import BlockCall, capture_block_inputs, real_tokens
-from stat_exp.models.base import ModelAdapter
+from stat_exp.models.base import ModelAdapter, has_token_logits
 from stat_exp.prune.plan_selection import HEAD_TOKENS, head_output, run_block
 
 Blocks = Callable[[int], AbstractContextManager[nn.Module]]  # block i on the device (BlockStore.block)
@@ -108,7 +108,7 @@ def output_sensitivity(model: nn.Module, adapter: ModelAdapter, batches: list[di
     output causes), m_i the median real token's squared input norm. STAT's prices divide by n_tokens
     x that median, so multiplied by w_i they price a block's output error by its effect on the output.
     None for a model without logits (an encoder: no output distribution to sample from)."""
-    if model.get_output_embeddings() is None:
+    if not has_token_logits(model):
         return None
     weights = [0.0] * len(adapter.layers())
     for i, inputs, grads, masks in boundary_gradients(model, adapter, batches, blocks, device, home):
