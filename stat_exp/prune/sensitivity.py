@@ -12,8 +12,8 @@ gradients to carry dL/dh back to its input.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -40,7 +40,8 @@ def sampled_nll(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) 
 
 
 def boundary_gradients(model: nn.Module, adapter: ModelAdapter, batches: list[dict[str, torch.Tensor]],
-                       blocks: Blocks, device: torch.device, home: torch.device):
+                       blocks: Blocks, device: torch.device, home: torch.device
+                       ) -> Iterator[tuple[int, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]:
     """Yield (i, block i's inputs, dL/d(block i's outputs), which tokens are real), one list entry
     per batch, from the last block to the first; L is `sampled_nll` with labels drawn per batch from
     a generator seeded SEED + batch index, in chunks of the head's rows. Runs with gradients even
@@ -54,16 +55,13 @@ def boundary_gradients(model: nn.Module, adapter: ModelAdapter, batches: list[di
             with blocks(i) as layer:
                 out, tuple_output = run_block(layer, i, hidden[-1], boundary, device)
             hidden.append(out)
-    with torch.inference_mode(False), torch.enable_grad():
-        grads = [_head_gradient(model, adapter, batch, final, device, tuple_output, SEED + b)
-                 for b, (batch, final) in enumerate(zip(batches, hidden[-1]))]
-        hidden.pop()
-        for i in reversed(range(len(adapter.layers()))):
-            inputs = hidden.pop()
-            yield i, inputs, grads, masks
-            with blocks(i) as layer:
-                grads = [_input_gradient(layer, calls[i], h, g, device)
-                         for h, g, calls in zip(inputs, grads, boundary.calls)]
+    grads = [_head_gradient(model, adapter, batch, final, device, tuple_output, SEED + b)
+             for b, (batch, final) in enumerate(zip(batches, hidden.pop()))]
+    for i in reversed(range(len(adapter.layers()))):
+        inputs = hidden.pop()
+        yield i, inputs, grads, masks
+        with blocks(i) as layer:
+            grads = [_input_gradient(layer, calls[i], h, g, device) for h, g, calls in zip(inputs, grads, boundary.calls)]
 
 
 def _head_gradient(model, adapter, batch, final, device, tuple_output, seed) -> torch.Tensor:
@@ -73,10 +71,11 @@ def _head_gradient(model, adapter, batch, final, device, tuple_output, seed) -> 
     parts = []
     for start in range(0, batch["input_ids"].shape[0], rows):
         part = {k: v[start: start + rows] for k, v in batch.items()}
-        h = final[start: start + rows].to(device).clone().requires_grad_()
-        logits, _ = head_output(model, adapter, part, h, device, tuple_output)
-        loss = sampled_nll(logits, sampled_labels(logits, generator), part["attention_mask"].to(device).bool())
-        parts.append(torch.autograd.grad(loss, h)[0].to(final.device))
+        with _gradients():
+            h = final[start: start + rows].to(device).clone().requires_grad_()
+            logits, _ = head_output(model, adapter, part, h, device, tuple_output)
+            loss = sampled_nll(logits, sampled_labels(logits, generator), part["attention_mask"].to(device).bool())
+            parts.append(torch.autograd.grad(loss, h)[0].to(final.device))
     return torch.cat(parts)
 
 
@@ -84,10 +83,18 @@ def _input_gradient(layer: nn.Module, call: BlockCall, h: torch.Tensor, grad_out
                     device: torch.device) -> torch.Tensor:
     """dL/d(block input) from dL/d(block output): the block run again on its input, with gradients
     (w.r.t. the input only: no parameter's .grad is touched)."""
-    x = h.to(device).clone().requires_grad_()
-    y = layer(x, *_usable(call.args), **_usable(call.kwargs))
-    y = y[0] if isinstance(y, tuple) else y
-    return torch.autograd.grad(y, x, grad_out.to(device))[0].to(h.device)
+    with _gradients():
+        x = h.to(device).clone().requires_grad_()
+        y = layer(x, *_usable(call.args), **_usable(call.kwargs))
+        y = y[0] if isinstance(y, tuple) else y
+        return torch.autograd.grad(y, x, grad_out.to(device))[0].to(h.device)
+
+
+@contextmanager
+def _gradients() -> Iterator[None]:
+    """Autograd on, whatever the caller's mode (the runner streams under inference_mode)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _usable(value: Any) -> Any:
