@@ -28,6 +28,7 @@ class Parts:
     evaluators: dict[str, Evaluator]
     adapter: AdapterFactory | None = None
     held_out_streams: int = 0  # sequences streamed to choose the global plan (plan_selection)
+    held_out_examples: int = 0  # of which held-out examples (also run forward and backward: prune.sensitivity)
 
 
 def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
@@ -38,7 +39,7 @@ def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
     evaluators = make_evaluators(cfg.eval, run_dir)
     backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
     held_out = cfg.budget.held_out_examples if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner) else 0
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter, held_out * (MAX_CANDIDATES + 1))
+    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter, held_out * (MAX_CANDIDATES + 1), held_out)
 
 
 def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:

@@ -34,6 +34,7 @@ from stat_exp.execution.offload import store_class
 from stat_exp.execution.requirements import Requirements
 from stat_exp.execution.sizes import FLOAT64, MB, BlockSizes, Sizes
 from stat_exp.models import AdapterFactory, get_adapter
+from stat_exp.models.base import has_token_logits
 from stat_exp.models.flops import FlopsModel, shapes_of
 from stat_exp.track.markdown import markdown_table
 
@@ -160,6 +161,7 @@ class Job:
     auto_calibration: bool = False  # calib.num_examples=auto: `sequences` is the knee's, before the planner's bounds
     largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
     held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
+    held_out_examples: int = 0  # the held-out examples among them (Parts.held_out_examples)
 
 
 class RunParts(Protocol):
@@ -184,6 +186,12 @@ class RunParts(Protocol):
     @property
     def held_out_streams(self) -> int:
         """Sequences streamed block by block to choose the global plan: held-out examples x (candidates + 1)."""
+        ...
+
+    @property
+    def held_out_examples(self) -> int:
+        """The held-out examples (for a model with logits, also run forward and backward to weigh
+        each block's output sensitivity)."""
         ...
 
 
@@ -227,7 +235,7 @@ def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str,
                seq_len=seq_len, batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
                propagate=pruner.propagate_under(propagate), allocation=pruner.allocation_under(budget_allocation),
                prunes=prunes, kept=kept, auto_calibration=auto, largest_rank=rank,
-               held_out_streams=parts.held_out_streams)
+               held_out_streams=parts.held_out_streams, held_out_examples=parts.held_out_examples)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -266,13 +274,18 @@ def plan_sizes(job: Job) -> Sizes:
     vocab = getattr(model.config, "vocab_size", 0) if causal else 0
     flops = FlopsModel(job.seq_len)
     streams = job.held_out_streams  # the dense model's and every candidate's
-    selection = streams * job.seq_len * adapter.hidden_size * elem + max(b.weights for b in blocks) if streams else 0
+    sequence = job.seq_len * adapter.hidden_size * elem  # one held-out sequence at a block boundary
+    # the output sensitivity (models with logits), before the streams: every boundary kept and one
+    # gradient per sequence; a forward pass, then each block run again and back to its input (~3 forwards)
+    weighed = job.held_out_examples if has_token_logits(model) else 0
+    boundaries = (len(blocks) + 2) * weighed * sequence
+    selection = max(streams * sequence, boundaries) + max(b.weights for b in blocks) if streams else 0
     return Sizes(blocks=blocks, rest_weights=rest, hidden=tokens * adapter.hidden_size * elem,
                  eval_work=job.eval_batch * job.eval_len * vocab * 4 * LOGITS_COPIES, tokens=tokens,
                  calibration_flops=job.sequences * sum(flops.dense(sh) for sh in shapes),
                  down_flops=down_flops, gram_flops=gram_flops, factor_flops=factor_flops, curve_flops=curve_flops,
                  fold_flops=fold_flops, pivot_steps=steps, selection=selection,
-                 selection_flops=streams * sum(flops.dense(sh) for sh in shapes))
+                 selection_flops=(streams + 3 * weighed) * sum(flops.dense(sh) for sh in shapes))
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
@@ -426,7 +439,7 @@ def _estimate(s: Sizes, ex: Resolved, device: torch.device, prunes: bool, tflops
             ("statistics (all blocks)" if ex.stream == "model" else "statistics (one block)",
              (sum(b.stats for b in blocks) if ex.stream == "model" else max(b.stats for b in blocks)) / MB if prunes else 0.0),
             ("factorizations held for the allocation", held / MB),
-            ("choosing the plan: held-out streams and a block copy", (s.selection if global_allocation else 0) / MB),
+            ("choosing the plan: held-out streams (or boundaries) and a block copy", (s.selection if global_allocation else 0) / MB),
             ("evaluation logits", s.eval_work / MB)]
     return Plan(ex, host_peak / MB, device_peak / MB, disk / MB, sum(phases.values()), round(tflops, 3), str(device),
                 rows, phases)

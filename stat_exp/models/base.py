@@ -175,3 +175,10 @@ class ModelAdapter(ABC):
         if removed := getattr(self.config, "removed_blocks", None):  # block_drop: indices in the input model
             out["removed_blocks"] = list(removed)
         return out
+
+
+def has_token_logits(model: nn.Module) -> bool:
+    """Whether the model outputs a distribution over the vocabulary at every token (a language-model
+    head): what the output sensitivity samples labels from (stat_exp.prune.sensitivity)."""
+    head = getattr(model, "get_output_embeddings", None)
+    return callable(head) and head() is not None

@@ -21,7 +21,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,7 +36,8 @@ from stat_exp.prune.scores import LayerScores
 FLOORS = (0.5, 0.75)  # the mixtures: the global plan with every layer kept at >= this share of its uniform counts
 HEAD_TOKENS = 1024  # tokens scored at the head at once (logits of a large vocabulary are the peak)
 UNIFORM, GLOBAL = "uniform", "global"
-MAX_CANDIDATES = 2 + len(FLOORS)
+OUTPUT_PRICED = "global, output-priced"  # the global plan with each block's prices x its output sensitivity
+MAX_CANDIDATES = 3 + len(FLOORS)
 
 Apply = Callable[[ModelAdapter, int, nn.Module, LayerScores, LayerPlan, LayerStats | None], None]
 
@@ -52,6 +53,7 @@ class Selection:
     seconds: float
     cpu_seconds: float  # this process's CPU time (all threads): comparable on a shared machine
     plans: dict[str, list[LayerPlan]] = field(default_factory=dict, repr=False)
+    sensitivity: list[float] | None = None  # each block's output sensitivity, where it priced a candidate
 
     def record(self) -> dict:
         best_other = min((v for k, v in self.scores.items() if k != self.chosen), default=math.nan)
@@ -59,7 +61,8 @@ class Selection:
                 "margin_to_next": best_other / self.scores[self.chosen] - 1 if self.scores[self.chosen] else math.nan,
                 "vs_uniform": self.scores[self.chosen] / self.scores[UNIFORM] - 1 if self.scores[UNIFORM] else 0.0,
                 "held_out_tokens": self.held_out_tokens, "seconds": round(self.seconds, 2),
-                "cpu_seconds": round(self.cpu_seconds, 2)}
+                "cpu_seconds": round(self.cpu_seconds, 2),
+                **({"sensitivity": [float(f"{w:.4g}") for w in self.sensitivity]} if self.sensitivity else {})}
 
 
 def selects_plan(budget: Mapping[str, Any], propagate: str, pruner) -> bool:
@@ -78,15 +81,19 @@ def floor_of(uniform: LayerPlan, scores: LayerScores, share: float) -> LayerPlan
 
 
 def candidate_plans(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsModel,
-                    budget: BudgetSpec) -> dict[str, list[LayerPlan]]:
-    """Uniform first, then the global plan and its floored mixtures; a plan equal to an earlier
-    candidate's is left out."""
+                    budget: BudgetSpec, sensitivity: list[float] | None = None) -> dict[str, list[LayerPlan]]:
+    """Uniform first, then the global plan and its floored mixtures, and, given each block's output
+    sensitivity (stat_exp.prune.sensitivity), the global plan on prices multiplied by it; a plan
+    equal to an earlier candidate's is left out."""
     target, step = budget.flops, budget.round_to
     uniform = allocate(scores, shapes, flops, target, UNIFORM, step)
     out = {UNIFORM: uniform, GLOBAL: allocate(scores, shapes, flops, target, GLOBAL, step)}
     for share in FLOORS:
         floors = [floor_of(u, sc, share) for u, sc in zip(uniform, scores)]
         out[f"global, floor {share:g}"] = allocate(scores, shapes, flops, target, GLOBAL, step, minimum=floors)
+    if sensitivity is not None:
+        priced = [replace(sc, attn_cost=sc.attn_cost * w, ffn_cost=sc.ffn_cost * w) for sc, w in zip(scores, sensitivity)]
+        out[OUTPUT_PRICED] = allocate(priced, shapes, flops, target, GLOBAL, step)
     unique: dict[str, list[LayerPlan]] = {}
     for name, plans in out.items():
         if plans not in unique.values():
@@ -126,12 +133,7 @@ class HeldOutStreams:
         self.streams = {(): self.dense, **advanced}
 
     def _run(self, block: nn.Module, index: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for h, calls in zip(hidden, self.boundary.calls):
-            call = calls[index]
-            y = block(h.to(self.device), *call.args, **call.kwargs)
-            self.tuple_output = isinstance(y, tuple)
-            out.append((y[0] if self.tuple_output else y).to(h.device))
+        out, self.tuple_output = run_block(block, index, hidden, self.boundary, self.device)
         return out
 
     @torch.inference_mode()
@@ -156,22 +158,39 @@ class HeldOutStreams:
         return {name: totals[key] / scale for name, key in self.keys.items()}, measure, tokens
 
     def _head(self, batch: dict[str, torch.Tensor], final: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """The model's output for `batch` with every block skipped and the last one returning `final`:
-        (its logits, True), or (its last hidden states, False) for a model without a head."""
-        layers = self.adapter.layers()
-        wrap = self.tuple_output
+        return head_output(self.model, self.adapter, batch, final, self.device, self.tuple_output)
 
-        def forward_of(i: int):
-            def forward(*args, **kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                out = final.to(hidden.device) if i == len(layers) - 1 else hidden
-                return (out,) if wrap else out
-            return forward
 
-        with replaced_forwards(layers, forward_of):
-            out = self.model(**model_inputs(batch, self.device), use_cache=False)
-        logits = getattr(out, "logits", None)
-        return (logits, True) if logits is not None else (out[0], False)
+def run_block(block: nn.Module, index: int, hidden: list[torch.Tensor], boundary: BlockBoundary,
+              device: torch.device) -> tuple[list[torch.Tensor], bool]:
+    """Block `index` applied to every batch's hidden states with its own call arguments: (the outputs,
+    kept where the inputs were; whether the block returns a tuple)."""
+    out, tuple_output = [], False
+    for h, calls in zip(hidden, boundary.calls):
+        call = calls[index]
+        y = block(h.to(device), *call.args, **call.kwargs)
+        tuple_output = isinstance(y, tuple)
+        out.append((y[0] if tuple_output else y).to(h.device))
+    return out, tuple_output
+
+
+def head_output(model: nn.Module, adapter: ModelAdapter, batch: dict[str, torch.Tensor], final: torch.Tensor,
+                device: torch.device, tuple_output: bool) -> tuple[torch.Tensor, bool]:
+    """The model's output for `batch` with every block skipped and the last one returning `final`:
+    (its logits, True), or (its last hidden states, False) for a model without a head."""
+    layers = adapter.layers()
+
+    def forward_of(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            out = final.to(hidden.device) if i == len(layers) - 1 else hidden
+            return (out,) if tuple_output else out
+        return forward
+
+    with replaced_forwards(layers, forward_of):
+        out = model(**model_inputs(batch, device), use_cache=False)
+    logits = getattr(out, "logits", None)
+    return (logits, True) if logits is not None else (out[0], False)
 
 
 def _plan_key(plan: LayerPlan) -> tuple[int, int]:
@@ -200,10 +219,13 @@ def _divergence(dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, l
 def choose_plan(candidates: dict[str, list[LayerPlan]], blocks: Iterable[tuple[int, nn.Module, LayerScores,
                 LayerStats | None]], model: nn.Module, adapter: ModelAdapter,
                 held_out: list[dict[str, torch.Tensor]], device: torch.device, home: torch.device,
-                apply: Apply, progress: bool = False) -> Selection:
+                apply: Apply, progress: bool = False, sensitivity: list[float] | None = None,
+                clock: tuple[float, float] | None = None) -> Selection:
     """Stream `held_out` through every candidate's pruned blocks (`blocks`: every block in order,
-    on the device, with its scores and statistics) and pick the plan closest to the dense model."""
-    start, cpu = time.perf_counter(), time.process_time()
+    on the device, with its scores and statistics) and pick the plan closest to the dense model.
+    `sensitivity`: the output sensitivity that priced a candidate (recorded); `clock`: (wall, CPU)
+    time the selection began, when it began before this call (with the sensitivity)."""
+    start, cpu = clock or (time.perf_counter(), time.process_time())
     streams = HeldOutStreams(model, adapter, held_out, device, home, candidates, apply)
     for index, layer, scores, stats in tqdm(blocks, total=len(adapter.layers()), desc="choose plan",
                                             disable=not progress):
@@ -211,4 +233,4 @@ def choose_plan(candidates: dict[str, list[LayerPlan]], blocks: Iterable[tuple[i
     divergence, measure, tokens = streams.finish()
     chosen = min(divergence, key=lambda name: (divergence[name], name != UNIFORM))
     return Selection(chosen, divergence, measure, tokens, time.perf_counter() - start, time.process_time() - cpu,
-                     candidates)
+                     candidates, sensitivity)

@@ -40,6 +40,7 @@ from stat_exp.models.flops import FlopsModel, LayerShape, model_flops, prunable_
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
 from stat_exp.prune.plan_selection import Selection, candidate_plans, choose_plan
+from stat_exp.prune.sensitivity import output_sensitivity
 from stat_exp.prune.scores import LayerScores
 
 
@@ -199,8 +200,11 @@ class PruneRunner:
     def _choose(self, model, adapter, scores, shapes, blocks, device, store: BlockStore) -> list[LayerPlan]:
         """The candidate plan closest to the dense model on the held-out batches (see plan_selection)."""
         home = device if store.resident else torch.device("cpu")
-        self.selection = choose_plan(candidate_plans(scores, shapes, self.flops, self.budget), blocks, model,
-                                     adapter, self.held_out, device, home, self.pruner.apply, self.progress)
+        clock = time.perf_counter(), time.process_time()
+        weights = output_sensitivity(model, adapter, self.held_out, store.block, device, home)
+        self.selection = choose_plan(candidate_plans(scores, shapes, self.flops, self.budget, weights), blocks, model,
+                                     adapter, self.held_out, device, home, self.pruner.apply, self.progress,
+                                     weights, clock)
         return self.selection.plans[self.selection.chosen]
 
     def _peeked(self, pending: Pending, store: BlockStore):
