@@ -5,7 +5,7 @@
     python -m benchmarks.stat_quality sequential [--examples 64]
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
     python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
-    python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096] [--models smollm2_135m,minilm_l6]
+    python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096] [--models smollm2_135m,minilm_l6] [--methods STAT,stat_heldout] [--baselines FLAP,Wanda-sp]
     python -m benchmarks.stat_quality selection_time [--examples 256] [--held-out 16] [--budgets 0.7]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -39,7 +40,8 @@ from stat_exp.models.flops import FlopsModel, shapes_of
 from stat_exp.models.loading import load_model
 from stat_exp.prune.budget import BudgetSpec, allocate
 from stat_exp.prune.flap import FlapPruner
-from stat_exp.prune.plan_selection import candidate_plans, choose_plan
+from stat_exp.prune.plan_selection import OUTPUT_PRICED, candidate_plans, choose_plan
+from stat_exp.prune.sensitivity import output_sensitivity
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from stat_exp.prune.wanda import WandaPruner
@@ -221,9 +223,15 @@ def transfer(args) -> None:
             scorers = {t: embedding_drift(model, tok, args.max_tokens, text) for t, text in texts.items()}
         dense = {t: f(model) for t, f in scorers.items()}
         print(name, "dense", dense, flush=True)
-        methods = {"STAT": StatPruner(**DEFAULT), "stat_heldout": StatPruner(**RECOMMENDED)}
+        methods = {m: p for m, p in {"STAT": StatPruner(**DEFAULT), "stat_heldout": StatPruner(**RECOMMENDED)}.items()
+                   if m in args.methods.split(",")}
         scored = {m: stats.scored(p) for m, p in methods.items()}
-        baselines = {"FLAP": FlapPruner(), "Wanda-sp": WandaPruner(allocation="uniform")}
+        baselines = {m: p for m, p in {"FLAP": FlapPruner(), "Wanda-sp": WandaPruner(allocation="uniform")}.items()
+                     if m in args.baselines.split(",")}
+        layers = stats.adapter.layers()
+        start = time.perf_counter()
+        weights = output_sensitivity(model, stats.adapter, held_out, lambda i: nullcontext(layers[i]), CPU, CPU)
+        sensitivity_s = time.perf_counter() - start
         base_scored = {m: stats.scored(p) for m, p in baselines.items()}
         shapes = shapes_of(stats.adapter)
         rows = []
@@ -232,12 +240,14 @@ def transfer(args) -> None:
             models: dict[str, object] = {}
             picked = {}
             for method, pruner in methods.items():
-                candidates = candidate_plans([sc for sc, _ in scored[method]], shapes, FLOPS, budget)
+                candidates = candidate_plans([sc for sc, _ in scored[method]], shapes, FLOPS, budget, weights)
                 start = time.perf_counter()
                 choice = choose_plan(candidates, _blocks(stats, scored[method]), model, stats.adapter, held_out, CPU,
-                                     CPU, pruner.apply)
-                picked[method] = (choice, time.perf_counter() - start)
+                                     CPU, pruner.apply, sensitivity=weights)
+                picked[method] = (choice, time.perf_counter() - start + sensitivity_s)
                 wanted = {"uniform": "uniform", "global (select=off)": "global", "default": choice.chosen}
+                if OUTPUT_PRICED in candidates:  # absent where its plan equals an earlier candidate's
+                    wanted["output-priced"] = OUTPUT_PRICED
                 if method == "stat_heldout":
                     wanted = {"default": choice.chosen}
                 built: dict[str, object] = {}
@@ -261,7 +271,7 @@ def transfer(args) -> None:
                     row[f"{method} picked"] = choice.chosen
                     row[f"{method} held-out divergence: picked / uniform"] = (
                         f"{choice.scores[choice.chosen]:.4g} / {choice.scores['uniform']:.4g}")
-                row["choose (s)"] = picked["STAT"][1]
+                row["choose (s)"] = next(iter(picked.values()))[1]
                 rows.append(row)
                 print(row, flush=True)
         tables.append(f"{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
@@ -341,6 +351,8 @@ def main() -> None:
                                           "selection_time"])
     parser.add_argument("--held-out", type=int, default=16, help="held-out sequences for choosing the plan")
     parser.add_argument("--models", default="smollm2_135m,minilm_l6", help="transfer: the real models")
+    parser.add_argument("--methods", default="STAT,stat_heldout", help="transfer: STAT variants (STAT, stat_heldout)")
+    parser.add_argument("--baselines", default="FLAP,Wanda-sp", help="transfer: baselines (FLAP, Wanda-sp; '' for none)")
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--sizes", default="64,128,256,512,1024")
     parser.add_argument("--budgets", default=None)
