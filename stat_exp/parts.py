@@ -15,7 +15,7 @@ from stat_exp.eval.base import Evaluator
 from stat_exp.factorize.base import Backend
 from stat_exp.models import AdapterFactory, adapter_from_config
 from stat_exp.prune.base import Pruner
-from stat_exp.prune.plan_selection import MAX_CANDIDATES, selects_plan
+from stat_exp.prune.plan_selection import max_candidates, selects_plan
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class Parts:
     evaluators: dict[str, Evaluator]
     adapter: AdapterFactory | None = None
     held_out_streams: int = 0  # sequences streamed to choose the global plan (plan_selection)
-    held_out_examples: int = 0  # of which held-out examples (also run forward and backward: prune.sensitivity)
+    held_out_examples: int = 0  # held-out examples run forward and backward (budget.select=output_priced: prune.sensitivity)
 
 
 def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
@@ -39,7 +39,9 @@ def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
     evaluators = make_evaluators(cfg.eval, run_dir)
     backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
     held_out = cfg.budget.held_out_examples if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner) else 0
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter, held_out * (MAX_CANDIDATES + 1), held_out)
+    weighed = held_out if cfg.budget.select == "output_priced" else 0  # also run forward and backward
+    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter,
+                 held_out * (max_candidates(cfg.budget.select) + 1), weighed)
 
 
 def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:

@@ -96,7 +96,8 @@ def test_the_output_priced_candidate_beats_global_where_residual_prices_mislead_
     score that is not the applied model's divergence, the sensitivity missing from the record."""
     base = _dominant_middle_block()
     model = clone(base)
-    record = _runner(flops=0.4).run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
+    record = _runner(flops=0.4, select="output_priced").run(model, get_adapter(model), batches(), CPU,
+                                                           held_out=HELD_OUT).allocation
     assert record["chosen"] == OUTPUT_PRICED and record["held_out"][OUTPUT_PRICED] < 0.8 * record["held_out"][GLOBAL]
     assert len(record["sensitivity"]) == 3 and min(record["sensitivity"]) > 0
     assert _kl(base, model, HELD_OUT) == pytest.approx(record["held_out"][OUTPUT_PRICED], rel=1e-4)
@@ -117,7 +118,7 @@ def test_the_output_priced_candidate_prices_copies_and_is_left_out_when_it_repea
 
 def test_an_encoder_gets_no_output_priced_candidate():
     model = tiny_roberta()
-    record = _runner().run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
+    record = _runner(select="output_priced").run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
     assert OUTPUT_PRICED not in record["held_out"] and "sensitivity" not in record
 
 
@@ -127,13 +128,13 @@ def test_the_planner_counts_the_sensitivitys_passes_and_boundaries_for_a_model_w
     counts them for an encoder (which gets no sensitivity)."""
     from stat_exp.execution.plan import Job, plan_sizes
     from stat_exp.factorize import GramBackend
-    from stat_exp.prune.plan_selection import MAX_CANDIDATES
+    from stat_exp.prune.plan_selection import max_candidates
     from stat_exp.prune.stat import StatPruner
 
     model = build(layers=8) if build is tiny_llama else build()  # 8 blocks: more boundaries than streams
     held_out = 8
     job = Job(model=model, pruner=StatPruner(), backend=GramBackend(), dtype=torch.float32, sequences=4, seq_len=32,
-              batch_size=4, held_out_streams=held_out * (MAX_CANDIDATES + 1), held_out_examples=held_out)
+              batch_size=4, held_out_streams=held_out * (max_candidates("output_priced") + 1), held_out_examples=held_out)
     plain, sizes = plan_sizes(replace(job, held_out_examples=0)), plan_sizes(job)
     adapter = get_adapter(model)
     if build is tiny_llama:
@@ -144,3 +145,11 @@ def test_the_planner_counts_the_sensitivitys_passes_and_boundaries_for_a_model_w
                                                                               * adapter.hidden_size * 4)
     else:
         assert (sizes.selection, sizes.selection_flops) == (plain.selection, plain.selection_flops)
+
+
+def test_the_default_choice_leaves_the_output_priced_candidate_out():
+    """budget.select=held_out (the default) neither weighs the blocks nor forms the candidate: it lost to
+    the global plan on SmolLM2 (docs/allocation.md). Kills: the sensitivity computed by default."""
+    model = _dominant_middle_block()
+    record = _runner(flops=0.4).run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
+    assert OUTPUT_PRICED not in record["held_out"] and "sensitivity" not in record

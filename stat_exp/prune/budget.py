@@ -13,7 +13,7 @@ from stat_exp.models.flops import FlopsModel, LayerShape
 from stat_exp.prune.scores import LayerScores
 from stat_exp.types import ALLOCATIONS, Allocation, Fraction, PositiveInt, SeqLen
 
-Selection = Literal["held_out", "off"]  # budget.select: how the global allocation's plan is chosen
+Selection = Literal["held_out", "output_priced", "off"]  # budget.select: how the global allocation's plan is chosen
 SLACK_TOLERANCE = 0.005  # unspent budget (fraction of dense FLOPs) the global allocation may leave
 
 
@@ -28,7 +28,9 @@ class BudgetSpec:
     `select`: under the global allocation, `held_out` chooses the plan among candidates (uniform,
     global, global with per-layer floors) by the pruned model's divergence from the dense model on
     `held_out_examples` calibration examples the statistics are not fitted on
-    (`stat_exp.prune.plan_selection`); `off` applies the global plan as it is."""
+    (`stat_exp.prune.plan_selection`); `output_priced` adds the global plan priced by each block's
+    output sensitivity (`stat_exp.prune.sensitivity`, models with logits) to the candidates; `off`
+    applies the global plan as it is."""
 
     flops: Fraction = 0.7  # conf/budget/flops.yaml's default too
     seq_len: SeqLen = 256

@@ -37,7 +37,12 @@ FLOORS = (0.5, 0.75)  # the mixtures: the global plan with every layer kept at >
 HEAD_TOKENS = 1024  # tokens scored at the head at once (logits of a large vocabulary are the peak)
 UNIFORM, GLOBAL = "uniform", "global"
 OUTPUT_PRICED = "global, output-priced"  # the global plan with each block's prices x its output sensitivity
-MAX_CANDIDATES = 3 + len(FLOORS)
+CHOOSING = ("held_out", "output_priced")  # budget.select values that choose among candidates
+
+
+def max_candidates(select: str) -> int:
+    """Candidates at most: uniform, global, the floored mixtures, and the output-priced plan when asked for."""
+    return 2 + len(FLOORS) + (select == "output_priced")
 
 Apply = Callable[[ModelAdapter, int, nn.Module, LayerScores, LayerPlan, LayerStats | None], None]
 
@@ -69,7 +74,7 @@ def selects_plan(budget: Mapping[str, Any], propagate: str, pruner) -> bool:
     """Whether a run chooses its global plan on held-out calibration batches: `budget.select` asks
     for it, the pruner's allocation is global, and blocks are fitted on the dense stream (with
     calib.propagate=pruned they are fitted on the pruned model's, which a candidate's copy would not see)."""
-    return (budget.get("select", "held_out") == "held_out" and pruner.allocation_under(budget["allocation"]) == GLOBAL
+    return (budget.get("select", "held_out") in CHOOSING and pruner.allocation_under(budget["allocation"]) == GLOBAL
             and pruner.propagate_under(propagate) == "dense")
 
 

@@ -39,7 +39,7 @@ from stat_exp.models.base import ModelAdapter
 from stat_exp.models.flops import FlopsModel, LayerShape, model_flops, prunable_params, shapes_of
 from stat_exp.prune.base import Pruner
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
-from stat_exp.prune.plan_selection import Selection, candidate_plans, choose_plan
+from stat_exp.prune.plan_selection import CHOOSING, Selection, candidate_plans, choose_plan
 from stat_exp.prune.sensitivity import output_sensitivity
 from stat_exp.prune.scores import LayerScores
 
@@ -194,14 +194,15 @@ class PruneRunner:
     def _selects(self, scores: list[LayerScores], shapes: list[LayerShape]) -> bool:
         """Whether the global plan is chosen among candidates: asked for, held-out batches given, and
         the plans come from the shared allocation (not the pruner's own)."""
-        return (self.budget.select == "held_out" and bool(self.held_out) and
+        return (self.budget.select in CHOOSING and bool(self.held_out) and
                 self.pruner.fixed_plans(list(range(len(scores))), scores, shapes, self.flops, self.budget) is None)
 
     def _choose(self, model, adapter, scores, shapes, blocks, device, store: BlockStore) -> list[LayerPlan]:
         """The candidate plan closest to the dense model on the held-out batches (see plan_selection)."""
         home = device if store.resident else torch.device("cpu")
         clock = time.perf_counter(), time.process_time()
-        weights = output_sensitivity(model, adapter, self.held_out, store.block, device, home)
+        weights = (output_sensitivity(model, adapter, self.held_out, store.block, device, home)
+                   if self.budget.select == "output_priced" else None)
         self.selection = choose_plan(candidate_plans(scores, shapes, self.flops, self.budget, weights), blocks, model,
                                      adapter, self.held_out, device, home, self.pruner.apply, self.progress,
                                      weights, clock)
