@@ -38,7 +38,7 @@ def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
     adapter = adapter_from_config(cfg.model.get("adapter"))
     evaluators = make_evaluators(cfg.eval, run_dir)
     backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
-    held_out = cfg.budget.held_out_examples if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner) else 0
+    held_out = cfg.budget.held_out_examples if selects_plan(cfg.budget, pruner) else 0
     weighed = held_out if cfg.budget.select == "output_priced" else 0  # also run forward and backward
     return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter,
                  held_out * (max_candidates(cfg.budget.select) + 1), weighed)

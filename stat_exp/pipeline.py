@@ -139,7 +139,7 @@ def _run(cfg: DictConfig, plain: dict, record: RunRecord, run_dir: Path, sweep_d
                         batches = calibration.batches(tokenizer, num_examples=count)
                         if needs.examples:
                             examples = calibration.batches(tokenizer, num_examples=needs.examples)
-                        if selects_plan(cfg.budget, cfg.calib.get("propagate", "dense"), pruner):
+                        if selects_plan(cfg.budget, pruner):
                             batches, held_out = split_held_out(calibration, tokenizer, batches,
                                                                cfg.budget.held_out_examples)
                     size = replace(size, num_examples=sum(len(b["input_ids"]) for b in batches),

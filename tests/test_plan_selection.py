@@ -177,6 +177,30 @@ def test_off_or_without_held_out_batches_the_global_plan_is_applied():
     assert selected.allocation["chosen"] == UNIFORM
 
 
+@pytest.mark.parametrize("factors", ["hold", "recompute"])
+def test_with_pruned_propagation_the_chosen_plan_is_fitted_on_the_pruned_stream(factors):
+    """calib.propagate=pruned: the plan is chosen among the candidates (fitted on the dense stream),
+    then applied block by block on the pruned stream, exactly as a run given that plan from the start.
+    Kills: a pruned-propagation run that skips the choice (it applies the misleading global plan), or
+    that applies the candidates' dense-stream fits."""
+    base = tiny_llama(layers=3)
+    _strong_ffns(base)
+    chosen, uniform = clone(base), clone(base)
+    runner = PruneRunner(MisleadingStat(), BudgetSpec(flops=0.6, seq_len=32), GramBackend(block_dtype="float64"),
+                         propagate="pruned", progress=False, stream="block", factors=factors)
+    record = runner.run(chosen, get_adapter(chosen), batches(), CPU, held_out=HELD_OUT).allocation
+    assert record["chosen"] == UNIFORM and record["held_out"][UNIFORM] < record["held_out"]["global"]
+    PruneRunner(MisleadingStat(), BudgetSpec(flops=0.6, seq_len=32, allocation="uniform"),
+                GramBackend(block_dtype="float64"), propagate="pruned", progress=False,
+                stream="block").run(uniform, get_adapter(uniform), batches(), CPU)
+    assert get_adapter(chosen).structure() == get_adapter(uniform).structure()
+    x = batches(1, seed=5)[0]
+    torch.testing.assert_close(chosen(**x).logits, uniform(**x).logits, rtol=1e-5, atol=1e-5)
+    dense_fit = clone(base)
+    _runner(MisleadingStat()).run(dense_fit, get_adapter(dense_fit), batches(), CPU, held_out=HELD_OUT)
+    assert not torch.allclose(chosen(**x).logits, dense_fit(**x).logits, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("factors", ["spill", "recompute"])
 def test_spilled_or_recomputed_factors_choose_and_prune_like_held_ones(tmp_path, factors):
     base = tiny_llama(layers=3)

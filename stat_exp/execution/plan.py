@@ -451,14 +451,17 @@ def _phase_seconds(s: Sizes, r: Rates, rate: float, recompute: bool, global_allo
     calibrate), `factorize`, `curves` and `fold` (together what it records as prune). Passes follow
     the runner: a global allocation with `factors=recompute` streams twice; `propagate=pruned`
     runs each block's statistics up to the down projection and the pruned block once for its
-    outputs, after a dense pricing pass under a global allocation (whose second pass has no curves)."""
+    outputs, after a dense pricing pass under a global allocation (whose second pass has no curves;
+    with `factors=recompute`, choosing the plan scores the dense pass once more)."""
     stream, gram = s.calibration_flops / rate, s.gram_flops / (rate * r.gram)
     factor = s.factor_flops / (rate * r.factor) + s.pivot_steps * r.pivot_s
     curves, fold = s.curve_flops / (rate * r.float64), s.fold_flops / (rate * r.float64)
     if propagate == "pruned":
         pruned_stream = (s.calibration_flops - s.down_flops + kept * s.calibration_flops) / rate + gram
         if global_allocation:
-            return {"calibrate": stream + gram + pruned_stream, "factorize": 2 * factor, "curves": curves, "fold": fold}
+            dense = 2 if recompute and s.selection_flops else 1
+            return {"calibrate": dense * (stream + gram) + pruned_stream, "factorize": (dense + 1) * factor,
+                    "curves": dense * curves, "fold": fold}
         return {"calibrate": pruned_stream, "factorize": factor, "curves": curves, "fold": fold}
     passes = 2 if recompute and global_allocation else 1
     return {"calibrate": passes * (stream + gram), "factorize": passes * factor, "curves": passes * curves,

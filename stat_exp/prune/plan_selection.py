@@ -70,12 +70,11 @@ class Selection:
                 **({"sensitivity": [float(f"{w:.4g}") for w in self.sensitivity]} if self.sensitivity else {})}
 
 
-def selects_plan(budget: Mapping[str, Any], propagate: str, pruner) -> bool:
+def selects_plan(budget: Mapping[str, Any], pruner) -> bool:
     """Whether a run chooses its global plan on held-out calibration batches: `budget.select` asks
-    for it, the pruner's allocation is global, and blocks are fitted on the dense stream (with
-    calib.propagate=pruned they are fitted on the pruned model's, which a candidate's copy would not see)."""
-    return (budget.get("select", "held_out") in CHOOSING and pruner.allocation_under(budget["allocation"]) == GLOBAL
-            and pruner.propagate_under(propagate) == "dense")
+    for it and the pruner's allocation is global (with calib.propagate=pruned the candidates are
+    compared with corrections fitted on the dense stream, then the chosen plan is fitted on the pruned one)."""
+    return budget.get("select", "held_out") in CHOOSING and pruner.allocation_under(budget["allocation"]) == GLOBAL
 
 
 def floor_of(uniform: LayerPlan, scores: LayerScores, share: float) -> LayerPlan:

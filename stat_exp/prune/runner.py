@@ -9,8 +9,8 @@ the block's statistics (the dense block on those inputs) stops at the last stati
 down projection, since its own outputs would be thrown away (`LayerStream`). With `uniform` that
 is one stream. A global allocation needs every block's cost curves before any count is known, and
 block i's statistics under pruned propagation depend on the counts of blocks < i, so exactness
-forces two streams: a dense one that prices every block (cost curves only; no factorization is
-kept), then the pruned one, which knows the counts and so skips what only the allocation reads
+forces two streams: a dense one that prices every block (its factorizations kept only while the
+plan is chosen among candidates on held-out batches), then the pruned one, which knows the counts and so skips what only the allocation reads
 (`Pruner.score_for_plan`: STAT's cost curves, as costly as its factorizations). Reusing the dense
 pass's factorizations is exact for block 0 alone (the only block whose inputs do not change), so
 they are not kept. A pruner with
@@ -162,34 +162,43 @@ class PruneRunner:
 
     def _global_then_pruned_pass(self, model, adapter, batches, device, store: BlockStore,
                                  shapes: list[LayerShape]) -> None:
-        """Global allocation with propagate=pruned: the counts from a dense pass (cost curves only,
-        heavy state dropped), then a pruned pass that scores each block for its known counts and
-        prunes it in order."""
-        plans = self._allocate([sc for sc, _ in self.score_layers(model, adapter, batches, device, store,
-                                                                    keep_heavy=False)], shapes)
+        """Global allocation with propagate=pruned: the counts from a dense pass (chosen among
+        candidates on held-out batches when asked: the pass's heavy state then waits as below), then
+        a pruned pass that scores each block for its known counts and prunes it in order. The
+        candidates are compared with corrections fitted on the dense stream; the applied model's are
+        fitted on the pruned one."""
+        choosing = self.budget.select in CHOOSING and bool(self.held_out)
+        with self.factors.pending() as pending:
+            plans = self._dense_plans(model, adapter, batches, device, store, shapes, pending,
+                                      keep_heavy=choosing and not self.factors.second_pass)
         for i, layer, stats in self._stream(model, adapter, batches, device, "pruned", store):
             self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats, planned=True), plans[i], stats)
 
     def _global_with_pending_factors(self, model, adapter, batches, device, store: BlockStore,
                                      shapes: list[LayerShape]) -> None:
-        """Global allocation on dense inputs: every block scored in one dense pass, its heavy state
-        pending (held, spilled or dropped: `factors`) until the allocation; the plan (chosen among
-        candidates on held-out batches when asked) is then applied from the pending state, or, with
-        the heavy state dropped, from a second dense pass that scores every block again."""
+        """Global allocation on dense inputs: the plan from a dense pass whose heavy state waits
+        (held, spilled or dropped: `factors`), then applied from that state, or, with the heavy state
+        dropped, from a second dense pass that scores every block again."""
         keep_heavy = not self.factors.second_pass
         with self.factors.pending() as pending:
-            for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
-                pending.put(i, self._score(adapter, i, layer, stats), stats, keep_heavy)
-            plans = self._allocate(pending.scores(), shapes)
-            if self._selects(pending.scores(), shapes):
-                blocks = self._peeked(pending, store) if keep_heavy else self._rescored(model, adapter, batches,
-                                                                                        device, store)
-                plans = self._choose(model, adapter, pending.scores(), shapes, blocks, device, store)
+            plans = self._dense_plans(model, adapter, batches, device, store, shapes, pending, keep_heavy)
             if keep_heavy:
                 self._apply_stored(adapter, store, pending.take, plans)
                 return
-            for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
-                self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+        for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
+            self.pruner.apply(adapter, i, layer, self._score(adapter, i, layer, stats), plans[i], stats)
+
+    def _dense_plans(self, model, adapter, batches, device, store: BlockStore, shapes: list[LayerShape],
+                     pending: Pending, keep_heavy: bool) -> list[LayerPlan]:
+        """Every block scored in one dense pass into `pending` (its heavy state kept when `keep_heavy`)
+        and the global plan, chosen among candidates on held-out batches when asked: from the pending
+        state, or, without it, from a dense pass that scores every block again."""
+        for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
+            pending.put(i, self._score(adapter, i, layer, stats), stats, keep_heavy)
+        if not self._selects(pending.scores(), shapes):
+            return self._allocate(pending.scores(), shapes)
+        blocks = self._peeked(pending, store) if keep_heavy else self._rescored(model, adapter, batches, device, store)
+        return self._choose(model, adapter, pending.scores(), shapes, blocks, device, store)
 
     def _selects(self, scores: list[LayerScores], shapes: list[LayerShape]) -> bool:
         """Whether the global plan is chosen among candidates: asked for, held-out batches given, and
@@ -226,16 +235,13 @@ class PruneRunner:
         stats.attn_factor = stats.ffn_factor = None  # the scores hold what is still needed
         return sc
 
-    def score_layers(self, model, adapter, batches, device, store: BlockStore | None = None,
-                     keep_heavy: bool = True) -> list[tuple[LayerScores, LayerStats]]:
+    def score_layers(self, model, adapter, batches, device,
+                     store: BlockStore | None = None) -> list[tuple[LayerScores, LayerStats]]:
         """Every layer's scores and statistics from one dense pass, pruning nothing: for decisions
         that need all layers first, and for studies of several budgets on one calibration."""
         scored = []
         for i, layer, stats in self._stream(model, adapter, batches, device, "dense", store):
-            sc = self._score(adapter, i, layer, stats)
-            if not keep_heavy:
-                sc.heavy = None
-            scored.append((sc, stats))
+            scored.append((self._score(adapter, i, layer, stats), stats))
         return scored
 
     def _stream(self, model, adapter, batches, device, propagate: str, store: BlockStore | None):
