@@ -6,6 +6,7 @@
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
     python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
     python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096] [--models smollm2_135m,minilm_l6] [--methods STAT,stat_heldout] [--baselines FLAP,Wanda-sp]
+    python -m benchmarks.stat_quality propagation [--examples 256] [--budgets 0.9,0.7,0.5] [--held-out 8] [--models ...]
     python -m benchmarks.stat_quality selection_time [--examples 256] [--held-out 16] [--budgets 0.7]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
@@ -200,7 +201,6 @@ def transfer(args) -> None:
     against STAT uniform, STAT's global plan as it was (select=off), stat_heldout (also choosing),
     FLAP and Wanda-sp, on the validation text and on another domain's text (`crime`), with the plan
     the default picked and its held-out KL against uniform's. One stream of statistics per model."""
-    crime = load_text("crime")
     note = (f"Texts: validation (wiki_calib's last {TAIL_ARTICLES} articles, never calibrated on), crime (another "
             "domain's text), wiki_eval (decoders). \"STAT default\" is the plan STAT applies (chosen on held-out "
             "calibration batches); \"global (select=off)\" the global plan applied without the choice; \"picked\" "
@@ -214,13 +214,7 @@ def transfer(args) -> None:
         stats = Statistics(model)
         stats.grow(calibration_batches(tok, args.examples))
         held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
-        texts = {"validation": split_wiki_calib()[1], "crime": crime}
-        if decoder:
-            texts["wiki_eval"] = load_text("wiki_eval")
-            scorers = {t: (lambda m, text=text: perplexity(m, tok, text, seq_len=SEQ_LEN, max_tokens=args.max_tokens,
-                                                          batch_size=8, progress=False)["ppl"]) for t, text in texts.items()}
-        else:
-            scorers = {t: embedding_drift(model, tok, args.max_tokens, text) for t, text in texts.items()}
+        scorers = _scorers(model, tok, decoder, args.max_tokens)
         dense = {t: f(model) for t, f in scorers.items()}
         print(name, "dense", dense, flush=True)
         methods = {m: p for m, p in {"STAT": StatPruner(**DEFAULT), "stat_heldout": StatPruner(**RECOMMENDED)}.items()
@@ -281,6 +275,61 @@ def transfer(args) -> None:
         print(f"\n{tables[-1]}", flush=True)
         # every model's table so far: a run stopped on a later model keeps the finished ones
         path = record_result("stat_quality_transfer", "\n\n".join(tables), note)
+        print(f"written to {path}", flush=True)
+
+
+def _scorers(model, tok, decoder: bool, max_tokens: int) -> dict:
+    """{text: score(pruned model)}: perplexity on the validation text, `crime` and wiki_eval for a
+    decoder; for an encoder, the embedding drift on the first two."""
+    texts = {"validation": split_wiki_calib()[1], "crime": load_text("crime")}
+    if not decoder:
+        return {t: embedding_drift(model, tok, max_tokens, text) for t, text in texts.items()}
+    texts["wiki_eval"] = load_text("wiki_eval")
+    return {t: (lambda m, text=text: perplexity(m, tok, text, seq_len=SEQ_LEN, max_tokens=max_tokens, batch_size=8,
+                                                progress=False)["ppl"]) for t, text in texts.items()}
+
+
+def propagation(args) -> None:
+    """STAT's default (plan chosen on held-out batches) as whole jobs, with blocks fitted on the dense
+    stream (today) and on the pruned model's own stream (calib.propagate=pruned), per real model and
+    budget: the scores on each text, the plan each picked, and the prune time of each (side by side,
+    one process, so the ratio is what it costs)."""
+    tables = []
+    for name in args.models:
+        decoder = name.startswith("smollm2")
+        model, tok = load_model(name, "causal_lm" if decoder else "encoder")
+        batches = calibration_batches(tok, args.examples)
+        held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
+        scorers = _scorers(model, tok, decoder, args.max_tokens)
+        dense = {t: f(model) for t, f in scorers.items()}
+        rows = []
+        for target in args.budgets:
+            jobs = {}
+            for propagate in ("dense", "pruned"):
+                pruned = copy.deepcopy(model)
+                runner = PruneRunner(StatPruner(), BudgetSpec(target, SEQ_LEN, held_out_examples=args.held_out),
+                                     GramBackend(), propagate, progress=False)
+                start = time.perf_counter()
+                out = runner.run(pruned, get_adapter(pruned), batches, CPU, held_out=held_out)
+                jobs[propagate] = (pruned, time.perf_counter() - start, out.allocation["chosen"])
+            for text, score in scorers.items():
+                row = {"model": name, "text": text, "kept FLOPs": target}
+                for propagate, (pruned, _, _) in jobs.items():
+                    row[f"propagate={propagate}"] = score(pruned)
+                row["pruned / dense"] = row["propagate=pruned"] / row["propagate=dense"]
+                row["picked (dense / pruned)"] = f"{jobs['dense'][2]} / {jobs['pruned'][2]}"
+                row["prune (s), dense / pruned"] = f"{jobs['dense'][1]:.0f} / {jobs['pruned'][1]:.0f}"
+                row["time ratio"] = jobs["pruned"][1] / jobs["dense"][1]
+                rows.append(row)
+                print(row, flush=True)
+        tables.append(f"{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
+                      f"(dense: {', '.join(f'{t} {v:.3g}' for t, v in dense.items())}), {args.examples} x {SEQ_LEN} "
+                      f"calibration tokens, {args.held_out} held-out sequences for the choice, {args.max_tokens} "
+                      f"tokens scored per text, torch threads {torch.get_num_threads()}:\n\n{markdown(rows)}")
+        path = record_result("stat_quality_propagation", "\n\n".join(tables),
+                             "Whole STAT jobs (gram backend, global allocation chosen on held-out calibration "
+                             "batches), calib.propagate=dense (the default) against pruned; lower is better; "
+                             "prune (s) includes streaming the calibration set.")
         print(f"written to {path}", flush=True)
 
 
@@ -348,7 +397,7 @@ def _fill(rows: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer",
-                                          "selection_time"])
+                                          "propagation", "selection_time"])
     parser.add_argument("--held-out", type=int, default=16, help="held-out sequences for choosing the plan")
     parser.add_argument("--models", default="smollm2_135m,minilm_l6", help="transfer: the real models")
     parser.add_argument("--methods", default="STAT,stat_heldout", help="transfer: STAT variants (STAT, stat_heldout)")
@@ -370,7 +419,7 @@ def main() -> None:
         args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
     {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder,
-     "transfer": transfer, "selection_time": selection_time}[args.study](args)
+     "transfer": transfer, "propagation": propagation, "selection_time": selection_time}[args.study](args)
 
 
 if __name__ == "__main__":
