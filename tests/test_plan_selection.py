@@ -3,6 +3,7 @@ candidate closest to the dense model wins, and its recorded score is the pruned 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from stat_exp.factorize import GramBackend
 from stat_exp.models import get_adapter
 from stat_exp.models.flops import FlopsModel, shapes_of
 from stat_exp.prune.budget import BudgetSpec, LayerPlan, allocate
-from stat_exp.prune.plan_selection import UNIFORM, candidate_plans, choose_plan
+from stat_exp.prune.plan_selection import HELD_OUT_PRICED, UNIFORM, candidate_plans, choose_plan
 from stat_exp.prune.runner import PruneRunner
 from stat_exp.prune.stat import StatPruner
 from tests.tiny import (batches, clone, tiny_falcon, tiny_gemma2, tiny_gpt2, tiny_gpt_neox, tiny_llama, tiny_mistral,
@@ -93,6 +94,24 @@ def test_candidates_are_uniform_global_and_floored_mixtures_within_the_budget():
             assert all(p.neurons >= share * u.neurons for p, u in zip(plans, candidates[UNIFORM])), name
 
 
+def test_the_held_out_priced_candidate_is_the_global_plan_on_the_held_out_ffn_costs():
+    """STAT's default scoring measures every block's FFN costs on the batches its fold was not fitted
+    on; the candidate is the global allocation on those (absent where any block lacks them). Kills:
+    a candidate priced on the in-sample costs; one formed without every block's held-out costs."""
+    model = tiny_llama(layers=3)
+    _, scored = _scored(model)
+    scores, shapes = [sc for sc, _ in scored], shapes_of(get_adapter(model))
+    assert all(sc.ffn_held_out_cost is not None and len(sc.ffn_held_out_cost) == len(sc.ffn_cost) for sc in scores)
+    scores[0].ffn_held_out_cost = scores[0].ffn_held_out_cost * 1e6  # held out, layer 0's neurons are priceless
+    flops, budget = FlopsModel(32), BudgetSpec(flops=0.5, seq_len=32)
+    candidates = candidate_plans(scores, shapes, flops, budget)
+    expected = allocate([replace(sc, ffn_cost=sc.ffn_held_out_cost) for sc in scores], shapes, flops, 0.5, "global")
+    assert candidates[HELD_OUT_PRICED] == expected != candidates["global"]
+    assert expected[0].neurons == shapes[0].ffn_width
+    scores[1].ffn_held_out_cost = None
+    assert HELD_OUT_PRICED not in candidate_plans(scores, shapes, flops, budget)
+
+
 def test_a_floor_keeps_every_layer_above_it_in_the_global_allocation():
     model = tiny_llama(layers=3)
     _, scored = _scored(model)
@@ -107,13 +126,24 @@ def test_a_floor_keeps_every_layer_above_it_in_the_global_allocation():
 
 
 class MisleadingStat(StatPruner):
-    """STAT whose costs say the first layer's FFN is priceless and the others' free: the global
-    plan empties the FFNs of every later layer."""
+    """STAT whose costs (in-sample and held-out) say the first layer's FFN is priceless and the
+    others' free: every global plan empties the FFNs of every later layer."""
+
+    in_sample_only = False
 
     def score(self, adapter, index, layer, stats):
         sc = super().score(adapter, index, layer, stats)
-        sc.ffn_cost = sc.ffn_cost * (1e6 if index == 0 else 1e-6)
+        scale = 1e6 if index == 0 else 1e-6
+        sc.ffn_cost = sc.ffn_cost * scale
+        if not self.in_sample_only:
+            sc.ffn_held_out_cost = sc.ffn_held_out_cost * scale
         return sc
+
+
+class OverfitStat(MisleadingStat):
+    """The same, in the in-sample costs only (a fold that overfits the later layers' FFNs)."""
+
+    in_sample_only = True
 
 
 def _strong_ffns(model) -> None:
@@ -138,6 +168,18 @@ def test_the_runner_applies_uniform_where_the_global_plan_is_worse_and_records_e
     uniform = clone(base)
     _runner(MisleadingStat(), allocation="uniform").run(uniform, get_adapter(uniform), batches(), CPU)
     assert get_adapter(model).structure() == get_adapter(uniform).structure()
+
+
+def test_held_out_ffn_prices_beat_in_sample_prices_that_mislead():
+    """In-sample FFN costs that call the later layers free (as a fold that overfits them would) give
+    a global plan that empties them; the same plan on the held-out costs does not, and scores closer
+    to the dense model. Kills: a held-out-priced candidate built from the in-sample costs."""
+    base = tiny_llama(layers=3)
+    _strong_ffns(base)
+    model = clone(base)
+    record = _runner(OverfitStat()).run(model, get_adapter(model), batches(), CPU, held_out=HELD_OUT).allocation
+    assert record["held_out"][HELD_OUT_PRICED] < record["held_out"]["global"]
+    assert record["chosen"] != "global"
 
 
 def test_the_runner_applies_the_global_plan_when_it_is_closer_and_its_score_is_the_models():

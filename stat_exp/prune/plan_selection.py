@@ -3,8 +3,9 @@
 The global allocation prices a block's error by a per-block proxy (its output error over the
 residual energy); what that error does to the model's output differs between architectures, so
 on some models the global plan loses to the uniform one. Here a few candidate plans (uniform, the
-global plan, and the global plan with every layer kept at or above a share of its uniform counts)
-are each applied to a copy of every block, and held-out calibration examples (never used for the
+global plan, the global plan with every layer kept at or above a share of its uniform counts, and
+the global plan on FFN costs measured off the fitted batches, which a fold that overfits some
+layers more than others does not skew) are each applied to a copy of every block, and held-out calibration examples (never used for the
 statistics) are streamed block by block through every candidate's pruned blocks, beside the dense
 model. At the head, each candidate is scored by its divergence from the dense model's outputs (KL of
 the output distributions where the model has logits, else the relative squared error of its last
@@ -36,13 +37,15 @@ from stat_exp.prune.scores import LayerScores
 FLOORS = (0.5, 0.75)  # the mixtures: the global plan with every layer kept at >= this share of its uniform counts
 HEAD_TOKENS = 1024  # tokens scored at the head at once (logits of a large vocabulary are the peak)
 UNIFORM, GLOBAL = "uniform", "global"
+HELD_OUT_PRICED = "global, held-out FFN prices"  # the global plan on FFN costs measured off the fitted batches
 OUTPUT_PRICED = "global, output-priced"  # the global plan with each block's prices x its output sensitivity
 CHOOSING = ("held_out", "output_priced")  # budget.select values that choose among candidates
 
 
 def max_candidates(select: str) -> int:
-    """Candidates at most: uniform, global, the floored mixtures, and the output-priced plan when asked for."""
-    return 2 + len(FLOORS) + (select == "output_priced")
+    """Candidates at most: uniform, global, the floored mixtures, the held-out-priced plan, and the
+    output-priced plan when asked for."""
+    return 3 + len(FLOORS) + (select == "output_priced")
 
 Apply = Callable[[ModelAdapter, int, nn.Module, LayerScores, LayerPlan, LayerStats | None], None]
 
@@ -86,15 +89,20 @@ def floor_of(uniform: LayerPlan, scores: LayerScores, share: float) -> LayerPlan
 
 def candidate_plans(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsModel,
                     budget: BudgetSpec, sensitivity: list[float] | None = None) -> dict[str, list[LayerPlan]]:
-    """Uniform first, then the global plan and its floored mixtures, and, given each block's output
-    sensitivity (stat_exp.prune.sensitivity), the global plan on prices multiplied by it; a plan
-    equal to an earlier candidate's is left out."""
+    """Uniform first, then the global plan and its floored mixtures; where every block's FFN costs
+    were also measured on batches its correction was not fitted on, the global plan on those; given
+    each block's output sensitivity (stat_exp.prune.sensitivity), the global plan on prices
+    multiplied by it. A plan equal to an earlier candidate's is left out."""
     target, step = budget.flops, budget.round_to
     uniform = allocate(scores, shapes, flops, target, UNIFORM, step)
     out = {UNIFORM: uniform, GLOBAL: allocate(scores, shapes, flops, target, GLOBAL, step)}
     for share in FLOORS:
         floors = [floor_of(u, sc, share) for u, sc in zip(uniform, scores)]
         out[f"global, floor {share:g}"] = allocate(scores, shapes, flops, target, GLOBAL, step, minimum=floors)
+    held_out = [sc.ffn_held_out_cost for sc in scores]
+    if all(cost is not None for cost in held_out):
+        out[HELD_OUT_PRICED] = allocate([replace(sc, ffn_cost=cost) for sc, cost in zip(scores, held_out)],
+                                        shapes, flops, target, GLOBAL, step)
     if sensitivity is not None:
         priced = [replace(sc, attn_cost=sc.attn_cost * w, ffn_cost=sc.ffn_cost * w) for sc, w in zip(scores, sensitivity)]
         out[OUTPUT_PRICED] = allocate(priced, shapes, flops, target, GLOBAL, step)

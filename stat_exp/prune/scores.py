@@ -44,7 +44,9 @@ class LayerScores(Generic[State, Heavy]):
     the large state only `apply` needs (factorizations, Gram matrices): under a global allocation
     the runner may spill it to disk (torch.save) or drop it (None) and score the block again, so
     that what waits for the allocation does not grow with depth. Each is a dataclass of the
-    pruner's own module, or None where the pruner has none.
+    pruner's own module, or None where the pruner has none. `ffn_held_out_cost`: the same costs
+    as `ffn_cost`, measured on calibration batches the correction was not fitted on (None where
+    not measured); it prices one of the candidate plans the global allocation chooses among.
     """
 
     ffn_order: torch.Tensor
@@ -53,6 +55,7 @@ class LayerScores(Generic[State, Heavy]):
     attn_cost: np.ndarray
     state: State | None = None
     heavy: Heavy | None = None
+    ffn_held_out_cost: np.ndarray | None = None
 
 
 def head_rounds(head_order: list[int], num_heads: int, num_kv_heads: int) -> list[int]:

@@ -163,7 +163,8 @@ class StatPruner(Pruner):
         overfit = None if curves is None else tuple((c * ffn_price).cpu().numpy() for c in curves)
         return LayerScores(ffn_order=ffn_order.cpu(), ffn_cost=(folds.ffn.cost() * ffn_price).cpu().numpy(),
                            attn_levels=levels, attn_cost=(folds.attn.cost() * attn_price).cpu().numpy(),
-                           state=StatState(stats.n_tokens, overfit), heavy=folds)
+                           state=StatState(stats.n_tokens, overfit), heavy=folds,
+                           ffn_held_out_cost=None if overfit is None else overfit[1])
 
     def _compensated_folds(self, attn, W2: torch.Tensor, stats: LayerStats):
         """Both modules refitted to the dense model's outputs (no overfit curves: the check is off)."""
