@@ -263,6 +263,7 @@ def transfer(args) -> None:
                     row[label_] = cache[id(m)]
                 for method, (choice, seconds) in picked.items():
                     row[f"{method} picked"] = choice.chosen
+                    row[f"{method} lowest (SE vs uniform)"] = f"{choice.best} ({choice.t_vs_uniform:.1f})"
                     row[f"{method} held-out divergence: picked / uniform"] = (
                         f"{choice.scores[choice.chosen]:.4g} / {choice.scores['uniform']:.4g}")
                 row["choose (s)"] = next(iter(picked.values()))[1]

@@ -9,8 +9,9 @@ layers more than others does not skew) are each applied to a copy of every block
 statistics) are streamed block by block through every candidate's pruned blocks, beside the dense
 model. At the head, each candidate is scored by its divergence from the dense model's outputs (KL of
 the output distributions where the model has logits, else the relative squared error of its last
-hidden states); the lowest wins, uniform on ties. Uniform is always a candidate, so on these
-batches the chosen plan is never worse than uniform.
+hidden states); the lowest wins if it beats uniform by more than the noise of a few held-out
+examples (NOISE_SE standard errors of the paired per-example difference), else uniform does.
+Uniform is always a candidate, so on these batches the chosen plan is never worse than uniform.
 
 Block at a time, as the runner works: one block's candidate copies exist at once; across blocks
 only the held-out hidden states of the dense model and of each distinct candidate are kept
@@ -35,6 +36,7 @@ from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape,
 from stat_exp.prune.scores import LayerScores
 
 FLOORS = (0.5, 0.75)  # the mixtures: the global plan with every layer kept at >= this share of its uniform counts
+NOISE_SE = 2.0  # a candidate replaces uniform only when better by more than this many standard errors
 HEAD_TOKENS = 1024  # tokens scored at the head at once (logits of a large vocabulary are the peak)
 UNIFORM, GLOBAL = "uniform", "global"
 HELD_OUT_PRICED = "global, held-out FFN prices"  # the global plan on FFN costs measured off the fitted batches
@@ -62,12 +64,15 @@ class Selection:
     cpu_seconds: float  # this process's CPU time (all threads): comparable on a shared machine
     plans: dict[str, list[LayerPlan]] = field(default_factory=dict, repr=False)
     sensitivity: list[float] | None = None  # each block's output sensitivity, where it priced a candidate
+    best: str = UNIFORM  # the candidate with the lowest score (the chosen one unless within noise of uniform)
+    t_vs_uniform: float = 0.0  # its paired difference to uniform over the held-out examples, in standard errors
 
     def record(self) -> dict:
         best_other = min((v for k, v in self.scores.items() if k != self.chosen), default=math.nan)
         return {"chosen": self.chosen, "measure": self.measure, "held_out": self.scores,
                 "margin_to_next": best_other / self.scores[self.chosen] - 1 if self.scores[self.chosen] else math.nan,
                 "vs_uniform": self.scores[self.chosen] / self.scores[UNIFORM] - 1 if self.scores[UNIFORM] else 0.0,
+                "best": self.best, "t_vs_uniform": round(self.t_vs_uniform, 2),
                 "held_out_tokens": self.held_out_tokens, "seconds": round(self.seconds, 2),
                 "cpu_seconds": round(self.cpu_seconds, 2),
                 **({"sensitivity": [float(f"{w:.4g}") for w in self.sensitivity]} if self.sensitivity else {})}
@@ -149,9 +154,10 @@ class HeldOutStreams:
         return out
 
     @torch.inference_mode()
-    def finish(self) -> tuple[dict[str, float], str, int]:
-        """({candidate: divergence from the dense outputs}, the measure's name, tokens scored)."""
-        totals = {key: 0.0 for key in self.streams if key}
+    def finish(self) -> tuple[dict[str, torch.Tensor], str, int]:
+        """({candidate: each held-out example's divergence from the dense outputs}, the measure's
+        name, tokens scored); an example's values are scaled so that they sum to the candidate's score."""
+        parts: dict[tuple, list[torch.Tensor]] = {key: [] for key in self.streams if key}
         norm, measure, tokens = 0.0, "", 0
         for b, batch in enumerate(self.batches):
             rows = max(1, HEAD_TOKENS // batch["input_ids"].shape[-1])
@@ -159,15 +165,15 @@ class HeldOutStreams:
                 part = {k: v[start: start + rows] for k, v in batch.items()}
                 mask = part["attention_mask"].to(self.device).bool()
                 dense, logits = self._head(part, self.dense[b][start: start + rows])
-                for key in totals:
+                for key in parts:
                     pruned, _ = self._head(part, self.streams[key][b][start: start + rows])
-                    value, measure, n = _divergence(dense, pruned, mask, logits)
-                    totals[key] += value
+                    values, measure, n = _divergence(dense, pruned, mask, logits)
+                    parts[key].append(values)
                 if measure == "relative squared error":
-                    norm += float(_masked(dense.float().square().sum(-1), mask).sum())
+                    norm += float(_per_example(dense.float().square().sum(-1), mask).sum())
                 tokens += n
         scale = norm if norm else tokens
-        return {name: totals[key] / scale for name, key in self.keys.items()}, measure, tokens
+        return {name: torch.cat(parts[key]) / scale for name, key in self.keys.items()}, measure, tokens
 
     def _head(self, batch: dict[str, torch.Tensor], final: torch.Tensor) -> tuple[torch.Tensor, bool]:
         return head_output(self.model, self.adapter, batch, final, self.device, self.tuple_output)
@@ -209,23 +215,36 @@ def _plan_key(plan: LayerPlan) -> tuple[int, int]:
     return plan.attn_level, plan.neurons
 
 
-def _masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-token values of real tokens (per-example values, e.g. a classifier's, stay as they are)."""
-    return values[mask] if values.shape == mask.shape else values.reshape(-1)
+def _per_example(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values summed over each example's real tokens (per-example values, e.g. a
+    classifier's, stay as they are)."""
+    return (values * mask).sum(-1) if values.shape == mask.shape else values.reshape(len(mask), -1).sum(-1)
 
 
 def _divergence(dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor, logits: bool
-                ) -> tuple[float, str, int]:
-    """(summed divergence, measure name, items): KL(dense || pruned) summed over tokens (or examples)
-    for logits, else the summed squared error of the hidden states (the caller divides by the dense
-    energy)."""
+                ) -> tuple[torch.Tensor, str, int]:
+    """(per-example summed divergence, measure name, items): KL(dense || pruned) summed over each
+    example's tokens (or per example) for logits, else the summed squared error of the hidden states
+    (the caller divides by the dense energy)."""
+    items = int(mask.sum()) if dense.shape[:-1] == mask.shape else len(mask)
     if logits:
         p = torch.log_softmax(dense.float(), -1)
         q = torch.log_softmax(pruned.float(), -1)
-        kl = _masked((p.exp() * (p - q)).sum(-1).clamp_min(0), mask)  # >= 0 up to rounding
-        return float(kl.sum()), "kl", kl.numel()
-    err = _masked((dense.float() - pruned.float()).square().sum(-1), mask)
-    return float(err.sum()), "relative squared error", err.numel()
+        kl = (p.exp() * (p - q)).sum(-1).clamp_min(0)  # >= 0 up to rounding
+        return _per_example(kl, mask).double().cpu(), "kl", items
+    err = (dense.float() - pruned.float()).square().sum(-1)
+    return _per_example(err, mask).double().cpu(), "relative squared error", items
+
+
+def within_noise(candidate: torch.Tensor, uniform: torch.Tensor) -> tuple[bool, float]:
+    """(whether `candidate` is not better than `uniform` by more than NOISE_SE standard errors of
+    their paired per-example difference, that difference's mean in standard errors)."""
+    diff = candidate - uniform
+    if len(diff) < 2:
+        return bool(diff.sum() >= 0), 0.0
+    se = float(diff.std()) / math.sqrt(len(diff))
+    t = float(diff.mean()) / se if se > 0 else (0.0 if float(diff.mean()) == 0 else math.copysign(math.inf, float(diff.mean())))
+    return t > -NOISE_SE, t
 
 
 def choose_plan(candidates: dict[str, list[LayerPlan]], blocks: Iterable[tuple[int, nn.Module, LayerScores,
@@ -242,7 +261,10 @@ def choose_plan(candidates: dict[str, list[LayerPlan]], blocks: Iterable[tuple[i
     for index, layer, scores, stats in tqdm(blocks, total=len(adapter.layers()), desc="choose plan",
                                             disable=not progress):
         streams.step(index, layer, scores, stats)
-    divergence, measure, tokens = streams.finish()
-    chosen = min(divergence, key=lambda name: (divergence[name], name != UNIFORM))
+    per_example, measure, tokens = streams.finish()
+    divergence = {name: float(values.sum()) for name, values in per_example.items()}
+    best = min(divergence, key=lambda name: (divergence[name], name != UNIFORM))
+    noise, t = within_noise(per_example[best], per_example[UNIFORM])
+    chosen = UNIFORM if noise else best
     return Selection(chosen, divergence, measure, tokens, time.perf_counter() - start, time.process_time() - cpu,
-                     candidates, sensitivity)
+                     candidates, sensitivity, best, t)
