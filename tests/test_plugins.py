@@ -1,9 +1,12 @@
 """Parts of one's own through the planner and a whole job: a factorization backend the package does
-not know by name and an evaluator of one's own are sized by asking them (their statistics' bytes,
-their lengths), and a run with both completes."""
+not know by name, a calibration source and an evaluator of one's own are sized by asking them
+(their statistics' bytes, their sequence length and count, their lengths), and a run with all three
+completes."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,12 +14,13 @@ from omegaconf import OmegaConf
 
 from stat_exp.config.cli import compose_config
 from stat_exp.config.validate import checked_config
+from stat_exp.data.base import Calibration
 from stat_exp.eval.base import Evaluator
 from stat_exp.execution.plan import make_plan
 from stat_exp.execution.sizes import MB
 from stat_exp.factorize import GramBackend
 from stat_exp.parts import build_parts
-from stat_exp.types import PositiveInt
+from stat_exp.types import PositiveInt, Propagate
 from tests.jobs import run_cli
 
 CPU = torch.device("cpu")
@@ -46,9 +50,34 @@ class ParamsEval(Evaluator):
         return {"params/count": float(sum(p.numel() for p in model.parameters()))}
 
 
+@dataclass
+class StridedWindows(Calibration):
+    """A calibration source of one's own: windows of `seq_len` tokens every `stride` tokens of a text
+    file, in order (`stride` is no option of the packaged sources)."""
+
+    source: str = ""
+    stride: int = 64
+    num_examples: int = 8
+    seq_len: int = 32
+    batch_size: int = 2
+    seed: int = 0
+    propagate: Propagate = "dense"
+
+    @property
+    def longest_sequence(self) -> int:
+        return self.seq_len
+
+    def batches(self, tokenizer, num_examples: int | None = None) -> list[dict[str, torch.Tensor]]:
+        n = num_examples or self.num_examples
+        ids = tokenizer(Path(self.source).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
+        windows = torch.stack([ids[i * self.stride: i * self.stride + self.seq_len] for i in range(n)])
+        return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(self.batch_size)]
+
+
 HERE = "tests.test_plugins"  # importable from the repository root, which run_cli puts on PYTHONPATH
 PLUGINS = ["pruner=stat", f"factorization._target_={HERE}.WideBackend",
-           f"+eval.params._target_={HERE}.ParamsEval", "eval.params.batch_size=3"]
+           f"+eval.params._target_={HERE}.ParamsEval", "eval.params.batch_size=3",
+           f"calib._target_={HERE}.StridedWindows", "+calib.stride=40", "calib.num_examples=6", "calib.seq_len=24"]
 
 
 def _plan(tiny_job, tmp_path, *overrides: str):
@@ -67,6 +96,7 @@ def test_the_planner_asks_a_users_backend_and_evaluator_for_their_sizes(tiny_job
     vocab = json.loads((tiny_job.model_dir / "config.json").read_text())["vocab_size"]
     largest = max(3 * 64, 32 * 8)  # ParamsEval's 3 x 64 against perplexity's 8 x 32 tokens
     assert _row(plan, "evaluation logits") == pytest.approx(largest * vocab * 4 * 3 / MB)
+    assert plan.calibration.num_examples == 6 and plan.calibration.tokens == 6 * 24
 
 
 def test_a_job_runs_with_a_users_backend_and_evaluator(tiny_job, tmp_path):
@@ -75,4 +105,5 @@ def test_a_job_runs_with_a_users_backend_and_evaluator(tiny_job, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((run_dir / "results.json").read_text())
     assert record["status"] == "ok" and record["factorization"] == "wide"
+    assert record["calibration"]["tokens"] == 6 * 24  # fewer than 8 held-out examples: all calibrate
     assert record["metrics"]["params/count"] > 0 and "perplexity/ppl" in str(record["metrics"])
