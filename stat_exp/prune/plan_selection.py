@@ -5,9 +5,9 @@ residual energy); what that error does to the model's output differs between arc
 on some models the global plan loses to the uniform one. Here a few candidate plans (uniform, the
 global plan, the global plan with every layer kept at or above a share of its uniform counts, and
 the global plan on FFN costs measured off the fitted batches, which a fold that overfits some
-layers more than others does not skew) are each applied to a copy of every block, and held-out calibration examples (never used for the
-statistics) are streamed block by block through every candidate's pruned blocks, beside the dense
-model. At the head, each candidate is scored by its divergence from the dense model's outputs (KL of
+layers more than others does not skew) are each applied to a copy of every block, and held-out
+calibration examples (never used for the statistics) are streamed block by block through every
+candidate's pruned blocks, beside the dense model. At the head, each candidate is scored by its divergence from the dense model's outputs (KL of
 the output distributions where the model has logits, else the relative squared error of its last
 hidden states); the lowest wins if it beats uniform by more than the noise of a few held-out
 examples (NOISE_SE standard errors of the paired per-example difference), else uniform does.

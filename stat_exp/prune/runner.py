@@ -10,12 +10,12 @@ down projection, since its own outputs would be thrown away (`LayerStream`). Wit
 is one stream. A global allocation needs every block's cost curves before any count is known, and
 block i's statistics under pruned propagation depend on the counts of blocks < i, so exactness
 forces two streams: a dense one that prices every block (its factorizations kept only while the
-plan is chosen among candidates on held-out batches), then the pruned one, which knows the counts and so skips what only the allocation reads
+plan is chosen among candidates on held-out batches), then the pruned one, which knows the counts
+and so skips what only the allocation reads
 (`Pruner.score_for_plan`: STAT's cost curves, as costly as its factorizations). Reusing the dense
 pass's factorizations is exact for block 0 alone (the only block whose inputs do not change), so
-they are not kept. A pruner with
-several `stages` (FFN neurons first, then heads) gets one such pass per stage, each on the model
-the previous stages left. What waits for a global allocation is bounded: small cost curves are
+they are not applied. A pruner with several `stages` (FFN neurons first, then heads) gets one such
+pass per stage, each on the model the previous stages left. What waits for a global allocation is bounded: small cost curves are
 kept, the heavy per-block state is held, spilled to disk or recomputed (`factors`).
 """
 from __future__ import annotations
