@@ -269,10 +269,7 @@ def transfer(args) -> None:
                 row["choose (s)"] = next(iter(picked.values()))[1]
                 rows.append(row)
                 print(row, flush=True)
-        tables.append(f"{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
-                      f"(dense: {', '.join(f'{t} {v:.3g}' for t, v in dense.items())}), {args.examples} x {SEQ_LEN} "
-                      f"calibration tokens, {args.held_out} held-out sequences for the choice, {args.max_tokens} "
-                      f"tokens scored per text:\n\n{markdown(_fill(rows))}")
+        tables.append(f"{_heading(name, decoder, dense, args)}:\n\n{markdown(_fill(rows))}")
         print(f"\n{tables[-1]}", flush=True)
         # every model's table so far: a run stopped on a later model keeps the finished ones
         path = record_result("stat_quality_transfer", "\n\n".join(tables), note)
@@ -288,6 +285,14 @@ def _scorers(model, tok, decoder: bool, max_tokens: int) -> dict:
     texts["wiki_eval"] = load_text("wiki_eval")
     return {t: (lambda m, text=text: perplexity(m, tok, text, seq_len=SEQ_LEN, max_tokens=max_tokens, batch_size=8,
                                                 progress=False)["ppl"]) for t, text in texts.items()}
+
+
+def _heading(name: str, decoder: bool, dense: dict, args) -> str:
+    """What a model's table measures: the score, the dense model's, calibration and held-out sizes."""
+    return (f"{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
+            f"(dense: {', '.join(f'{t} {v:.3g}' for t, v in dense.items())}), {args.examples} x {SEQ_LEN} "
+            f"calibration tokens, {args.held_out} held-out sequences for the choice, {args.max_tokens} "
+            f"tokens scored per text")
 
 
 def propagation(args) -> None:
@@ -323,10 +328,8 @@ def propagation(args) -> None:
                 row["time ratio"] = jobs["pruned"][1] / jobs["dense"][1]
                 rows.append(row)
                 print(row, flush=True)
-        tables.append(f"{name}: {'perplexity' if decoder else 'embedding drift, 100 x (1 - cosine to dense)'} "
-                      f"(dense: {', '.join(f'{t} {v:.3g}' for t, v in dense.items())}), {args.examples} x {SEQ_LEN} "
-                      f"calibration tokens, {args.held_out} held-out sequences for the choice, {args.max_tokens} "
-                      f"tokens scored per text, torch threads {torch.get_num_threads()}:\n\n{markdown(rows)}")
+        tables.append(f"{_heading(name, decoder, dense, args)}, torch threads {torch.get_num_threads()}:\n\n"
+                      f"{markdown(rows)}")
         path = record_result("stat_quality_propagation", "\n\n".join(tables),
                              "Whole STAT jobs (gram backend, global allocation chosen on held-out calibration "
                              "batches), calib.propagate=dense (the default) against pruned; lower is better; "

@@ -242,9 +242,10 @@ def within_noise(candidate: torch.Tensor, uniform: torch.Tensor) -> tuple[bool, 
     diff = candidate - uniform
     if len(diff) < 2:
         return bool(diff.sum() >= 0), 0.0
-    se = float(diff.std()) / math.sqrt(len(diff))
-    t = float(diff.mean()) / se if se > 0 else (0.0 if float(diff.mean()) == 0 else math.copysign(math.inf, float(diff.mean())))
-    return t > -NOISE_SE, t
+    mean, se = float(diff.mean()), float(diff.std()) / math.sqrt(len(diff))
+    if se == 0:  # every example moved by the same amount
+        return mean >= 0, 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    return mean / se > -NOISE_SE, mean / se
 
 
 def choose_plan(candidates: dict[str, list[LayerPlan]], blocks: Iterable[tuple[int, nn.Module, LayerScores,
