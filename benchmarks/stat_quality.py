@@ -377,6 +377,35 @@ def selection_time(args) -> None:
                  f"torch threads {torch.get_num_threads()}:")
 
 
+def steps(args) -> None:
+    """STAT's default reaching each budget in k equal steps (kept fraction b^(1/k) of the model as
+    pruned so far), every step calibrated again on the model the last one left (what `model.source`
+    does between jobs, here in one process): whether recalibrating between smaller steps gains
+    what one step leaves, and what it costs."""
+    model, tok = load_model("smollm2_135m")
+    batches = calibration_batches(tok, args.examples)
+    held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
+    scorers = _scorers(model, tok, True, args.max_tokens)
+    rows = []
+    for target in args.budgets:
+        for k in args.steps:
+            pruned, chosen = copy.deepcopy(model), []
+            start = time.perf_counter()
+            for _ in range(k):
+                runner = PruneRunner(StatPruner(), BudgetSpec(target ** (1 / k), SEQ_LEN, held_out_examples=args.held_out),
+                                     GramBackend(), progress=False)
+                chosen.append(runner.run(pruned, get_adapter(pruned), batches, CPU, held_out=held_out).allocation["chosen"])
+            row = {"kept FLOPs": target, "steps": k, "prune (s)": time.perf_counter() - start,
+                   "picked": " / ".join(chosen)}
+            row.update({text: score(pruned) for text, score in scorers.items()})
+            rows.append(row)
+            print(row, flush=True)
+    report_table("stat_quality_steps", _fill(rows),
+                 f"SmolLM2-135M, STAT default, {args.examples} x {SEQ_LEN} calibration tokens (the same every step), "
+                 f"{args.held_out} held-out sequences, perplexity on {args.max_tokens} tokens per text, "
+                 f"torch threads {torch.get_num_threads()}:")
+
+
 def embedding_drift(model, tokenizer, max_tokens: int, text: str | None = None):
     """A scorer: how far a pruned copy's mean-pooled embeddings of a text (the validation text unless
     given; windows of SEQ_LEN tokens, or one shorter window) move from the dense model's, as
@@ -401,7 +430,7 @@ def _fill(rows: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer",
-                                          "propagation", "selection_time"])
+                                          "propagation", "selection_time", "steps"])
     parser.add_argument("--held-out", type=int, default=16, help="held-out sequences for choosing the plan")
     parser.add_argument("--models", default="smollm2_135m,minilm_l6", help="transfer: the real models")
     parser.add_argument("--methods", default="STAT,stat_heldout", help="transfer: STAT variants (STAT, stat_heldout)")
@@ -412,9 +441,11 @@ def main() -> None:
     parser.add_argument("--variants", default=None)
     parser.add_argument("--allocation", default="global", choices=["global", "uniform"])
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens (study)")
+    parser.add_argument("--steps", default="1,2,3", help="steps: the step counts compared")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.models = args.models.split(",")
+    args.steps = [int(k) for k in args.steps.split(",")]
     default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "transfer": "0.9,0.7,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
     args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
     encoder_variants = ["today's default", "ridge 0.3", "ridge auto", "held-out costs", "ridge 0.3 + held-out costs",
@@ -423,7 +454,7 @@ def main() -> None:
         args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
     {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder,
-     "transfer": transfer, "propagation": propagation, "selection_time": selection_time}[args.study](args)
+     "transfer": transfer, "propagation": propagation, "selection_time": selection_time, "steps": steps}[args.study](args)
 
 
 if __name__ == "__main__":
