@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from stat_exp.execution.offload import HostStore, OffloadError, checkpoint_index
 from stat_exp.execution.plan import PlanError
 from stat_exp.factorize import GramBackend, QRBackend
 from stat_exp.models import get_adapter
+from stat_exp.models.flops import shapes_of
 from stat_exp.models.decoders import LlamaAdapter
 from stat_exp.parts import build_parts
 from stat_exp.prune.budget import BudgetSpec
@@ -319,6 +321,22 @@ def test_gpu_check_stops_in_one_line_without_a_gpu_and_its_smoke_run_passes():
     assert proc.stdout.count("| ok |") == 3 and "| scale," in proc.stdout  # parity gram, qr; factorization
     if not torch.cuda.is_available():
         assert proc.stdout.count("vs cpu torch loops") == 2
+
+
+def test_the_time_model_counts_the_held_out_curve_of_stats_overfit_check():
+    """The check's held-out FFN curve (its own factor, two triangular solves, U and U U^T) was half of a
+    7B-shaped job on the CPU and missing from the planner. Kills: a planner without it, or with it
+    where the statistics are not split."""
+    from stat_exp.execution.plan import Job, plan_sizes
+    from stat_exp.prune.stat import StatPruner
+
+    model = tiny_llama()
+    job = Job(model=model, pruner=StatPruner(), backend=GramBackend(), dtype=torch.float32, sequences=4, seq_len=32,
+              batch_size=4)
+    checked, unchecked = plan_sizes(job), plan_sizes(replace(job, pruner=StatPruner(overfit_check=False)))
+    shapes = [(sh.hidden, sh.ffn_width) for sh in shapes_of(get_adapter(model))]
+    assert checked.curve_flops - unchecked.curve_flops == pytest.approx(
+        sum(7 * m ** 3 / 3 + 4 * d * m ** 2 for d, m in shapes))
 
 
 def test_the_time_model_prices_each_phase_and_pass():

@@ -262,6 +262,8 @@ def plan_sizes(job: Job) -> Sizes:
             gram_flops += tokens * (d_attn ** 2 + d_ffn ** 2)  # tiles cover ~half of each product, x2 flops
             factor_flops += (d_attn ** 3 + d_ffn ** 3) / 3
             curve_flops += sh.hidden * (d_attn ** 2 + d_ffn ** 2)
+            if parts == 2:  # the FFN's held-out curve: the fit's factor, two triangular solves, U and U U^T
+                curve_flops += 7 * d_ffn ** 3 / 3 + 4 * sh.hidden * d_ffn ** 2
             fold_flops += sum(d ** 3 / 8 + sh.hidden * d ** 2 / 2 for d in (d_attn, d_ffn))
             steps += d_attn + d_ffn
         down_flops += 2 * tokens * sh.hidden * d_ffn

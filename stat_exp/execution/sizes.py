@@ -31,7 +31,7 @@ class Sizes:
     factor_flops: float  # m^3 / 3 per factorized width
     pivot_steps: int  # columns the pivoted factorizations step through
     down_flops: float = 0.0  # the down projections' share of the forward (a statistics-only run stops before them)
-    curve_flops: float = 0.0  # the error curves, V R^T over R's upper triangle
+    curve_flops: float = 0.0  # the error curves, V R^T over R's upper triangle, and held-out curves where split
     fold_flops: float = 0.0  # corrections and folds at half the units kept (their most expensive count)
     selection: int = 0  # choosing the plan on held-out batches: their hidden-state streams and one block copy
     selection_flops: float = 0.0
