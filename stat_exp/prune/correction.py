@@ -52,7 +52,7 @@ def error_curve(R: torch.Tensor, V: torch.Tensor, G_eval: torch.Tensor) -> torch
     U = R @ V.T
     H = torch.linalg.solve_triangular(R.T, torch.linalg.solve_triangular(R, G_eval, upper=True, left=False),
                                       upper=False)
-    return tail_sums(H * (U @ U.T))
+    return tail_sums(H.mul_(U @ U.T))
 
 
 def centred(G: torch.Tensor, sums: torch.Tensor, n: int, mean: torch.Tensor | None = None) -> torch.Tensor:
