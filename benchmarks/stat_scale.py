@@ -159,6 +159,11 @@ def embedded(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _work(result: dict) -> float:
+    """Calibrate + prune seconds of one job's result."""
+    return result["timing_s"].get("calibrate", 0) + result["timing_s"].get("prune", 0)
+
+
 def _subprocess(*args: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.stat_scale", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -227,13 +232,11 @@ def main() -> None:
                          f"= {per_block / block_mb:.2f}x the block's weights")
     for depth in args.depths:
         a, b = results.get((depth, "cpu/spill/dense"), {}), results.get((depth, "cpu/spill/pruned"), {})
-        if "timing_s" in a and "timing_s" in b:
-            work = [x["timing_s"].get("calibrate", 0) + x["timing_s"].get("prune", 0) for x in (a, b)]
-            lines.append(f"- {depth} blocks: propagate=pruned / propagate=dense = {work[1] / work[0]:.2f}x")
         c = results.get((depth, "cpu/spill/dense/off"), {})
+        if "timing_s" in a and "timing_s" in b:
+            lines.append(f"- {depth} blocks: propagate=pruned / propagate=dense = {_work(b) / _work(a):.2f}x")
         if "timing_s" in a and "timing_s" in c:
-            work = [x["timing_s"].get("calibrate", 0) + x["timing_s"].get("prune", 0) for x in (a, c)]
-            lines.append(f"- {depth} blocks: the plan choice (select=held_out) / select=off = {work[0] / work[1]:.2f}x")
+            lines.append(f"- {depth} blocks: the plan choice (select=held_out) / select=off = {_work(a) / _work(c):.2f}x")
     table = "\n".join(lines)
     (OUT / "stat_scale.md").write_text(table + "\n")
     report_table("stat_scale", table)
