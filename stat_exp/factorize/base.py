@@ -65,7 +65,7 @@ class Factorization:
         """
         V = out_weight.to(self.R)[:, self.perm] / self.weights[self.perm]
         col = torch.cat([(V[:, rows.start:] @ self.R[rows, rows.start:].T).square().sum(0)
-                         for rows in _row_blocks(self.R.shape[0])]) if self.R.shape[0] else V.new_zeros(0)
+                         for rows in row_blocks(self.R.shape[0])]) if self.R.shape[0] else V.new_zeros(0)
         tail = torch.flip(torch.cumsum(torch.flip(col, [0]), 0), [0])
         return torch.cat([tail, tail.new_zeros(1)])
 
@@ -73,7 +73,8 @@ class Factorization:
 TRIANGLE_BLOCKS = 16  # row blocks of R in V R^T: the zeros left of the diagonal are skipped (~53% of the product)
 
 
-def _row_blocks(m: int) -> list[slice]:
+def row_blocks(m: int) -> list[slice]:
+    """TRIANGLE_BLOCKS slices of 0..m, for products that skip an upper-triangular factor's zeros."""
     step = max(1, -(-m // TRIANGLE_BLOCKS))
     return [slice(i, min(i + step, m)) for i in range(0, m, step)]
 

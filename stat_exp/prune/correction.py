@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from stat_exp.factorize.base import row_blocks
+
 JITTER = 1e-10  # smallest relative diagonal lift, for Grams of collinear or dead units
 
 
@@ -37,22 +39,39 @@ def ridged_cholesky(G: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
         eps *= 100
 
 
-def tail_sums(C: torch.Tensor) -> torch.Tensor:
-    """S[k] = sum_{i,j>=k} C_ij for a symmetric C (m x m), k = 0..m (S[m] = 0)."""
-    step = C.diagonal() + 2 * torch.triu(C, 1).sum(1)
-    tail = torch.flip(torch.cumsum(torch.flip(step, [0]), 0), [0])
-    return torch.cat([tail, tail.new_zeros(1)])
-
-
 def error_curve(R: torch.Tensor, V: torch.Tensor, G_eval: torch.Tensor) -> torch.Tensor:
     """E[k] = ||(Z_r - Z_k T_k) V_r^T||_F^2 on the tokens of G_eval, for k = 0..m.
 
     R: the fit's upper factor, V: output weights (d_out x m), G_eval: a Gram; all in the unit order.
+    E[k] sums H o (U U^T) over its trailing k.. block, which reads only upper triangles: they are
+    formed in row blocks of R, skipping what lies below the diagonal (about 35% fewer flops than
+    the full products on a 7B's FFN, and no m x m U U^T held).
     """
-    U = R @ V.T
-    H = torch.linalg.solve_triangular(R.T, torch.linalg.solve_triangular(R, G_eval, upper=True, left=False),
-                                      upper=False)
-    return tail_sums(H.mul_(U @ U.T))
+    m = R.shape[0]
+    U = torch.cat([R[rows, rows.start:] @ V.T[rows.start:] for rows in row_blocks(m)]) if m else V.T
+    H = _congruence_upper(R, G_eval)
+    step = H.new_zeros(m)  # row i's share of the trailing sums: C_ii + 2 sum_{j>i} C_ij
+    for rows in row_blocks(m):
+        i0, width = rows.start, rows.stop - rows.start
+        C = H[rows, i0:].mul_(U[rows] @ U[i0:].T)
+        step[rows] = C[:, :width].diagonal() + 2 * (C[:, :width].triu(1).sum(1) + C[:, width:].sum(1))
+    tail = torch.flip(torch.cumsum(torch.flip(step, [0]), 0), [0])
+    return torch.cat([tail, tail.new_zeros(1)])
+
+
+def _congruence_upper(R: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """R^-T G R^-1 on and above its diagonal blocks (below them: left over from the solve).
+
+    The second triangular solve runs by row blocks, each over the columns right of its block's
+    start only: that part of the upper triangle needs nothing below it (a third of a full solve).
+    """
+    H = torch.linalg.solve_triangular(R, G, upper=True, left=False)  # G R^-1
+    for rows in row_blocks(R.shape[0]):
+        i0 = rows.start
+        if i0:
+            H[rows, i0:] -= R[:i0, rows].T @ H[:i0, i0:]
+        H[rows, i0:] = torch.linalg.solve_triangular(R[rows, rows].T, H[rows, i0:], upper=False)
+    return H
 
 
 def centred(G: torch.Tensor, sums: torch.Tensor, n: int, mean: torch.Tensor | None = None) -> torch.Tensor:
