@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import report_table
+from benchmarks.common import MEASURED_AT, report_table
 
 OUT = Path("outputs/benchmarks/stat_scale")
 HIDDEN, FFN, HEADS = 4096, 11008, 32
@@ -65,7 +65,14 @@ def overrides(folder: Path, sequences: int) -> list[str]:
             "calib.source=wiki_calib", f"calib.num_examples={sequences}", "calib.seq_len=256", "calib.batch_size=8",
             "budget.flops=0.5", "budget.seq_len=256", "pruner=stat", "factorization=gram", "eval=perplexity",
             "eval.perplexity.max_tokens=512", "eval.perplexity.batch_size=1", "logger=none", "progress=false",
-            "device=cpu", "execution.stream=block", "resume=true"]  # finished jobs are not run again
+            "device=cpu", "execution.stream=block", "resume=true"]  # a finished job (see job) is not run again
+
+
+def run_dir(depth: int, mode: str, sequences: int) -> Path:
+    """A job's folder, per code version too: resume matches configs only, and a folder from an
+    earlier commit would hand back that code's timings."""
+    code = MEASURED_AT.split()[0] + ("-dirty" if "uncommitted" in MEASURED_AT else "")
+    return OUT / f"run_{depth}_{mode.replace('/', '_')}_{sequences}x256_{code}"
 
 
 def job(depth: int, mode: str, sequences: int) -> dict:
@@ -74,9 +81,9 @@ def job(depth: int, mode: str, sequences: int) -> dict:
 
     folder = build(depth)
     offload, factors, propagate, *select = mode.split("/")
-    out = OUT / f"run_{depth}_{mode.replace('/', '_')}"
     record = run_job([*overrides(folder, sequences), f"execution.offload={offload}", f"execution.factors={factors}",
-                      f"calib.propagate={propagate}", f"budget.select={select[0] if select else 'held_out'}"], out)
+                      f"calib.propagate={propagate}", f"budget.select={select[0] if select else 'held_out'}"],
+                     run_dir(depth, mode, sequences))
     if isinstance(record, str):
         return {"error": record}
     return {"peak_rss_mb": record.peak_rss_mb, "plan": record.plan, "timing_s": record.timing_s,
