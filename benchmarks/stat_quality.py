@@ -8,6 +8,7 @@
     python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096] [--models smollm2_135m,minilm_l6] [--methods STAT,stat_heldout] [--baselines FLAP,Wanda-sp]
     python -m benchmarks.stat_quality propagation [--examples 256] [--budgets 0.9,0.7,0.5] [--held-out 8] [--models ...]
     python -m benchmarks.stat_quality selection_time [--examples 256] [--held-out 16] [--budgets 0.7]
+    python -m benchmarks.stat_quality kinds [--examples 256] [--scales 0.25,0.5,1,2,4] [--models ...]
 
 `options`, `sizes` and `sequential` are the study (see benchmarks/held_out.py: calibration from
 wiki_calib without its last articles, perplexity on those articles): one table per option, each
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 import time
 from contextlib import nullcontext
 
@@ -406,6 +408,37 @@ def steps(args) -> None:
                  f"torch threads {torch.get_num_threads()}:")
 
 
+def kinds(args) -> None:
+    """The split between the kinds: STAT's global plan with every head's price scaled by s against
+    the neurons' (s > 1 keeps more heads and fewer neurons, s = 1 is the global plan), scored on
+    each text. Whether a per-kind split would earn a place among the plan choice's candidates."""
+    rows = []
+    for name in args.models:
+        decoder = name.startswith("smollm2")
+        model, tok = load_model(name, "causal_lm" if decoder else "encoder")
+        stats = Statistics(model)
+        stats.grow(calibration_batches(tok, args.examples))
+        scorers = _scorers(model, tok, decoder, args.max_tokens)
+        pruner = StatPruner(**DEFAULT)
+        scored = stats.scored(pruner)
+        shapes = shapes_of(stats.adapter)
+        for target in args.budgets:
+            for scale in args.scales:
+                scaled = [(replace(sc, attn_cost=sc.attn_cost * scale), heavy) for sc, heavy in scored]
+                plans = allocate([sc for sc, _ in scaled], shapes, FLOPS, target, "global")
+                pruned = _pruned(model, pruner, scored, plans)
+                heads = sum(len(sc.attn_levels[p.attn_level].heads) for (sc, _), p in zip(scored, plans))
+                row = {"model": name, "kept FLOPs": target, "head price x": scale,
+                       "heads kept": heads, "neurons kept": sum(p.neurons for p in plans)}
+                row.update({text: score(pruned) for text, score in scorers.items()})
+                rows.append(row)
+                print(row, flush=True)
+    report_table("stat_quality_kinds", _fill(rows),
+                 f"STAT default's global plan with head prices scaled against neuron prices, {args.examples} x "
+                 f"{SEQ_LEN} calibration tokens, {args.max_tokens} tokens scored per text (perplexity; embedding "
+                 f"drift for an encoder):")
+
+
 def embedding_drift(model, tokenizer, max_tokens: int, text: str | None = None):
     """A scorer: how far a pruned copy's mean-pooled embeddings of a text (the validation text unless
     given; windows of SEQ_LEN tokens, or one shorter window) move from the dense model's, as
@@ -430,7 +463,7 @@ def _fill(rows: list[dict]) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study", choices=["options", "sizes", "sequential", "report", "encoder", "transfer",
-                                          "propagation", "selection_time", "steps"])
+                                          "propagation", "selection_time", "steps", "kinds"])
     parser.add_argument("--held-out", type=int, default=16, help="held-out sequences for choosing the plan")
     parser.add_argument("--models", default="smollm2_135m,minilm_l6", help="transfer: the real models")
     parser.add_argument("--methods", default="STAT,stat_heldout", help="transfer: STAT variants (STAT, stat_heldout)")
@@ -442,10 +475,12 @@ def main() -> None:
     parser.add_argument("--allocation", default="global", choices=["global", "uniform"])
     parser.add_argument("--max-tokens", type=int, default=8192, help="validation tokens (study)")
     parser.add_argument("--steps", default="1,2,3", help="steps: the step counts compared")
+    parser.add_argument("--scales", default="0.25,0.5,1,2,4", help="kinds: head price multipliers")
     args = parser.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.models = args.models.split(",")
     args.steps = [int(k) for k in args.steps.split(",")]
+    args.scales = [float(x) for x in args.scales.split(",")]
     default_budgets = {"report": "0.9,0.8,0.7,0.6,0.5", "transfer": "0.9,0.7,0.5", "encoder": "0.7,0.5"}.get(args.study, "0.9,0.7,0.5")
     args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
     encoder_variants = ["today's default", "ridge 0.3", "ridge auto", "held-out costs", "ridge 0.3 + held-out costs",
@@ -454,7 +489,8 @@ def main() -> None:
         args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
     {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder,
-     "transfer": transfer, "propagation": propagation, "selection_time": selection_time, "steps": steps}[args.study](args)
+     "transfer": transfer, "propagation": propagation, "selection_time": selection_time, "steps": steps,
+     "kinds": kinds}[args.study](args)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,21 @@ def test_the_overfit_check_is_recorded_and_grows_when_calibration_is_too_small()
     assert overfit_warning({KEY: small}).startswith("calibration looks too small") and not overfit_warning({KEY: large})
 
 
+def test_the_check_tells_the_factorization_how_many_tokens_its_grams_sum(monkeypatch):
+    """With fewer fit tokens than FFN units the fit Gram is singular: the check passes the count, so
+    its factorization skips the lifts that cannot succeed (correction.ridged_cholesky)."""
+    from stat_exp.prune import calibration_check
+
+    seen = []
+    real = calibration_check.ridged_cholesky
+    monkeypatch.setattr(calibration_check, "ridged_cholesky",
+                        lambda G, *a, **k: seen.append((G.shape[0], k.get("tokens"))) or real(G, *a, **k))
+    _pruned_report(24)  # 8 batches of 24 tokens, a quarter held out: 144 fit tokens, FFN 128 wide
+    _pruned_report(16)  # 96 fit tokens: singular
+    assert seen and all(tokens is not None for _, tokens in seen)
+    assert {tokens for _, tokens in seen} == {144, 96}
+
+
 def test_the_check_leaves_the_pruned_model_as_it_was():
     """The split statistics sum to the same Gram: the same units are kept, and the folded weights agree."""
     model = tiny_llama(hidden=64, ffn=128)

@@ -66,6 +66,24 @@ def test_held_out_error_curve_is_the_error_of_a_direct_fit(ridge):
         assert float(curve[k]) == pytest.approx(float(direct), rel=1e-6, abs=1e-9)
 
 
+def test_a_gram_of_fewer_tokens_than_units_is_lifted_from_the_singular_jitter():
+    """Said to have fewer tokens than units (so singular), a Gram skips the lifts below
+    SINGULAR_JITTER, each a whole failed factorization on a 7B's FFN; with enough tokens, or a
+    ridge, the ladder starts at JITTER as before. Kills: `tokens` ignored, or applied to full-rank Grams."""
+    from stat_exp.prune.correction import JITTER, SINGULAR_JITTER
+
+    def lift(R: torch.Tensor, G: torch.Tensor, ridge: float = 0.0) -> float:
+        """The diagonal lift R^T R adds beyond G + ridge diag(G), relative to G's mean diagonal."""
+        return float((R.T @ R - G - ridge * torch.diag(G.diagonal())).diagonal().mean() / G.diagonal().mean())
+
+    Z, full = correlated(5, 12, 4), correlated(40, 12, 5)
+    G, F = Z.T @ Z, full.T @ full
+    assert lift(ridged_cholesky(G, tokens=5), G) == pytest.approx(SINGULAR_JITTER, rel=1e-3)
+    assert lift(ridged_cholesky(G), G) < SINGULAR_JITTER / 10  # a smaller lift factors it: the ladder from JITTER
+    assert lift(ridged_cholesky(F, tokens=40), F) == pytest.approx(JITTER, rel=1e-2)
+    assert lift(ridged_cholesky(G, 0.3, tokens=5), G, 0.3) == pytest.approx(JITTER, rel=1e-2)
+
+
 def test_ridge_at_zero_strength_is_todays_fold():
     """The fold the ridge path factors (unpivoted, in the pivot order) is the pivoted factor's."""
     Z = correlated(400, 16, 3)
