@@ -2,7 +2,7 @@
 calibrate + prune against one dense forward pass, on randomly initialised Llamas with Llama-2-7B
 block shapes; and the embedded SmolLM2 in several variants side by side.
 
-    python -m benchmarks.stat_scale [--depths 2 3 4] [--sequences 44] [--modes cpu/spill/dense ...]
+    python -m benchmarks.stat_scale [--depths 2 3 4] [--sequences 44 [176 ...]] [--modes cpu/spill/dense ...]
     python -m benchmarks.stat_scale --embedded [VARIANT ...]   # SmolLM2 STAT 0.7, see VARIANTS
 
 Models with hidden 4096, FFN 11008 and 32 heads (Llama-2-7B's blocks) and `depth` blocks are
@@ -15,7 +15,11 @@ seconds for that phase; `cpu/spill/dense/off` is the same job without the plan c
 (`budget.select=off`), so its cost on these shapes is measured too (issue 22: <= 1.2x). Checks:
 peak host memory per extra block <= 1.25x the block's weight bytes with weights on the host and
 about 0 with `offload=disk` (issue 10); the planner's peak within 20% of the measured one;
-(calibrate + prune) / forward <= 1.2 and propagate=pruned <= 1.3x dense (issue 23).
+(calibrate + prune) / forward <= 1.2 and propagate=pruned <= 1.3x dense (issue 23). With two or
+more `--sequences`, each job's calibrate + prune and the forward are fitted as straight lines in the
+calibration size and read at the size `calib.num_examples=auto` asks of these blocks: the fixed
+O(m^3) work of an 11,008-wide FFN dominates at 44 sequences and not at the default size, which this
+CPU cannot run in a session (printed as an extrapolation, not a measurement).
 `--embedded`: the same model out from the CPU and the accelerators' factorization paths and from
 float32 and float64 Gram tiles (structure, perplexity), and each variant's time against the forward.
 """
@@ -171,6 +175,45 @@ def _work(result: dict) -> float:
     return result["timing_s"].get("calibrate", 0) + result["timing_s"].get("prune", 0)
 
 
+def _row(depth: int, mode: str, sequences: int, r: dict, f: float) -> str:
+    """One job's table row: memory against the plan, each phase against the dense forward pass."""
+    if "error" in r:
+        return f"| {depth} | {mode} | {sequences} | failed: {r['error']} ||||||||||"
+    t = r["timing_s"]
+    calib, prune = t.get("calibrate", 0), t.get("prune", 0)
+    planned = r["plan"].get("phases_s", {})
+    planned_prune = sum(v for k, v in planned.items() if k != "calibrate")
+    return (f"| {depth} | {mode} | {sequences} | {r['peak_rss_mb']:,.0f} | {r['plan']['peak_host_mb']:,.0f} | "
+            f"{r['plan']['peak_host_mb'] / r['peak_rss_mb']:.2f} | {calib:.0f} ({planned.get('calibrate', 0):.0f}) | "
+            f"{prune:.0f} ({planned_prune:.0f}) | {f:.0f} | {calib / f:.2f} | {prune / f:.2f} | "
+            f"**{(calib + prune) / f:.2f}** |")
+
+
+def _extrapolated(results: dict, forwards: dict, depths: list[int], modes: list[str], sizes: list[int]) -> list[str]:
+    """Each job's calibrate + prune and the forward as straight lines in the calibration size,
+    through the smallest and the largest size measured, read at the size `calib.num_examples=auto`
+    asks of a model with these blocks (an extrapolation, and said to be one)."""
+    lo, hi = min(sizes), max(sizes)
+    lines = []
+    for depth in depths:
+        f_lo, f_hi = forwards[depth, lo].get("forward_s"), forwards[depth, hi].get("forward_s")
+        for mode in modes:
+            a, b = results.get((depth, mode, lo), {}), results.get((depth, mode, hi), {})
+            if not (f_lo and f_hi and "timing_s" in a and "timing_s" in b):
+                continue
+            calibration = b["plan"]["calibration"]
+            auto = calibration["knee_tokens_per_unit"] * calibration["largest_rank"] / 256
+            per_seq = (_work(b) - _work(a)) / (hi - lo)
+            fixed = _work(a) - per_seq * lo
+            forward_per_seq = (f_hi - f_lo) / (hi - lo)
+            f_fixed = f_lo - forward_per_seq * lo
+            lines.append(f"- {depth} blocks, {mode}: calibrate + prune = {fixed:.0f} s + {per_seq:.2f} s per sequence, "
+                         f"the forward {f_fixed:.0f} s + {forward_per_seq:.2f} s per sequence; extrapolated to "
+                         f"{auto:,.0f} x 256 tokens (calib.num_examples=auto for these blocks): (calibrate + prune) / "
+                         f"forward = **{(fixed + per_seq * auto) / (f_fixed + forward_per_seq * auto):.2f}** (not measured)")
+    return lines
+
+
 def _subprocess(*args: str) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.stat_scale", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -182,7 +225,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
     # 44 x 256 = 11,264 tokens: more than the FFN width (11,008), so any kept neuron count can be corrected
-    parser.add_argument("--sequences", type=int, default=44)
+    parser.add_argument("--sequences", type=int, nargs="+", default=[44],
+                        help="calibration sizes; with two or more, each job's time is also extrapolated")
     parser.add_argument("--one", nargs=2, metavar=("DEPTH", "OFFLOAD/FACTORS/PROPAGATE"))
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--forward", type=int, metavar="DEPTH")
@@ -197,53 +241,50 @@ def main() -> None:
         report_table("stat_scale_embedded", table)
         return
     if args.one:
-        print(json.dumps(job(int(args.one[0]), args.one[1], args.sequences)))
+        print(json.dumps(job(int(args.one[0]), args.one[1], args.sequences[0])))
         return
     if args.forward:
-        print(json.dumps(forward(args.forward, args.sequences)))
+        print(json.dumps(forward(args.forward, args.sequences[0])))
         return
     OUT.mkdir(parents=True, exist_ok=True)
     for depth in args.depths:
         build(depth)
     block_mb = (4 * HIDDEN * HIDDEN + 3 * HIDDEN * FFN + 2 * HIDDEN) * 4 / 2**20
-    rows, results = [], {}
-    for depth in args.depths:
-        fwd = _subprocess("--forward", str(depth), "--sequences", str(args.sequences))
-        for mode in args.modes:
-            if "recompute" in mode and depth != min(args.depths):
-                continue
-            r = _subprocess("--one", str(depth), mode, "--sequences", str(args.sequences))
-            results[depth, mode] = r
-            if "error" in r:
-                rows.append(f"| {depth} | {mode} | failed: {r['error']} ||||||||||")
-                continue
-            t, f = r["timing_s"], fwd.get("forward_s", float("nan"))
-            calib, prune = t.get("calibrate", 0), t.get("prune", 0)
-            planned = r["plan"].get("phases_s", {})
-            planned_prune = sum(v for k, v in planned.items() if k != "calibrate")
-            rows.append(f"| {depth} | {mode} | {r['peak_rss_mb']:,.0f} | {r['plan']['peak_host_mb']:,.0f} | "
-                        f"{r['plan']['peak_host_mb'] / r['peak_rss_mb']:.2f} | {calib:.0f} ({planned.get('calibrate', 0):.0f}) | "
-                        f"{prune:.0f} ({planned_prune:.0f}) | {f:.0f} | {calib / f:.2f} | {prune / f:.2f} | "
-                        f"**{(calib + prune) / f:.2f}** |")
-    lines = [f"Llama-2-7B-shaped blocks ({block_mb:,.0f} MB each in fp32), {args.sequences} x 256 calibration tokens, "
+    rows, results, forwards = [], {}, {}
+    for sequences in args.sequences:
+        for depth in args.depths:
+            fwd = forwards[depth, sequences] = _subprocess("--forward", str(depth), "--sequences", str(sequences))
+            for mode in args.modes:
+                if "recompute" in mode and depth != min(args.depths):
+                    continue
+                r = results[depth, mode, sequences] = _subprocess("--one", str(depth), mode, "--sequences", str(sequences))
+                rows.append(_row(depth, mode, sequences, r, fwd.get("forward_s", float("nan"))))
+    sizes = " and ".join(f"{n} x 256" for n in args.sequences)
+    lines = [f"Llama-2-7B-shaped blocks ({block_mb:,.0f} MB each in fp32), {sizes} calibration tokens, "
              "STAT 0.5 global, CPU; planned seconds in brackets (the planner's time model):", "",
-             "| blocks | offload/factors/propagate | peak RSS (MB) | planned (MB) | planned / measured | calibrate (s) | "
-             "prune (s) | dense forward (s) | calibrate / forward | prune / forward | (calibrate + prune) / forward |",
-             "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+             "| blocks | offload/factors/propagate | sequences | peak RSS (MB) | planned (MB) | planned / measured | "
+             "calibrate (s) | prune (s) | dense forward (s) | calibrate / forward | prune / forward | "
+             "(calibrate + prune) / forward |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+    first = args.sequences[0]
     lo, hi = min(args.depths), max(args.depths)
     for mode in args.modes:
-        a, b = results.get((lo, mode), {}), results.get((hi, mode), {})
+        a, b = results.get((lo, mode, first), {}), results.get((hi, mode, first), {})
         if hi > lo and "peak_rss_mb" in a and "peak_rss_mb" in b:
             per_block = (b["peak_rss_mb"] - a["peak_rss_mb"]) / (hi - lo)
             lines.append(f"- {mode}: peak grows {per_block:,.0f} MB per extra block "
                          f"= {per_block / block_mb:.2f}x the block's weights")
-    for depth in args.depths:
-        a, b = results.get((depth, "cpu/spill/dense"), {}), results.get((depth, "cpu/spill/pruned"), {})
-        c = results.get((depth, "cpu/spill/dense/off"), {})
-        if "timing_s" in a and "timing_s" in b:
-            lines.append(f"- {depth} blocks: propagate=pruned / propagate=dense = {_work(b) / _work(a):.2f}x")
-        if "timing_s" in a and "timing_s" in c:
-            lines.append(f"- {depth} blocks: the plan choice (select=held_out) / select=off = {_work(a) / _work(c):.2f}x")
+    for sequences in args.sequences:
+        for depth in args.depths:
+            a, b = results.get((depth, "cpu/spill/dense", sequences), {}), results.get((depth, "cpu/spill/pruned", sequences), {})
+            c = results.get((depth, "cpu/spill/dense/off", sequences), {})
+            at = f"{depth} blocks, {sequences} sequences"
+            if "timing_s" in a and "timing_s" in b:
+                lines.append(f"- {at}: propagate=pruned / propagate=dense = {_work(b) / _work(a):.2f}x")
+            if "timing_s" in a and "timing_s" in c:
+                lines.append(f"- {at}: the plan choice (select=held_out) / select=off = {_work(a) / _work(c):.2f}x")
+    if len(args.sequences) > 1:
+        lines += ["", *_extrapolated(results, forwards, args.depths, args.modes, args.sequences)]
     table = "\n".join(lines)
     (OUT / "stat_scale.md").write_text(table + "\n")
     report_table("stat_scale", table)

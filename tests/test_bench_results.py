@@ -50,3 +50,19 @@ def test_kfold_table_from_a_finished_run_is_recorded(results, tmp_path):
                         "--methods", "stat", "kwon", "--table-from", str(tmp_path)])
     text = (results / "encoder_kfold.md").read_text()
     assert "| stat | 0.7 | 0.800 |" in text and "2 of 2 folds of 10 finished" in text
+
+
+def test_stat_scale_extrapolates_each_job_along_the_calibration_size():
+    """Calibrate + prune = 100 s + 2 s per sequence, the forward 1.5 s per sequence: at the auto size
+    (40 tokens per unit of a 256-unit model = 40 sequences of 256) the ratio is (100 + 80) / 60."""
+    from benchmarks import stat_scale
+
+    def job(n: int) -> dict:
+        return {"timing_s": {"calibrate": 1.5 * n, "prune": 100 + 0.5 * n},
+                "plan": {"calibration": {"knee_tokens_per_unit": 40.0, "largest_rank": 256}}}
+
+    results = {(2, "cpu/spill/dense", n): job(n) for n in (10, 30)}
+    forwards = {(2, n): {"forward_s": 1.5 * n} for n in (10, 30)}
+    lines = stat_scale._extrapolated(results, forwards, [2], ["cpu/spill/dense", "cpu/spill/dense/off"], [10, 30])
+    assert len(lines) == 1 and "100 s + 2.00 s per sequence" in lines[0] and "40 x 256 tokens" in lines[0]
+    assert f"**{180 / 60:.2f}**" in lines[0] and "(not measured)" in lines[0]
