@@ -123,32 +123,6 @@ def test_candidates_are_uniform_global_and_floored_mixtures_within_the_budget():
             assert all(p.neurons >= share * u.neurons for p, u in zip(plans, candidates[UNIFORM])), name
 
 
-def test_the_per_kind_splits_are_the_global_plan_with_heads_priced_up_and_down():
-    """The exchange rate between heads and neurons is what differed most between architectures
-    (MiniLM-L6 at 0.7: heads at twice their price drift 4.6 against 8.6 for the global plan, 6.5 for
-    uniform; SmolLM2: the global plan's own rate was best): two candidates move it. Kills: a split
-    priced on the neurons, or on the in-sample global costs unchanged, or one left out."""
-    from stat_exp.prune.plan_selection import HEAD_PRICES
-
-    model = tiny_llama(layers=4, kv_heads=8)  # 8 heads a layer, each its own unit
-    _, scored = _scored(model)
-    scores, shapes = [sc for sc, _ in scored], shapes_of(get_adapter(model))
-    flops, budget = FlopsModel(32), BudgetSpec(flops=0.5, seq_len=32)
-    candidates = candidate_plans(scores, shapes, flops, budget)
-
-    def heads(plans):
-        return sum(sc.attn_levels[p.attn_level].num_heads for sc, p in zip(scores, plans))
-
-    for price in HEAD_PRICES:
-        expected = allocate([replace(sc, attn_cost=sc.attn_cost * price) for sc in scores], shapes, flops, 0.5, "global")
-        name = f"global, heads priced x{price:g}"
-        assert candidates.get(name, expected) == expected
-        assert name in candidates or expected in candidates.values()  # left out only as a duplicate
-    cheap, dear = (allocate([replace(sc, attn_cost=sc.attn_cost * p) for sc in scores], shapes, flops, 0.5, "global")
-                   for p in HEAD_PRICES)
-    assert heads(cheap) < heads(candidates["global"]) < heads(dear)
-
-
 def test_the_held_out_priced_candidate_is_the_global_plan_on_the_held_out_ffn_costs():
     """STAT's default scoring measures every block's FFN costs on the batches its fold was not fitted
     on; the candidate is the global allocation on those (absent where any block lacks them). Kills:

@@ -3,11 +3,9 @@
 The global allocation prices a block's error by a per-block proxy (its output error over the
 residual energy); what that error does to the model's output differs between architectures, so
 on some models the global plan loses to the uniform one. Here a few candidate plans (uniform, the
-global plan, the global plan with every layer kept at or above a share of its uniform counts, the
-global plan with heads priced at half and at twice their cost against neurons, since the exchange
-rate between the kinds is what differs most between the architectures measured, and the global
-plan on FFN costs measured off the fitted batches, which a fold that overfits some layers more
-than others does not skew) are each applied to a copy of every block, and held-out
+global plan, the global plan with every layer kept at or above a share of its uniform counts, and
+the global plan on FFN costs measured off the fitted batches, which a fold that overfits some
+layers more than others does not skew) are each applied to a copy of every block, and held-out
 calibration examples (never used for the statistics) are streamed block by block through every
 candidate's pruned blocks, beside the dense model. At the head, each candidate is scored by its divergence from the dense model's outputs (KL of
 the output distributions where the model has logits, else the relative squared error of its last
@@ -38,7 +36,6 @@ from stat_exp.prune.budget import BudgetSpec, FlopsModel, LayerPlan, LayerShape,
 from stat_exp.prune.scores import LayerScores
 
 FLOORS = (0.5, 0.75)  # the mixtures: the global plan with every layer kept at >= this share of its uniform counts
-HEAD_PRICES = (0.5, 2.0)  # the per-kind splits: the global plan with every head's price times this against the neurons'
 NOISE_SE = 2.0  # a candidate replaces uniform only when better by more than this many standard errors
 HEAD_TOKENS = 1024  # tokens scored at the head at once (logits of a large vocabulary are the peak)
 UNIFORM, GLOBAL = "uniform", "global"
@@ -48,9 +45,9 @@ CHOOSING = ("held_out", "output_priced")  # budget.select values that choose amo
 
 
 def max_candidates(select: str) -> int:
-    """Candidates at most: uniform, global, the floored mixtures, the per-kind splits, the
-    held-out-priced plan, and the output-priced plan when asked for."""
-    return 3 + len(FLOORS) + len(HEAD_PRICES) + (select == "output_priced")
+    """Candidates at most: uniform, global, the floored mixtures, the held-out-priced plan, and the
+    output-priced plan when asked for."""
+    return 3 + len(FLOORS) + (select == "output_priced")
 
 Apply = Callable[[ModelAdapter, int, nn.Module, LayerScores, LayerPlan, LayerStats | None], None]
 
@@ -97,8 +94,7 @@ def floor_of(uniform: LayerPlan, scores: LayerScores, share: float) -> LayerPlan
 
 def candidate_plans(scores: list[LayerScores], shapes: list[LayerShape], flops: FlopsModel,
                     budget: BudgetSpec, sensitivity: list[float] | None = None) -> dict[str, list[LayerPlan]]:
-    """Uniform first, then the global plan, its floored mixtures and its per-kind splits (every
-    head's price scaled by each of HEAD_PRICES); where every block's FFN costs
+    """Uniform first, then the global plan and its floored mixtures; where every block's FFN costs
     were also measured on batches its correction was not fitted on, the global plan on those; given
     each block's output sensitivity (stat_exp.prune.sensitivity), the global plan on prices
     multiplied by it. A plan equal to an earlier candidate's is left out."""
@@ -108,9 +104,6 @@ def candidate_plans(scores: list[LayerScores], shapes: list[LayerShape], flops: 
     for share in FLOORS:
         floors = [floor_of(u, sc, share) for u, sc in zip(uniform, scores)]
         out[f"global, floor {share:g}"] = allocate(scores, shapes, flops, target, GLOBAL, step, minimum=floors)
-    for price in HEAD_PRICES:
-        out[f"global, heads priced x{price:g}"] = allocate([replace(sc, attn_cost=sc.attn_cost * price) for sc in scores],
-                                                           shapes, flops, target, GLOBAL, step)
     held_out = [sc.ffn_held_out_cost for sc in scores]
     if all(cost is not None for cost in held_out):
         out[HELD_OUT_PRICED] = allocate([replace(sc, ffn_cost=cost) for sc, cost in zip(scores, held_out)],
