@@ -424,8 +424,8 @@ def kinds(args) -> None:
         shapes = shapes_of(stats.adapter)
         for target in args.budgets:
             for scale in args.scales:
-                scaled = [(replace(sc, attn_cost=sc.attn_cost * scale), heavy) for sc, heavy in scored]
-                plans = allocate([sc for sc, _ in scaled], shapes, FLOPS, target, "global")
+                scaled = [replace(sc, attn_cost=sc.attn_cost * scale) for sc, _ in scored]
+                plans = allocate(scaled, shapes, FLOPS, target, "global")
                 pruned = _pruned(model, pruner, scored, plans)
                 heads = sum(len(sc.attn_levels[p.attn_level].heads) for (sc, _), p in zip(scored, plans))
                 row = {"model": name, "kept FLOPs": target, "head price x": scale,
