@@ -45,8 +45,8 @@ def overfit_curves(acc: Accumulator, W: torch.Tensor, perm: torch.Tensor, weight
     V = (W.to(fit) / w)[:, perm]
     if inside is None:
         ones = torch.ones_like(w)
-        inside = Factorization(perm=torch.arange(len(w), device=w.device), R=ridged_cholesky(ordered(fit + held), tokens=acc.n_tokens),
-                               weights=ones).output_error(V)
+        inside = Factorization(perm=torch.arange(len(w), device=w.device),
+                               R=ridged_cholesky(ordered(fit + held), tokens=acc.n_tokens), weights=ones).output_error(V)
     R = ridged_cholesky(ordered(fit), tokens=acc.fit.n_tokens)
     del fit  # the 11,008-wide Grams of a 7B are a GB each: hold no more of them than the curve needs
     outside = error_curve(R, V, ordered(held)) * (acc.n_tokens / acc.held_out.n_tokens)
