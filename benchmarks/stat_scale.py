@@ -3,7 +3,7 @@ calibrate + prune against one dense forward pass, on randomly initialised Llamas
 block shapes; and the embedded SmolLM2 in several variants side by side.
 
     python -m benchmarks.stat_scale [--depths 2 3 4] [--sequences 44 [176 ...]] [--modes cpu/spill/dense ...]
-    python -m benchmarks.stat_scale --embedded [VARIANT ...]   # SmolLM2 STAT 0.7, see VARIANTS
+    python -m benchmarks.stat_scale --embedded [VARIANT ...] [--sequences 16]   # SmolLM2 STAT 0.7, see VARIANTS
 
 Models with hidden 4096, FFN 11008 and 32 heads (Llama-2-7B's blocks) and `depth` blocks are
 saved to a local folder (fp32, tied embeddings, MiniLM's 30,522-token vocabulary) and pruned by
@@ -72,11 +72,11 @@ def overrides(folder: Path, sequences: int) -> list[str]:
             "device=cpu", "execution.stream=block", "resume=true"]  # a finished job (see job) is not run again
 
 
-def run_dir(depth: int, mode: str, sequences: int) -> Path:
+def run_dir(name: str, sequences: int) -> Path:
     """A job's folder, per code version too: resume matches configs only, and a folder from an
     earlier commit would hand back that code's timings."""
     code = MEASURED_AT.split()[0] + ("-dirty" if "uncommitted" in MEASURED_AT else "")
-    return OUT / f"run_{depth}_{mode.replace('/', '_')}_{sequences}x256_{code}"
+    return OUT / f"{name}_{sequences}x256_{code}"
 
 
 def job(depth: int, mode: str, sequences: int) -> dict:
@@ -87,7 +87,7 @@ def job(depth: int, mode: str, sequences: int) -> dict:
     offload, factors, propagate, *select = mode.split("/")
     record = run_job([*overrides(folder, sequences), f"execution.offload={offload}", f"execution.factors={factors}",
                       f"calib.propagate={propagate}", f"budget.select={select[0] if select else 'held_out'}"],
-                     run_dir(depth, mode, sequences))
+                     run_dir(f"run_{depth}_{mode.replace('/', '_')}", sequences))
     if isinstance(record, str):
         return {"error": record}
     return {"peak_rss_mb": record.peak_rss_mb, "plan": record.plan, "timing_s": record.timing_s,
@@ -108,9 +108,9 @@ def forward(depth: int, sequences: int) -> dict:
     return {"forward_s": time.perf_counter() - start}
 
 
-EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.num_examples=16", "calib.seq_len=256",
-            "calib.batch_size=8", "eval=perplexity", "eval.perplexity.max_tokens=2048", "logger=none", "progress=false",
-            "device=cpu"]
+EMBEDDED = ["model=smollm2_135m", "pruner=stat", "budget.flops=0.7", "calib.seq_len=256", "calib.batch_size=8",
+            "eval=perplexity", "eval.perplexity.max_tokens=2048", "logger=none", "progress=false", "device=cpu",
+            "resume=true"]
 # name -> overrides on top of EMBEDDED; the first is the reference the others are compared with
 VARIANTS = {
     "lapack": [],  # the CPU path: LAPACK's pivoted Cholesky, float32 Gram tiles summed in float64
@@ -124,11 +124,11 @@ VARIANTS = {
 DEFAULT_VARIANTS = ["lapack", "blocked", "float64_gram", "global_pruned", "uniform_dense", "uniform_pruned"]
 
 
-def embedded_forward() -> float:
+def embedded_forward(sequences: int) -> float:
     """Seconds of one dense forward pass of SmolLM2 over the embedded runs' calibration set."""
     from benchmarks.common import smollm2
 
-    model, _, batches = smollm2(16, 256, 8)
+    model, _, batches = smollm2(sequences, 256, 8)
     start = time.perf_counter()
     with torch.inference_mode():
         for b in batches:
@@ -136,19 +136,20 @@ def embedded_forward() -> float:
     return time.perf_counter() - start
 
 
-def embedded(names: list[str]) -> str:
+def embedded(names: list[str], sequences: int) -> str:
     """STAT at 0.7 on SmolLM2 in several variants, side by side in this process, next to one dense
     forward pass over the same calibration set: the same model out (structure, perplexity) from
     every factorization path and Gram precision, and the time of each against the forward pass."""
     from benchmarks.common import run_job
 
-    forward_s = embedded_forward()
-    runs = [(name, run_job([*EMBEDDED, *VARIANTS[name]], OUT / f"embedded_{name}")) for name in names]
+    forward_s = embedded_forward(sequences)
+    runs = [(name, run_job([*EMBEDDED, f"calib.num_examples={sequences}", *VARIANTS[name]],
+                           run_dir(f"embedded_{name}", sequences))) for name in names]
     ref_name, ref = runs[0]
     if isinstance(ref, str):
         return f"failed: {ref}"
     ppl_ref = ref.metrics["perplexity/ppl"]
-    lines = [f"SmolLM2-135M, STAT 0.7, 16 x 256 calibration tokens, 2,048 evaluation tokens, CPU; one dense forward pass over the calibration set: "
+    lines = [f"SmolLM2-135M, STAT 0.7, {sequences} x 256 calibration tokens, 2,048 evaluation tokens, CPU; one dense forward pass over the calibration set: "
              f"{forward_s:.1f} s", "",
              "| variant | overrides | wiki_eval ppl | vs " + ref_name + " | structure | calibrate (s) | prune (s) | "
              "(calibrate + prune) / forward |", "|---|---|---|---|---|---|---|---|"]
@@ -225,8 +226,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4])
     # 44 x 256 = 11,264 tokens: more than the FFN width (11,008), so any kept neuron count can be corrected
-    parser.add_argument("--sequences", type=int, nargs="+", default=[44],
-                        help="calibration sizes; with two or more, each job's time is also extrapolated")
+    parser.add_argument("--sequences", type=int, nargs="+", default=None,
+                        help="calibration sizes (default 44; 16 with --embedded, which takes the first); "
+                             "with two or more, each job's time is also extrapolated")
     parser.add_argument("--one", nargs=2, metavar=("DEPTH", "OFFLOAD/FACTORS/PROPAGATE"))
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--forward", type=int, metavar="DEPTH")
@@ -236,10 +238,11 @@ def main() -> None:
     if args.embedded is not None:
         OUT.mkdir(parents=True, exist_ok=True)
         names = args.embedded or DEFAULT_VARIANTS
-        table = embedded(names)
+        table = embedded(names, (args.sequences or [16])[0])
         (OUT / f"embedded_{'_'.join(names)}.md").write_text(table + "\n")
         report_table("stat_scale_embedded", table)
         return
+    args.sequences = args.sequences or [44]
     if args.one:
         print(json.dumps(job(int(args.one[0]), args.one[1], args.sequences[0])))
         return
