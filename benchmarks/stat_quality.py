@@ -2,7 +2,7 @@
 
     python -m benchmarks.stat_quality options  [--examples 64] [--variants ...] [--budgets 0.7,0.5]
     python -m benchmarks.stat_quality sizes    [--sizes 64,128,256,512,1024] [--variants ...]
-    python -m benchmarks.stat_quality sequential [--examples 64]
+    python -m benchmarks.stat_quality sequential [--examples 64] [--variants ...] [--budgets 0.9,0.7,0.5]
     python -m benchmarks.stat_quality report   [--examples 128] [--budgets 0.9,0.8,0.7,0.6,0.5]
     python -m benchmarks.stat_quality encoder  [--variants ...] [--budgets 0.7,0.5] [--allocation uniform]
     python -m benchmarks.stat_quality transfer [--examples 128] [--budgets 0.9,0.7,0.5] [--held-out 16] [--max-tokens 4096] [--models smollm2_135m,minilm_l6] [--methods STAT,stat_heldout] [--baselines FLAP,Wanda-sp]
@@ -64,7 +64,9 @@ VARIANTS = {
     "ridge auto + held-out costs": RECOMMENDED,
 }
 SEQUENTIAL = {"propagate dense (default)": ({}, "dense"), "propagate pruned": ({}, "pruned"),
-              "compensate (propagate pruned, dense targets)": ({"compensate": True}, "pruned")}
+              "compensate (propagate pruned, dense targets)": ({"compensate": True}, "pruned"),
+              "compensate, ridge 0.3": ({"compensate": True, "ridge": 0.3}, "pruned"),
+              "compensate, ridge 1": ({"compensate": True, "ridge": 1.0}, "pruned")}
 
 
 def prune_copy(model, stats: Statistics, pruner: StatPruner, scored, target: float, allocation: str):
@@ -133,7 +135,8 @@ def sequential(args) -> None:
     model, tok = load_model("smollm2_135m")
     batches = calibration_batches(tok, args.examples)
     rows = []
-    for name, (kwargs, propagate) in SEQUENTIAL.items():
+    for name in args.variants:
+        kwargs, propagate = SEQUENTIAL[name]
         row = {"variant": name}
         for target in args.budgets:
             pruned = copy.deepcopy(model)
@@ -485,7 +488,7 @@ def main() -> None:
     args.budgets = [float(b) for b in (args.budgets or default_budgets).split(",")]
     encoder_variants = ["today's default", "ridge 0.3", "ridge auto", "held-out costs", "ridge 0.3 + held-out costs",
                         "ridge auto + held-out costs"]
-    default_variants = {"options": list(VARIANTS), "encoder": encoder_variants}.get(
+    default_variants = {"options": list(VARIANTS), "encoder": encoder_variants, "sequential": list(SEQUENTIAL)[:3]}.get(
         args.study, ["today's default", "ridge auto + held-out costs"])
     args.variants = args.variants.split(";") if args.variants else default_variants
     {"options": options, "sizes": sizes, "sequential": sequential, "report": report, "encoder": encoder,
