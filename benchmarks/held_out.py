@@ -35,7 +35,18 @@ def split_wiki_calib() -> tuple[str, str]:
 
 def calibration_batches(tokenizer, num_examples: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Random windows of the calibration part (the first n windows of a larger draw are the same)."""
-    windows = sample_windows(encode(tokenizer, split_wiki_calib()[0]), num_examples, SEQ_LEN, seed)
+    return _batches(sample_windows(encode(tokenizer, split_wiki_calib()[0]), num_examples, SEQ_LEN, seed))
+
+
+def calibration_and_held_out(tokenizer, num_examples: int, held_out: int, seed: int = 0
+                             ) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The first `num_examples` windows (`calibration_batches`' own) and the `held_out` after them,
+    split by window, so no batch straddles the two whatever the counts."""
+    windows = sample_windows(encode(tokenizer, split_wiki_calib()[0]), num_examples + held_out, SEQ_LEN, seed)
+    return _batches(windows[:num_examples]), _batches(windows[num_examples:])
+
+
+def _batches(windows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in windows.split(BATCH)]
 
 

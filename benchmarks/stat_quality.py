@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import CPU, markdown, record_result, report_table, smollm2
-from benchmarks.held_out import SEQ_LEN, TAIL_ARTICLES, Statistics, calibration_batches, split_wiki_calib, validation_ppl
+from benchmarks.held_out import (BATCH, SEQ_LEN, TAIL_ARTICLES, Statistics, calibration_and_held_out, calibration_batches,
+                                 split_wiki_calib, validation_ppl)
 from stat_exp.data.text import encode, load_text
 from stat_exp.eval.perplexity import perplexity
 from stat_exp.factorize import GramBackend
@@ -103,7 +104,7 @@ def sizes(args) -> None:
     batches = calibration_batches(tok, max(args.sizes))
     rows, done = [], 0
     for size in args.sizes:
-        stats.grow(batches[done // 8: size // 8])
+        stats.grow(batches[done // BATCH: size // BATCH])
         done = size
         row = {"sequences": size, "tokens": size * 256}
         for name in args.variants:
@@ -217,8 +218,8 @@ def transfer(args) -> None:
         decoder = name.startswith("smollm2")
         model, tok = load_model(name, "causal_lm" if decoder else "encoder")  # the encoder without a (random) head
         stats = Statistics(model)
-        stats.grow(calibration_batches(tok, args.examples))
-        held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
+        batches, held_out = calibration_and_held_out(tok, args.examples, args.held_out)
+        stats.grow(batches)
         scorers = _scorers(model, tok, decoder, args.max_tokens)
         dense = {t: f(model) for t, f in scorers.items()}
         print(name, "dense", dense, flush=True)
@@ -309,8 +310,7 @@ def propagation(args) -> None:
     for name in args.models:
         decoder = name.startswith("smollm2")
         model, tok = load_model(name, "causal_lm" if decoder else "encoder")
-        batches = calibration_batches(tok, args.examples)
-        held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
+        batches, held_out = calibration_and_held_out(tok, args.examples, args.held_out)
         scorers = _scorers(model, tok, decoder, args.max_tokens)
         dense = {t: f(model) for t, f in scorers.items()}
         rows = []
@@ -388,8 +388,7 @@ def steps(args) -> None:
     does between jobs, here in one process): whether recalibrating between smaller steps gains
     what one step leaves, and what it costs."""
     model, tok = load_model("smollm2_135m")
-    batches = calibration_batches(tok, args.examples)
-    held_out = calibration_batches(tok, args.examples + args.held_out)[args.examples // 8:]
+    batches, held_out = calibration_and_held_out(tok, args.examples, args.held_out)
     scorers = _scorers(model, tok, True, args.max_tokens)
     rows = []
     for target in args.budgets:

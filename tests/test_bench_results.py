@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from benchmarks import common, compare_pruners, encoder_kfold, encoder_stat, stat_vs_paper
 
@@ -66,3 +67,15 @@ def test_stat_scale_extrapolates_each_job_along_the_calibration_size():
     lines = stat_scale._extrapolated(results, forwards, [2], ["cpu/spill/dense", "cpu/spill/dense/off"], [10, 30])
     assert len(lines) == 1 and "100 s + 2.00 s per sequence" in lines[0] and "40 x 256 tokens" in lines[0]
     assert f"**{180 / 60:.2f}**" in lines[0] and "(not measured)" in lines[0]
+
+
+def test_held_out_windows_follow_the_calibration_windows_whatever_the_counts(tokenizer):
+    """The studies' held-out sequences are the windows drawn after the calibration ones, split by
+    window: with 5 calibration examples (not a whole batch of 8) none is held out twice or lost."""
+    from benchmarks.held_out import calibration_and_held_out, calibration_batches
+
+    calib, held = calibration_and_held_out(tokenizer, 5, 3)
+    rows = lambda batches: torch.cat([b["input_ids"] for b in batches])  # noqa: E731
+    assert rows(calib).shape[0] == 5 and rows(held).shape[0] == 3
+    assert torch.equal(rows(calib), rows(calibration_batches(tokenizer, 5)))
+    assert torch.equal(torch.cat([rows(calib), rows(held)]), rows(calibration_batches(tokenizer, 8)))
