@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from stat_exp.factorize import GramBackend, QRBackend, SketchBackend, pivoted_cholesky
-from stat_exp.factorize.base import _pivoted_cholesky_torch, _pivoted_qr_torch, pivoted_qr, without_lapack
+from stat_exp.factorize.base import _pivoted_cholesky_torch, _pivoted_qr_torch, pivoted_qr, weighted_gram, without_lapack
 from stat_exp.factorize.gram import TILE_MIN
+from stat_exp.prune.held_out import HeldOutAccumulator
 
 
 def activations(n=400, m=30, decay=3.0, seed=0):
@@ -112,11 +113,41 @@ def test_sketch_approximates_the_leading_units(kind):
     assert len(set(sketched.perm[:5].tolist()) & set(exact.perm[:5].tolist())) >= 4
 
 
-def test_non_finite_activations_are_rejected():
-    acc = GramBackend().accumulator(3)
-    acc.update(torch.tensor([[1.0, float("nan"), 0.0]]))
-    with pytest.raises(FloatingPointError, match="not finite"):
-        acc.factorize()
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e20])  # 1e20^2 overflows float32
+def test_non_finite_activations_are_rejected(value):
+    """The Gram backend checks only its diagonal: any bad activation, in any tile, must reach it."""
+    m = 2 * TILE_MIN + 3  # several tiles, so off-diagonal tiles are products of their own
+    x = torch.ones(4, m)
+    x[2, m - 1] = value
+    for acc in (GramBackend().accumulator(m), HeldOutAccumulator(GramBackend().accumulator(m),
+                                                                 GramBackend().accumulator(m), 0.5)):
+        acc.update(torch.ones(4, m))
+        acc.update(x)
+        with pytest.raises(FloatingPointError, match="not finite"):
+            acc.factorize()
+        with pytest.raises(FloatingPointError, match="not finite"):
+            acc.gram()
+
+
+def test_the_gram_mirrored_once_follows_later_updates():
+    """The mirrored Gram is kept between calls, and an update after one starts from the upper tiles again."""
+    m = 2 * TILE_MIN + 3
+    A = torch.randn(600, m, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    acc = GramBackend(block_dtype="float64").accumulator(m)
+    acc.update(A[:300])
+    first = acc.gram()
+    assert acc.gram() is first
+    acc.update(A[300:])
+    torch.testing.assert_close(acc.gram(), A.T @ A)
+    assert torch.equal(acc.gram(), acc.gram().T)
+
+
+def test_weighted_gram_scales_then_orders():
+    G = torch.randn(7, 7, dtype=torch.float64)
+    w, perm = torch.rand(7, dtype=torch.float64) + 0.5, torch.randperm(7)
+    expected = (G * w[:, None] * w[None, :])
+    assert torch.equal(weighted_gram(G, w), expected)
+    assert torch.equal(weighted_gram(G, w, perm), expected[perm][:, perm])
 
 
 def test_float32_blocks_stay_close_to_float64():

@@ -9,7 +9,8 @@ from typing import Literal
 
 import torch
 
-from stat_exp.factorize.base import Accumulator, Backend, Factorization, full_precision_matmul, pivoted_cholesky
+from stat_exp.factorize.base import (Accumulator, Backend, Factorization, full_precision_matmul, pivoted_cholesky,
+                                     weighted_gram)
 
 TILE_MIN = 192  # diagonal tiles at least twice this wide are split further
 
@@ -36,11 +37,13 @@ class GramAccumulator(Accumulator):
         self.block_dtype, self.pivoting = block_dtype, pivoting
         self.G = torch.zeros(dim, dim, dtype=torch.float64, device=device)  # upper tiles until _gram()
         self._tiles = _upper_tiles(dim)
+        self._mirrored = False  # whether G is the full symmetric Gram (until the next update)
 
     def _update(self, x: torch.Tensor) -> None:
         # Each block's product may be formed in float32 (twice as fast); the running sum is
         # always float64, so rounding does not grow with the number of blocks.
         xb = x.to(self.device, self.block_dtype)
+        self._mirrored = False
         with full_precision_matmul():
             for rows, cols in self._tiles:
                 self.G[rows, cols] += xb[:, rows].T @ xb[:, cols]
@@ -48,13 +51,21 @@ class GramAccumulator(Accumulator):
     def statistic(self) -> torch.Tensor:
         return self.G
 
+    def _finite_witness(self) -> torch.Tensor:
+        """The diagonal: an inf or nan activation of unit j makes G_jj inf or nan (a sum of squares),
+        and |G_ij| <= sqrt(G_ii G_jj) bounds the rest, so the 1 GB Gram of a 7B's FFN is not scanned."""
+        return self.G.diagonal()
+
     def _gram(self) -> torch.Tensor:
-        """The upper triangle mirrored: exactly symmetric, whatever the lower tiles hold."""
-        self.G = torch.triu(self.G) + torch.triu(self.G, 1).T
+        """The upper triangle mirrored: exactly symmetric, whatever the lower tiles hold (once
+        between updates: each mirror writes a new Gram)."""
+        if not self._mirrored:
+            self.G = torch.triu(self.G) + torch.triu(self.G, 1).T
+            self._mirrored = True
         return self.G
 
     def _factorize(self, w: torch.Tensor) -> Factorization:
-        perm, R = pivoted_cholesky(self._gram() * w[:, None] * w[None, :], self.pivoting)
+        perm, R = pivoted_cholesky(weighted_gram(self._gram(), w), self.pivoting)
         return Factorization(perm=perm, R=R, weights=w)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from stat_exp.factorize.base import Accumulator, Factorization
+from stat_exp.factorize.base import Accumulator, Factorization, weighted_gram
 from stat_exp.prune.correction import error_curve, ridged_cholesky
 from stat_exp.prune.held_out import HeldOutAccumulator
 
@@ -40,7 +40,7 @@ def overfit_curves(acc: Accumulator, W: torch.Tensor, perm: torch.Tensor, weight
     perm = perm.to(fit.device)
 
     def ordered(G: torch.Tensor) -> torch.Tensor:
-        return (G * w[:, None] * w[None, :])[perm][:, perm]
+        return weighted_gram(G, w, perm)
 
     V = (W.to(fit) / w)[:, perm]
     if inside is None:

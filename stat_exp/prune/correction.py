@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from stat_exp.factorize.base import row_blocks
+from stat_exp.factorize.base import row_blocks, weighted_gram
 
 JITTER = 1e-10  # smallest relative diagonal lift, for Grams of collinear or dead units
 SINGULAR_JITTER = 1e-6  # the first lift tried for a Gram of fewer tokens than units (see ridged_cholesky)
@@ -123,7 +123,7 @@ class ModuleGrams:
     def scaled(self, w: torch.Tensor, perm: torch.Tensor) -> "ModuleGrams":
         """Column weights w, then units in the order perm (sums follow)."""
         def f(G):
-            return None if G is None else (G * w[:, None] * w[None, :])[perm][:, perm]
+            return None if G is None else weighted_gram(G, w, perm)
 
         def v(s):
             return None if s is None else (s * w)[perm]

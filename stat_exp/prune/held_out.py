@@ -12,7 +12,7 @@ import math
 import torch
 
 from stat_exp.errors import UserError
-from stat_exp.factorize.base import Accumulator, Factorization, pivoted_cholesky
+from stat_exp.factorize.base import Accumulator, Factorization, pivoted_cholesky, weighted_gram
 
 
 class HeldOutAccumulator(Accumulator):
@@ -52,5 +52,5 @@ class HeldOutAccumulator(Accumulator):
         return self.fit.gram() + self.held_out.gram()
 
     def _factorize(self, w: torch.Tensor) -> Factorization:
-        perm, R = pivoted_cholesky(self._gram() * w[:, None] * w[None, :])
+        perm, R = pivoted_cholesky(weighted_gram(self._gram(), w))
         return Factorization(perm=perm, R=R, weights=w)

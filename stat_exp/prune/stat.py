@@ -34,7 +34,7 @@ from torch import nn
 from stat_exp.calibrate import ChannelMoments, LayerStats
 from stat_exp.errors import ConfigError
 from stat_exp.execution.requirements import Requirements
-from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky
+from stat_exp.factorize.base import Accumulator, Backend, Factorization, RankError, pivoted_cholesky, weighted_gram
 from stat_exp.factorize.gram import GramBackend
 from stat_exp.models.base import ModelAdapter
 from stat_exp.prune.base import AllocationChoice, Pruner
@@ -231,7 +231,7 @@ class StatPruner(Pruner):
     def _ffn_fold(self, W2: torch.Tensor, grams: ModuleGrams) -> NeuronFold:
         """Neuron order (pivoted on the weighted Gram), the fold of every keep-count, and its cost."""
         w = _unit_weights(W2)
-        perm, R0 = pivoted_cholesky(grams.full * w[:, None] * w[None, :])
+        perm, R0 = pivoted_cholesky(weighted_gram(grams.full, w))
         g = grams.scaled(w, perm)
         V = (W2 / w)[:, perm]
         if self.ridge == "auto":
