@@ -346,7 +346,8 @@ def test_the_time_model_prices_each_phase_and_pass():
     """Per phase, the passes of the runner: recompute doubles the factorizations, propagate=pruned
     adds the pruned block's rerun less the down projections the statistics run skips, and with a
     global allocation a dense pricing pass before it."""
-    from stat_exp.execution.plan import Rates, Sizes, _phase_seconds
+    from stat_exp.execution.plan import Job, Rates, Sizes, _phase_seconds, plan_sizes
+    from stat_exp.prune.stat import StatPruner
 
     s = Sizes(blocks=[], rest_weights=0, hidden=0, eval_work=0, tokens=0, calibration_flops=100.0, down_flops=20.0,
               gram_flops=10.0, factor_flops=3.0, curve_flops=4.0, fold_flops=5.0, pivot_steps=10)
@@ -359,3 +360,10 @@ def test_the_time_model_prices_each_phase_and_pass():
     glob = _phase_seconds(s, r, 1.0, False, True, "pruned", 0.5)
     assert glob["calibrate"] == 120.0 + uniform["calibrate"] and glob["factorize"] == 62.0
     assert glob["curves"] == dense["curves"]
+    # choosing the plan: the held-out streams and a fold of every block per candidate
+    chosen = replace(s, selection_flops=30.0, selection_folds=4)
+    assert _phase_seconds(chosen, r, 1.0, False, True, "dense", 0.5)["select"] == 30.0 + 4 * 10.0
+    assert "select" not in _phase_seconds(chosen, r, 1.0, False, False, "dense", 0.5)
+    job = Job(model=tiny_llama(), pruner=StatPruner(), backend=GramBackend(), dtype=torch.float32, sequences=4,
+              seq_len=32, batch_size=4, held_out_streams=8 * 6, held_out_examples=8)
+    assert plan_sizes(job).selection_folds == 5

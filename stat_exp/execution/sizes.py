@@ -35,6 +35,7 @@ class Sizes:
     fold_flops: float = 0.0  # corrections and folds at half the units kept (their most expensive count)
     selection: int = 0  # choosing the plan on held-out batches: their hidden-state streams and one block copy
     selection_flops: float = 0.0
+    selection_folds: int = 0  # candidate plans the choice applies to a copy of every block (a fold each)
 
     @property
     def block_weights(self) -> int:
