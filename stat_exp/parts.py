@@ -29,6 +29,7 @@ class Parts:
     adapter: AdapterFactory | None = None
     held_out_streams: int = 0  # sequences streamed to choose the global plan (plan_selection)
     held_out_examples: int = 0  # held-out examples run forward and backward (budget.select=output_priced: prune.sensitivity)
+    held_out_candidates: int = 0  # plans the choice compares, each pruning a copy of every block
 
 
 def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
@@ -40,8 +41,9 @@ def build_parts(cfg: DictConfig, device: torch.device, run_dir: Path) -> Parts:
     backend = instantiate(cfg.factorization, device=device) if pruner.requirements.factorization else None
     held_out = cfg.budget.held_out_examples if selects_plan(cfg.budget, pruner) else 0
     weighed = held_out if cfg.budget.select == "output_priced" else 0  # also run forward and backward
-    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter,
-                 held_out * (max_candidates(cfg.budget.select) + 1), weighed)
+    candidates = max_candidates(cfg.budget.select) if held_out else 0
+    return Parts(pruner, backend, instantiate(cfg.calib), evaluators, adapter, held_out * (candidates + 1), weighed,
+                 candidates)
 
 
 def make_evaluators(eval_cfg: DictConfig, run_dir: Path) -> dict[str, Evaluator]:

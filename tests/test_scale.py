@@ -275,6 +275,17 @@ def test_plan_command_prints_a_table_and_a_json_line(tmp_path):
     assert {"peak_host_mb", "peak_device_mb", "disk_mb", "seconds", "tflops"} <= set(summary)
     assert summary["offload"] == "disk" and summary["stream"] == "block" and summary["disk_mb"] > 0
     assert "| peak host memory |" in proc.stdout
+    # the planner reads shapes only: a folder of config.json (and tokenizer) alone plans the same
+    # (all but the process's own baseline memory and the throughput probe)
+    def sized(stdout: str) -> list[str]:
+        return [line for line in stdout.splitlines() if line.startswith("| ") and not
+                any(word in line for word in ("peak", "time", "of which"))]
+
+    (tmp_path / "model" / "model.safetensors").unlink()
+    config_only = subprocess.run([sys.executable, "-m", "stat_exp.execution", f"model.source={tmp_path / 'model'}",
+                                  "execution.offload=disk"], capture_output=True, text=True, timeout=300)
+    assert config_only.returncode == 0, config_only.stderr
+    assert sized(config_only.stdout) == sized(proc.stdout) and len(sized(proc.stdout)) >= 6
 
 
 def test_a_plan_that_does_not_fit_fails_before_weights_load(tmp_path):
@@ -342,12 +353,12 @@ def test_the_planner_counts_the_held_out_curve_of_stats_overfit_check():
     assert [b.score_work for b in unchecked.blocks] == [(2 * m * m + 2 * d * m) * 8 for d, m in shapes]
 
 
-def test_the_time_model_prices_each_phase_and_pass():
+def test_the_time_model_prices_each_phase_and_pass(tmp_path):
     """Per phase, the passes of the runner: recompute doubles the factorizations, propagate=pruned
     adds the pruned block's rerun less the down projections the statistics run skips, and with a
     global allocation a dense pricing pass before it."""
     from stat_exp.execution.plan import Job, Rates, Sizes, _phase_seconds, plan_sizes
-    from stat_exp.prune.stat import StatPruner
+    from stat_exp.prune.plan_selection import max_candidates
 
     s = Sizes(blocks=[], rest_weights=0, hidden=0, eval_work=0, tokens=0, calibration_flops=100.0, down_flops=20.0,
               gram_flops=10.0, factor_flops=3.0, curve_flops=4.0, fold_flops=5.0, pivot_steps=10)
@@ -364,6 +375,9 @@ def test_the_time_model_prices_each_phase_and_pass():
     chosen = replace(s, selection_flops=30.0, selection_folds=4)
     assert _phase_seconds(chosen, r, 1.0, False, True, "dense", 0.5)["select"] == 30.0 + 4 * 10.0
     assert "select" not in _phase_seconds(chosen, r, 1.0, False, False, "dense", 0.5)
+    parts = build_parts(_config(tmp_path), torch.device("cpu"), tmp_path)
+    assert parts.held_out_candidates == max_candidates("held_out") and parts.held_out_streams == 8 * (1 + 5)
     job = Job(model=tiny_llama(), pruner=StatPruner(), backend=GramBackend(), dtype=torch.float32, sequences=4,
-              seq_len=32, batch_size=4, held_out_streams=8 * 6, held_out_examples=8)
+              seq_len=32, batch_size=4, held_out_streams=parts.held_out_streams,
+              held_out_candidates=parts.held_out_candidates)
     assert plan_sizes(job).selection_folds == 5

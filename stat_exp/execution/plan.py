@@ -57,14 +57,16 @@ class Rates:
     pivot_s: float = 0.0
 
 
-# cpu: fitted on the development machine (2 cores, AMD EPYC) from benchmarks/stat_scale's unloaded
-# 2-block run (calibrate 67 s, prune 66 s, forward 64 s; docs/large_models.md): the Gram from
-# calibrate less the forward, float64 products at half the float32 rate, the factorization from the
-# rest of prune. `python -m benchmarks.plan_fit` measures the same shares directly. cuda: assumed
+# cpu: fitted on the development machine (2 cores, AMD EPYC): the Gram from calibrate less the
+# forward of benchmarks/stat_scale's unloaded 2-block run (docs/large_models.md); the factorization
+# from `python -m benchmarks.plan_fit --width 11008 --hidden 4096` (0.16); the float64 products
+# (curves, the overfit check, folds) from the prune phase of the 7B-shaped select=off job at commit
+# ca27ffc (155 s measured, 123 s planned at 0.5: 0.37, where plan_fit's kernels alone give 0.42-0.46;
+# the rest is memory traffic over the 1 GB Grams, which the flops do not count). cuda: assumed
 # for an H100 (float32 without TF32 and float64 tensor cores at ~1/4 of the sustained bf16 rate; the
 # blocked factorization does 2 m^3 flops at that rate, and ~14 kernel launches per pivot); not
 # measured: no GPU was lent so far.
-RATES = {"cpu": Rates(gram=0.85, factor=0.16, float64=0.5), "cuda": Rates(gram=0.25, factor=0.04, float64=0.2,
+RATES = {"cpu": Rates(gram=0.85, factor=0.16, float64=0.37), "cuda": Rates(gram=0.25, factor=0.04, float64=0.2,
                                                                          pivot_s=7e-5)}
 # The throughput a decision that changes results (the `auto` calibration size) assumes unless
 # `execution.tflops` declares one: nominal per device kind, never a probe, so a loaded machine
@@ -162,6 +164,7 @@ class Job:
     largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
     held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
     held_out_examples: int = 0  # the held-out examples among them (Parts.held_out_examples)
+    held_out_candidates: int = 0  # the plans compared, each folded into a copy of every block (Parts.held_out_candidates)
 
 
 class RunParts(Protocol):
@@ -192,6 +195,11 @@ class RunParts(Protocol):
     def held_out_examples(self) -> int:
         """The held-out examples (for a model with logits, also run forward and backward to weigh
         each block's output sensitivity)."""
+        ...
+
+    @property
+    def held_out_candidates(self) -> int:
+        """The plans the choice compares (each folded into a copy of every block)."""
         ...
 
 
@@ -235,7 +243,8 @@ def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str,
                seq_len=seq_len, batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
                propagate=pruner.propagate_under(propagate), allocation=pruner.allocation_under(budget_allocation),
                prunes=prunes, kept=kept, auto_calibration=auto, largest_rank=rank,
-               held_out_streams=parts.held_out_streams, held_out_examples=parts.held_out_examples)
+               held_out_streams=parts.held_out_streams, held_out_examples=parts.held_out_examples,
+               held_out_candidates=parts.held_out_candidates)
 
 
 def plan_sizes(job: Job) -> Sizes:
@@ -292,7 +301,7 @@ def plan_sizes(job: Job) -> Sizes:
                  down_flops=down_flops, gram_flops=gram_flops, factor_flops=factor_flops, curve_flops=curve_flops,
                  fold_flops=fold_flops, pivot_steps=steps, selection=selection,
                  selection_flops=(streams + 3 * weighed) * sum(flops.dense(sh) for sh in shapes),
-                 selection_folds=streams // max(job.held_out_examples, 1) - 1 if streams else 0)
+                 selection_folds=job.held_out_candidates)
 
 
 def measured_tflops(device: torch.device, dtype: torch.dtype) -> float:
