@@ -5,7 +5,8 @@
 Writes each model's published config.json (no weights) into a local folder and runs the planner on
 the paper's job (`experiment=llama2_7b_paper`'s settings: 128 x 2048 calibration tokens, fp16,
 STAT with the global allocation at 0.5 of the FLOPs) with `device=cuda`, 80 GB of device memory
-and the host memory given below declared, so it runs on a machine without a GPU. The seconds
+and the host memory given below declared, so it runs on a machine without a GPU (and offline: evaluation
+is perplexity, since the paper's lm-eval tasks load from the hub). The seconds
 assume the planner's CUDA throughput (see stat_exp/execution/plan.py); they are a prediction, not a
 measurement.
 """
@@ -40,7 +41,7 @@ def config_folder(name: str) -> Path:
 def plan(folder: Path, host_mb: int) -> dict:
     overrides = ["experiment=llama2_7b_paper", f"model.source={folder.resolve()}", f"model.name={folder.name}",
                  "budget.flops=0.5", "device=cuda", "execution.device_memory_mb=81920",
-                 f"execution.host_memory_mb={host_mb}"]
+                 f"execution.host_memory_mb={host_mb}", "eval=perplexity", "~eval.lm_eval"]  # lm-eval loads tasks from the hub
     proc = subprocess.run([sys.executable, "-m", "stat_exp.execution", *overrides], capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1]}

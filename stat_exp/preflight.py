@@ -36,11 +36,12 @@ HEADS = {"causal_lm": ("ForCausalLM", "LMHeadModel"), "question_answering": ("Fo
          "sequence_classification": ("ForSequenceClassification",)}
 
 
-def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig | None:
+def preflight(cfg: DictConfig, parts: Parts, weights: bool = True) -> PretrainedConfig | None:
     """Every check of a run that needs no weights, on its checked config (stat_exp.config.validate)
     and the parts built from it (stat_exp.parts.build_parts); returns the model's config (None
     for a hub model offline and not cached: the checks that need it are left to the run, which
-    stops in one line when it cannot read it). Raises a one-line UserError for the first problem."""
+    stops in one line when it cannot read it). Raises a one-line UserError for the first problem.
+    `weights=False` (the planner): a local folder may hold config.json alone."""
     pruner, calibration, evaluators = parts.pruner, parts.calibration, parts.evaluators
     if not isinstance(calibration, Calibration):
         raise ConfigError(f"calib._target_={cfg.calib._target_} is not a calibration source: subclass "
@@ -49,7 +50,7 @@ def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig | None:
         if not isinstance(evaluator, Evaluator):
             raise ConfigError(f"eval.{name}._target_={cfg.eval[name]._target_} is not an evaluator: subclass "
                               f"stat_exp.eval.base.Evaluator")
-    config = model_config(cfg.model.source, cfg.model.task)
+    config = model_config(cfg.model.source, cfg.model.task, weights)
     prunes = pruner.prunes and cfg.budget.flops < 1
     calibrates = prunes and pruner.requirements.calibration
     check_evaluators(config, cfg.model.task, evaluators)
@@ -66,13 +67,13 @@ def preflight(cfg: DictConfig, parts: Parts) -> PretrainedConfig | None:
     return config
 
 
-def model_config(source: str, task: str) -> PretrainedConfig | None:
+def model_config(source: str, task: str, weights: bool = True) -> PretrainedConfig | None:
     """The model's config, read without weights: a local folder is checked whole (config.json, the
     safetensors headers against it, a class for the task); a hub id is looked up (or in the cache
     when offline). A missing local path is named as such, not taken for a hub id."""
     path = Path(resolve_source(source)).expanduser()
     if path.is_dir():
-        config, _ = check_folder(path, task)
+        config, _ = check_folder(path, task, weights)
     elif _looks_local(source):
         raise UserError(f"model.source={source!r}: no such folder (nor one of the embedded models: "
                         f"{', '.join(assets.model_names())})")

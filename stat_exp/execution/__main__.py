@@ -55,7 +55,7 @@ def _plan(overrides: list[str]) -> None:
     device = plan_device(cfg.device)
     with tempfile.TemporaryDirectory() as scratch:  # evaluators that write files get a folder
         parts = build_parts(cfg, device, Path(scratch))
-        preflight(cfg, parts)
+        preflight(cfg, parts, weights=False)
         plan = make_plan(cfg, parts, device)
     print(render(plan))
     print(json.dumps(plan.summary(), allow_nan=False))

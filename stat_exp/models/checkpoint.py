@@ -89,16 +89,17 @@ def _by_base_name(names_shapes: dict[str, tuple[int, ...]], prefix: str) -> dict
     return {k.removeprefix(prefix + "."): v for k, v in names_shapes.items()}
 
 
-def check_folder(path: str | Path, task: str) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
+def check_folder(path: str | Path, task: str, weights: bool = True) -> tuple[PretrainedConfig, type[PreTrainedModel]]:
     """(config, class to load with) after checking that config.json and the weights agree: the
     shapes of every tensor both name, and, for a stat-exp export, that no base-model weight is
-    missing or extra and the per-layer structure matches the recorded shapes."""
+    missing or extra and the per-layer structure matches the recorded shapes. `weights=False`: a
+    folder of config.json alone passes (the planner sizes a model from its config)."""
     path = Path(path)
     config = read_config(path)
     cls = model_class(config, task)
     saved = weight_shapes(path)
     if saved is None:
-        if not any(path.glob("*.bin")):
+        if weights and not any(path.glob("*.bin")):
             raise CheckpointError(f"{path}: no weights ({WEIGHTS_FILE})")
         return config, cls
     record = getattr(config, RECORD_KEY, None) or {}
