@@ -35,7 +35,7 @@ def split_wiki_calib() -> tuple[str, str]:
 
 def calibration_batches(tokenizer, num_examples: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Random windows of the calibration part (the first n windows of a larger draw are the same)."""
-    return _batches(sample_windows(encode(tokenizer, split_wiki_calib()[0]), num_examples, SEQ_LEN, seed))
+    return calibration_and_held_out(tokenizer, num_examples, 0, seed)[0]
 
 
 def calibration_and_held_out(tokenizer, num_examples: int, held_out: int, seed: int = 0
