@@ -131,17 +131,36 @@ def test_label_map_translates_model_outputs(tmp_path, tokenizer):
         GlueEval("mnli", label_map=[0, 0, 1])
 
 
-@pytest.mark.parametrize("pruner", ["stat", "kwon"])  # kwon: Fisher information from the task loss
-def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer, pruner):
+def local_task_config(tmp_path: Path, sst2_dir: Path, tokenizer, *overrides: str):
+    """The config of a job on a tiny random BERT classifier saved to disk, with the local sst2 task."""
     folder = tmp_path / "tiny-bert-sst2"
     BertForSequenceClassification(BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, num_labels=2)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    overrides = [f"model.source={folder}", "model.glue_task=sst2", f"eval.glue.data_dir={sst2_dir}",
-                 "calib.num_examples=24", "budget.flops=0.6", "budget.seq_len=16", "logger=none", "device=cpu",
-                 "progress=false", f"pruner={pruner}"]
-    cfg = compose_config(["model=minilm_l6_polarity", "eval=glue", "calib=glue", *overrides])
+    common = [f"model.source={folder}", "model.glue_task=sst2", f"eval.glue.data_dir={sst2_dir}", "budget.flops=0.6",
+              "budget.seq_len=16", "logger=none", "device=cpu", "progress=false"]
+    return compose_config(["model=minilm_l6_polarity", "eval=glue", "calib=glue", *common, *overrides])
+
+
+def test_the_plan_counts_no_more_examples_than_the_training_split_holds(tmp_path, sst2_dir, tokenizer):
+    from stat_exp.execution.plan import make_plan
+    from stat_exp.pipeline import build_parts
+
+    assert GlueCalibration("sst2", str(sst2_dir)).available_examples == 24
+    assert GlueCalibration("sst2", str(sst2_dir), with_replacement=True).available_examples is None
+    cpu = torch.device("cpu")
+    for count, planned in ((100_000, 24), (10, 10), ("auto", 24)):  # every example, a subset, the knee's 171
+        cfg = local_task_config(tmp_path, sst2_dir, tokenizer, "pruner=stat", f"calib.num_examples={count}",
+                                "calib.max_length=16")
+        size = make_plan(cfg, build_parts(cfg, cpu, None), cpu).calibration
+        assert size.num_examples == planned
+    assert size.capped_by == "data" and "every example the calibration source holds" in size.warning()
+
+
+@pytest.mark.parametrize("pruner", ["stat", "kwon"])  # kwon: Fisher information from the task loss
+def test_pipeline_end_to_end_on_a_local_task(tmp_path, sst2_dir, tokenizer, pruner):
+    cfg = local_task_config(tmp_path, sst2_dir, tokenizer, "calib.num_examples=24", f"pruner={pruner}")
     record = run_pipeline(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record.status == saved["status"] == "ok"

@@ -35,6 +35,12 @@ class Calibration(ABC):
         depends on the data (examples padded per batch)."""
         return None
 
+    @property
+    def available_examples(self) -> int | None:
+        """Examples the source holds, where a draw cannot take more (a larger `num_examples` means all
+        of them); None where a draw is not bounded (windows of a text) or the count needs the hub."""
+        return None
+
     def examples_for(self, tokenizer: PreTrainedTokenizerBase, tokens: int) -> int:
         """How many examples hold about `tokens` tokens (what `num_examples=auto` resolves to); by
         default, examples of `longest_sequence` tokens."""

@@ -61,7 +61,7 @@ class CalibrationSize:
     tokens: int
     largest_rank: int
     auto: bool
-    capped_by: str | None = None  # what stopped `auto` short of the knee: "time" or "memory"
+    capped_by: str | None = None  # what stopped `auto` short of the knee: "time", "memory" or "data"
 
     @property
     def tokens_per_unit(self) -> float:
@@ -76,15 +76,19 @@ class CalibrationSize:
         """One line when the calibration is below the knee, naming what to change."""
         if self.tokens_per_unit >= KNEE_TOKENS_PER_UNIT * (1 - 1e-9):
             return None
-        why = f"auto was capped by the planner's {self.capped_by}" if self.capped_by else "below the knee"
+        why, fix = "below the knee", "raise calib.num_examples"
+        if self.capped_by == "data":
+            why, fix = "auto took every example the calibration source holds", "calibrate on a larger set"
+        elif self.capped_by:
+            why = f"auto was capped by the planner's {self.capped_by}"
         return (f"calibration has {self.tokens:,} tokens, {self.tokens_per_unit:.1f} per unit of the largest "
                 f"rank ({self.largest_rank:,}; the knee is {KNEE_TOKENS_PER_UNIT:.1f}): {why}; the correction "
-                f"may overfit (see calibration.ffn_heldout_over_fit in results.json), raise calib.num_examples")
+                f"may overfit (see calibration.ffn_heldout_over_fit in results.json), {fix}")
 
 
 def auto_examples(rank: int, tokens_per_example: int, fits: Callable[[int], str | None]) -> CalibrationSize:
     """The knee's number of examples, or the largest number `fits` accepts (it returns what a count
-    exceeds, "time" or "memory", or None); never fewer examples than the rank needs tokens."""
+    exceeds, "time", "memory" or "data", or None); never fewer examples than the rank needs tokens."""
     def size(n: int, capped: str | None = None) -> CalibrationSize:
         return CalibrationSize(n, n * tokens_per_example, rank, True, capped)
 

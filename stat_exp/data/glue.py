@@ -254,6 +254,14 @@ class GlueCalibration(Calibration):
     def longest_sequence(self) -> int:
         return self.max_length
 
+    @property
+    def available_examples(self) -> int | None:
+        """The training split's size where it is read without the hub (a draw with replacement is
+        not bounded by it)."""
+        if self.with_replacement or (self.data_dir is None and get_task(self.task).embedded is None):
+            return None
+        return len(load_split(get_task(self.task), "train", self.data_dir))
+
     def check(self) -> None:
         if self.data_dir is not None:
             local_split(Path(self.data_dir).expanduser(), "train")

@@ -142,6 +142,9 @@ class SizedCalibration(Protocol):
     @property
     def batch_size(self) -> int: ...
 
+    @property
+    def available_examples(self) -> int | None: ...  # a bound on any draw (stat_exp.data.base)
+
 
 @dataclass
 class Job:
@@ -162,6 +165,7 @@ class Job:
     kept: float = 1.0  # the FLOPs fraction pruning keeps (what a pruned block's rerun costs)
     auto_calibration: bool = False  # calib.num_examples=auto: `sequences` is the knee's, before the planner's bounds
     largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
+    available_sequences: int | None = None  # the most examples the calibration source holds (None: unbounded)
     held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
     held_out_examples: int = 0  # the held-out examples among them (Parts.held_out_examples)
     held_out_candidates: int = 0  # the plans compared, each folded into a copy of every block (Parts.held_out_candidates)
@@ -238,11 +242,13 @@ def job_of(model_cfg: Mapping[str, Any], budget_allocation: str, propagate: str,
     eval_batch, eval_len = max((e.lengths() for e in parts.evaluators.values()), key=lambda bl: bl[0] * bl[1], default=(8, 256))
     seq_len, auto = calibration_length(calibration), calibration.num_examples == AUTO
     rank = largest_rank(shapes_of(adapter))
+    sequences = math.ceil(knee_tokens(rank) / seq_len) if auto else int(calibration.num_examples)
+    available = calibration.available_examples
     return Job(model=model, pruner=pruner, backend=parts.backend, dtype=getattr(torch, model_cfg["dtype"]),
-               sequences=math.ceil(knee_tokens(rank) / seq_len) if auto else int(calibration.num_examples),
+               sequences=sequences if available is None else min(sequences, available),
                seq_len=seq_len, batch_size=int(calibration.batch_size), eval_batch=eval_batch, eval_len=eval_len,
                propagate=pruner.propagate_under(propagate), allocation=pruner.allocation_under(budget_allocation),
-               prunes=prunes, kept=kept, auto_calibration=auto, largest_rank=rank,
+               prunes=prunes, kept=kept, auto_calibration=auto, largest_rank=rank, available_sequences=available,
                held_out_streams=parts.held_out_streams, held_out_examples=parts.held_out_examples,
                held_out_candidates=parts.held_out_candidates)
 
@@ -365,14 +371,16 @@ def make_plan(cfg: Mapping[str, Any], parts: RunParts, device: torch.device, run
 def sized_job(job: Job, spec: ExecutionSpec, device: torch.device, run_dir: Path | None = None
               ) -> tuple[Job, ExecutionSpec, CalibrationSize]:
     """The job with its calibration size settled: an explicit count as it is; `auto` at the knee, or
-    the largest count whose plan fits the memory and `AUTO_MAX_SECONDS` of pruning time predicted at
-    `DECISION_TFLOPS` (or the declared `execution.tflops`)."""
+    the largest count the source holds whose plan fits the memory and `AUTO_MAX_SECONDS` of pruning
+    time predicted at `DECISION_TFLOPS` (or the declared `execution.tflops`)."""
     if not (job.auto_calibration and job.prunes):
         return job, spec, CalibrationSize(job.sequences, job.sequences * job.seq_len, job.largest_rank,
                                           job.auto_calibration)
     nominal = replace(spec, tflops=spec.tflops or DECISION_TFLOPS.get(device.type, 100.0))
 
     def exceeds(sequences: int) -> str | None:
+        if job.available_sequences is not None and sequences > job.available_sequences:
+            return "data"
         try:
             plan = plan_job(replace(job, sequences=sequences), nominal, device, run_dir)
         except PlanError:
