@@ -4,7 +4,7 @@
 
 Writes each model's published config.json (no weights) into a local folder and runs the planner on
 the paper's job (`experiment=llama2_7b_paper`'s settings: 128 x 2048 calibration tokens, fp16,
-STAT with the global allocation at 0.5 of the FLOPs) with `device=cuda`, 80 GB of device memory
+the authors' procedure, `pruner=stat_paper`, at 0.5 of the FLOPs) with `device=cuda`, 80 GB of device memory
 and the host memory given below declared, so it runs on a machine without a GPU (and offline: evaluation
 is perplexity, since the paper's lm-eval tasks load from the hub). The seconds
 assume the planner's CUDA throughput (see stat_exp/execution/plan.py); they are a prediction, not a
@@ -66,7 +66,8 @@ def main() -> None:
     table = "\n".join(lines)
     (OUT / "plan_table.md").write_text(table + "\n")
     report_table("plan_table", table, "The planner's prediction (no measurement) for the paper's job on each model's "
-                 "published config: 128 x 2048 calibration tokens, fp16, STAT global at 0.5 of the FLOPs, device=cuda with "
+                 "published config: 128 x 2048 calibration tokens, fp16, the authors' procedure (pruner=stat_paper) at 0.5 of "
+                 "the FLOPs, device=cuda with "
                  "80 GB of device memory and the host RAM of the column declared; the time assumes the planner's CUDA "
                  "throughput (stat_exp/execution/plan.py).")
 
