@@ -26,6 +26,7 @@ import json
 import math
 import random
 import resource
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -196,7 +197,7 @@ def embedded_model_study(pool: list[dict], args, seq_len: int) -> None:
             f"{(time.perf_counter() - start) / 60:.0f} min wall ({(usage.ru_utime + usage.ru_stime) / 60:.0f} CPU-min) "
             f"measured on a shared 2-core machine.")
     command = (f"python -m benchmarks.encoder_stat kfold --embedded-model --pool {args.pool} "
-               f"--flops {' '.join(map(str, args.flops))} --methods {' '.join(args.methods)}")
+               f"--flops {' '.join(map(str, args.flops))} --methods {shlex.join(args.methods)}")
     save_table([*lines, f"\n{note}\nReproduce: `{command}`"], args.out, "encoder_kfold")
     report_table("encoder_kfold_embedded", "\n".join(lines), note)
 
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu_minutes = (usage.ru_utime + usage.ru_stime) / 60
     command = (f"python -m benchmarks.encoder_stat kfold --corpus {args.corpus} --pool {args.pool} --folds "
                f"{args.folds} --epochs {args.epochs} --flops {' '.join(map(str, args.flops))} "
-               f"--methods {' '.join(args.methods)}")
+               f"--methods {shlex.join(args.methods)}")
     note = (f"{args.corpus}: {len(rows)} balanced sentences, {args.folds} folds of {len(rows) // args.folds}; "
             f"MiniLM-L6 fine-tuned {args.epochs} epochs per fold; FLOPs at {seq_len} tokens; commit {MEASURED_AT}; "
             f"{minutes:.0f} min wall ({cpu_minutes:.0f} CPU-min) measured on a shared 2-core machine.")
