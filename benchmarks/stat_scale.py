@@ -117,6 +117,7 @@ VARIANTS = {
     "blocked": ["factorization.pivoting=blocked"],  # the accelerators' torch factorization, run on the CPU
     "float64_gram": ["factorization.block_dtype=float64"],
     "global_pruned": ["calib.propagate=pruned"],
+    "global_off": ["budget.select=off"],  # the global plan without the choice among candidates (issue 22: <= 1.2x)
     "uniform_dense": ["budget.allocation=uniform"],
     "uniform_pruned": ["budget.allocation=uniform", "calib.propagate=pruned"],
     "bounded": ["execution.offload=disk", "execution.stream=block", "execution.factors=spill"],
@@ -165,7 +166,7 @@ def embedded(names: list[str], sequences: int) -> str:
                      f"{same} | {r.timing_s.get('calibrate', 0):.1f} | {r.timing_s.get('prune', 0):.1f} | "
                      f"{work[name] / forward_s:.2f} |")
     lines.append("")
-    for pruned, dense in (("global_pruned", "lapack"), ("uniform_pruned", "uniform_dense")):
+    for pruned, dense in (("global_pruned", "lapack"), ("uniform_pruned", "uniform_dense"), ("lapack", "global_off")):
         if pruned in work and dense in work:
             lines.append(f"- {pruned} / {dense}: {work[pruned] / work[dense]:.2f}x the calibrate + prune time")
     return "\n".join(lines)
