@@ -167,7 +167,7 @@ class Job:
     largest_rank: int = 1  # the most units one correction keeps (stat_exp.data.calib_size)
     available_sequences: int | None = None  # the most examples the calibration source holds (None: unbounded)
     held_out_streams: int = 0  # sequences streamed to choose the global plan (Parts.held_out_streams)
-    held_out_examples: int = 0  # the held-out examples among them (Parts.held_out_examples)
+    held_out_examples: int = 0  # held-out examples also run backward, select=output_priced (Parts.held_out_examples)
     held_out_candidates: int = 0  # the plans compared, each folded into a copy of every block (Parts.held_out_candidates)
 
 
